@@ -1,0 +1,106 @@
+"""Every error casfs reports to a user: one class per condition, with its exit code.
+
+The CLI's main() turns any CasfsError into one line on stderr and its exit code;
+anything else is a bug and gets a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CasfsError(Exception):
+    """casfs failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class UsageError(CasfsError):
+    """Invalid arguments."""
+
+    exit_code = 2
+
+
+# --- store -----------------------------------------------------------------
+
+
+class StoreError(CasfsError):
+    """The store failed."""
+
+    exit_code = 3
+
+
+class StoreUnreachable(StoreError):
+    """The store cannot be reached (network, endpoint, credentials or bucket)."""
+
+
+class TransientStoreError(StoreError):
+    """The store failed in a way that retrying may fix (timeouts, 5xx, throttling)."""
+
+
+class ObjectNotFound(StoreError):
+    """An object the store should hold is missing."""
+
+    exit_code = 4
+
+
+class BlobCorrupt(StoreError):
+    """A blob's bytes do not match its digest."""
+
+    exit_code = 5
+
+
+class TagNotFound(CasfsError):
+    """No such tag in the store."""
+
+    exit_code = 4
+
+
+class BadStoreURL(UsageError):
+    """The store URL is not file:///abs/path or s3://bucket/prefix."""
+
+
+# --- manifests ---------------------------------------------------------------
+
+
+class ManifestError(CasfsError):
+    """The manifest is malformed."""
+
+    exit_code = 5
+
+
+# --- images ------------------------------------------------------------------
+
+
+class ImageError(CasfsError):
+    """The image cannot be read."""
+
+    exit_code = 6
+
+
+class BadImageRef(ImageError):
+    """The image reference is not oci:<dir>[:<tag>], docker-archive:<file> or docker://..."""
+
+    exit_code = 2
+
+
+class LayerDigestMismatch(ImageError):
+    """A layer's bytes do not match the digest its manifest gives."""
+
+
+class CorruptLayer(ImageError):
+    """A layer's compressed stream or tar archive is corrupt or truncated."""
+
+
+class HostileLayer(ImageError):
+    """A layer holds an entry that would escape the image root or is otherwise unsafe."""
+
+
+# --- mounts ------------------------------------------------------------------
+
+
+class MountError(CasfsError):
+    """Mounting failed."""
+
+    exit_code = 7

@@ -1,0 +1,238 @@
+"""Read a manifest in place: every lookup is a few struct reads on a buffer (an mmap
+of the manifest file), so opening a 100,000-entry manifest builds no Python object
+per entry and costs a header check.
+
+Untrusted input: every index read from the buffer is bounds-checked and a
+violation raises ManifestError, never IndexError or a wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import stat
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from casfs.errors import ManifestError
+from casfs.manifest.layout import (
+    CHUNK,
+    DIRENT,
+    HEADER,
+    INODE,
+    MAGIC,
+    VERSION,
+    XATTR,
+    section_offsets,
+)
+
+ROOT_INO = 1
+
+
+class Inode(NamedTuple):
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    first: int
+    count: int
+    xattr_first: int
+    xattr_count: int
+    parent: int
+    reserved: int
+    str_off: int
+
+
+class ChunkRef(NamedTuple):
+    digest: str
+    offset: int
+    length: int
+
+
+class Manifest:
+    """A manifest served from a buffer (bytes or mmap)."""
+
+    def __init__(self, buf: bytes | mmap.mmap, digest: str = "") -> None:
+        self.buf = buf
+        self.digest = digest
+        if len(buf) < HEADER.size:
+            raise ManifestError("manifest is truncated (no header)")
+        (magic, version, _flags, self.n_inodes, self.n_dirents, self.n_chunks, self.n_xattrs,
+         self.strings_len, self.meta_len) = HEADER.unpack_from(buf, 0)
+        if magic != MAGIC:
+            raise ManifestError("not a casfs manifest (bad magic)")
+        if version != VERSION:
+            raise ManifestError(f"manifest format version {version} is not supported (need {VERSION})")
+        (self._meta, self._inodes, self._dirents, self._chunks, self._xattrs,
+         self._strings) = section_offsets(
+            self.meta_len, self.n_inodes, self.n_dirents, self.n_chunks, self.n_xattrs
+        )
+        if self._strings + self.strings_len != len(buf):
+            raise ManifestError(
+                f"manifest size {len(buf)} disagrees with its header "
+                f"({self._strings + self.strings_len})"
+            )
+        if self.n_inodes < 1:
+            raise ManifestError("manifest has no root inode")
+        if not stat.S_ISDIR(self.inode(ROOT_INO).mode):
+            raise ManifestError("manifest root is not a directory")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], digest: str = "") -> Manifest:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ManifestError(f"manifest file {path} is empty")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return cls(buf, digest)
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads(bytes(self.buf[self._meta : self._meta + self.meta_len]))
+        except ValueError as exc:
+            raise ManifestError(f"manifest metadata is not JSON: {exc}") from exc
+
+    # -- records -------------------------------------------------------------
+
+    def inode(self, ino: int) -> Inode:
+        if not 1 <= ino <= self.n_inodes:
+            raise ManifestError(f"inode {ino} out of range")
+        return Inode._make(INODE.unpack_from(self.buf, self._inodes + (ino - 1) * INODE.size))
+
+    def _string(self, off: int, length: int) -> bytes:
+        if off + length > self.strings_len:
+            raise ManifestError("string reference out of range")
+        start = self._strings + off
+        return bytes(self.buf[start : start + length])
+
+    def _dirent(self, index: int) -> tuple[bytes, int]:
+        name_off, name_len, _r, ino = DIRENT.unpack_from(self.buf, self._dirents + index * DIRENT.size)
+        return self._string(name_off, name_len), ino
+
+    def _dir_range(self, node: Inode) -> tuple[int, int]:
+        if not stat.S_ISDIR(node.mode):
+            raise ManifestError("not a directory")
+        if node.first + node.count > self.n_dirents:
+            raise ManifestError("directory entries out of range")
+        return node.first, node.count
+
+    # -- queries -------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        """The inode of name in directory parent, or 0 when there is none."""
+        first, count = self._dir_range(self.inode(parent))
+        lo, hi = first, first + count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            mid_name, ino = self._dirent(mid)
+            if mid_name == name:
+                if not 1 <= ino <= self.n_inodes:
+                    raise ManifestError(f"entry {name!r} points at inode {ino}, out of range")
+                return ino
+            if mid_name < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return 0
+
+    def entries(self, ino: int, start: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """(index, name, inode) of each entry of directory ino from index start."""
+        first, count = self._dir_range(self.inode(ino))
+        for i in range(max(start, 0), count):
+            name, child = self._dirent(first + i)
+            yield i, name, child
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise ManifestError("not a symlink")
+        return self._string(node.str_off, node.count)
+
+    def chunks(self, ino: int) -> list[ChunkRef]:
+        node = self.inode(ino)
+        if not stat.S_ISREG(node.mode):
+            return []
+        return [self._chunk(i) for i in range(node.first, node.first + node.count)]
+
+    def _chunk(self, index: int) -> ChunkRef:
+        if not 0 <= index < self.n_chunks:
+            raise ManifestError("chunk reference out of range")
+        digest, offset, length, _r = CHUNK.unpack_from(self.buf, self._chunks + index * CHUNK.size)
+        return ChunkRef(digest.hex(), offset, length)
+
+    def chunks_for_range(self, ino: int, offset: int, size: int) -> list[ChunkRef]:
+        """The chunks of file ino that overlap [offset, offset+size)."""
+        node = self.inode(ino)
+        end = min(offset + size, node.size)
+        if offset >= end or node.count == 0:
+            return []
+        lo, hi = node.first, node.first + node.count
+        while lo < hi:  # first chunk whose end is beyond offset
+            mid = (lo + hi) // 2
+            c = self._chunk(mid)
+            if c.offset + c.length <= offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        out = []
+        i = lo
+        while i < node.first + node.count:
+            c = self._chunk(i)
+            if c.offset >= end:
+                break
+            out.append(c)
+            i += 1
+        return out
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        node = self.inode(ino)
+        if node.xattr_first + node.xattr_count > self.n_xattrs:
+            raise ManifestError("xattr reference out of range")
+        out = {}
+        for i in range(node.xattr_first, node.xattr_first + node.xattr_count):
+            name_off, name_len, _r, value_off, value_len = XATTR.unpack_from(
+                self.buf, self._xattrs + i * XATTR.size
+            )
+            out[self._string(name_off, name_len)] = self._string(value_off, value_len)
+        return out
+
+    def resolve(self, path: str | bytes) -> int:
+        """The inode of an absolute path (symlinks not followed), or 0."""
+        if isinstance(path, str):
+            path = os.fsencode(path)
+        ino = ROOT_INO
+        for part in path.split(b"/"):
+            if not part or part == b".":
+                continue
+            if not stat.S_ISDIR(self.inode(ino).mode):
+                return 0
+            ino = self.lookup(ino, part)
+            if not ino:
+                return 0
+        return ino
+
+    def walk(self, ino: int = ROOT_INO, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """(path, inode) of every entry under ino: a directory's entries, then its subdirectories."""
+        stack = [(prefix, ino)]
+        seen_dirs = {ino}
+        if not prefix:
+            yield b"/", ino
+        while stack:
+            path, d = stack.pop()
+            children = list(self.entries(d))
+            subdirs = []
+            for _, name, child in children:
+                child_path = path + b"/" + name
+                yield child_path, child
+                if stat.S_ISDIR(self.inode(child).mode):
+                    if child in seen_dirs:
+                        raise ManifestError(f"directory cycle at {child_path!r}")
+                    seen_dirs.add(child)
+                    subdirs.append((child_path, child))
+            stack.extend(reversed(subdirs))

@@ -1,0 +1,62 @@
+"""The object backend contract: the few operations every store medium provides.
+
+A backend stores opaque objects under '/'-separated keys (for example
+`blobs/ab/ab12...`). It knows nothing of digests, compression or manifests: the
+content-addressed layer (`casfs.store.content`) builds those on top, and
+wrappers (`casfs.store.retry`) add retrying. Backends are synchronous and
+thread-safe; async code calls them through worker threads.
+
+The contract every implementation keeps:
+
+* `put` is atomic: a reader sees the whole object or no object, never a prefix.
+  Objects are written once; a second `put` of a key with the same content is
+  harmless (content-addressed keys make that the only kind of overwrite, except
+  for tags, where last writer wins).
+* `get` and `get_range` raise `ObjectNotFound` for a missing key.
+* Errors are classified by the backend, because only it knows its medium:
+  `ObjectNotFound` (the object is not there: retrying will not help),
+  `TransientStoreError` (timeouts, 5xx, throttling, resets: retrying may help),
+  `StoreUnreachable` (cannot connect, no such bucket, bad credentials: permanent
+  for this configuration), any other `StoreError` (permanent).
+* `list` yields keys under a prefix, in no promised order, each exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class ObjectBackend(Protocol):
+    """A place to put and get whole objects by key."""
+
+    url: str
+    """The URL this backend was opened from, for messages and logs."""
+
+    def get(self, key: str) -> bytes:
+        """The whole object. Raises ObjectNotFound."""
+        ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the object (fewer at its end). Raises ObjectNotFound."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store data under key, atomically."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether key holds an object."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove key; removing a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Every key starting with prefix."""
+        ...
+
+    def sync(self) -> None:
+        """Make every completed put durable (a no-op where puts are durable on return)."""
+        ...

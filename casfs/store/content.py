@@ -1,0 +1,216 @@
+"""The content-addressed store: blobs, manifests, tags and layer records on any backend.
+
+Object keys (the store format, docs/format.md):
+
+    casfs-store.json          {"format": "casfs-store", "version": 1}
+    blobs/<hh>/<hex>          a chunk of file content, zstd-compressed; <hex> is the
+                              BLAKE3-256 of the *uncompressed* bytes
+    manifests/<hex>           a manifest, zstd-compressed; <hex> as for blobs
+    tags/<name>               the hex digest of a manifest, as text
+    layers/<algo>/<hex>       what indexing one image layer produced (for re-indexing)
+
+Every read is verified: a blob or manifest whose bytes do not hash to its name
+raises BlobCorrupt and is never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import zstandard
+
+from casfs.digest import hash_bytes, is_digest
+from casfs.errors import BlobCorrupt, CasfsError, ObjectNotFound, StoreError, TagNotFound
+from casfs.store.backend import ObjectBackend
+
+STORE_FORMAT_VERSION = 1
+STORE_MARKER = "casfs-store.json"
+MAX_BLOB_SIZE = 64 << 20
+MAX_MANIFEST_SIZE = 1 << 30
+ZSTD_LEVEL = 3
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}$")
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # Compressor objects are not thread-safe; one per thread.
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def compress(data: bytes | memoryview) -> bytes:
+    return _compressor().compress(data)
+
+
+def decompress(data: bytes, limit: int, what: str) -> bytes:
+    """Decompress one zstd frame of at most `limit` bytes; corrupt input raises BlobCorrupt."""
+    try:
+        return _decompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise BlobCorrupt(f"{what} is not a valid zstd frame: {exc}") from exc
+
+
+def blob_key(digest: str) -> str:
+    return f"blobs/{digest[:2]}/{digest}"
+
+
+def manifest_key(digest: str) -> str:
+    return f"manifests/{digest}"
+
+
+def tag_key(name: str) -> str:
+    return f"tags/{name}"
+
+
+def validate_tag(name: str) -> str:
+    if not _TAG.match(name):
+        raise CasfsError(f"invalid tag name {name!r} (letters, digits and _.:@+- only)")
+    return name
+
+
+class Store:
+    """A content-addressed store over an object backend. Thread-safe."""
+
+    def __init__(self, backend: ObjectBackend) -> None:
+        self.backend = backend
+        self.url = backend.url
+        self._known: set[str] = set()
+        self._known_lock = threading.Lock()
+        self._marker_checked = False
+
+    # -- format marker -------------------------------------------------------
+
+    def check_format(self, create: bool) -> None:
+        """Refuse a store written by a newer casfs; write the marker on first write."""
+        if self._marker_checked:
+            return
+        try:
+            info = json.loads(self.backend.get(STORE_MARKER))
+            version = int(info.get("version", 0))
+        except ObjectNotFound:
+            if create:
+                self.backend.put(
+                    STORE_MARKER,
+                    json.dumps({"format": "casfs-store", "version": STORE_FORMAT_VERSION}).encode(),
+                )
+            self._marker_checked = create
+            return
+        except (ValueError, AttributeError) as exc:
+            raise StoreError(f"{self.url}/{STORE_MARKER} is not a casfs store marker") from exc
+        if version > STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"store {self.url} has format version {version}; this casfs reads up to "
+                f"{STORE_FORMAT_VERSION}: upgrade casfs"
+            )
+        self._marker_checked = True
+
+    def sync(self) -> None:
+        """Make every blob put so far durable; call before publishing a manifest."""
+        self.backend.sync()
+
+    # -- blobs ---------------------------------------------------------------
+
+    def has_blob(self, digest: str) -> bool:
+        with self._known_lock:
+            if digest in self._known:
+                return True
+        found = self.backend.exists(blob_key(digest))
+        if found:
+            with self._known_lock:
+                self._known.add(digest)
+        return found
+
+    def put_blob(self, data: bytes | memoryview, digest: str | None = None) -> tuple[str, int]:
+        """Store a blob unless present. Returns (digest, compressed bytes uploaded, 0 if skipped)."""
+        digest = digest or hash_bytes(data)
+        if self.has_blob(digest):
+            return digest, 0
+        packed = compress(data)
+        self.backend.put(blob_key(digest), packed)
+        with self._known_lock:
+            self._known.add(digest)
+        return digest, len(packed)
+
+    def get_blob_compressed(self, digest: str) -> bytes:
+        """The stored (compressed) form of a blob, unverified: callers verify after decompressing."""
+        return self.backend.get(blob_key(digest))
+
+    def get_blob(self, digest: str) -> bytes:
+        """A blob's bytes, verified against its digest."""
+        return verify_blob(digest, self.get_blob_compressed(digest))
+
+    # -- manifests -----------------------------------------------------------
+
+    def put_manifest(self, data: bytes) -> str:
+        digest = hash_bytes(data)
+        key = manifest_key(digest)
+        if not self.backend.exists(key):
+            self.backend.put(key, compress(data))
+        return digest
+
+    def get_manifest(self, digest: str) -> bytes:
+        try:
+            packed = self.backend.get(manifest_key(digest))
+        except ObjectNotFound:
+            raise ObjectNotFound(f"manifest {digest} not found in {self.url}") from None
+        data = decompress(packed, MAX_MANIFEST_SIZE, f"manifest {digest}")
+        if hash_bytes(data) != digest:
+            raise BlobCorrupt(f"manifest {digest} in {self.url} does not match its digest")
+        return data
+
+    def has_manifest(self, digest: str) -> bool:
+        return self.backend.exists(manifest_key(digest))
+
+    # -- tags ----------------------------------------------------------------
+
+    def set_tag(self, name: str, digest: str) -> None:
+        self.backend.put(tag_key(validate_tag(name)), digest.encode())
+
+    def get_tag(self, name: str) -> str:
+        try:
+            value = self.backend.get(tag_key(validate_tag(name))).decode().strip()
+        except ObjectNotFound:
+            raise TagNotFound(f"tag {name!r} not found in {self.url}") from None
+        if not is_digest(value):
+            raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest")
+        return value
+
+    def list_tags(self) -> list[str]:
+        return sorted(k[len("tags/") :] for k in self.backend.list("tags/"))
+
+    def delete_tag(self, name: str) -> None:
+        self.backend.delete(tag_key(validate_tag(name)))
+
+    # -- layer records -------------------------------------------------------
+
+    def get_layer_record(self, layer_digest: str) -> bytes | None:
+        algo, _, hex_ = layer_digest.partition(":")
+        try:
+            packed = self.backend.get(f"layers/{algo}/{hex_}")
+        except ObjectNotFound:
+            return None
+        return decompress(packed, MAX_MANIFEST_SIZE, f"layer record {layer_digest}")
+
+    def put_layer_record(self, layer_digest: str, data: bytes) -> None:
+        algo, _, hex_ = layer_digest.partition(":")
+        self.backend.put(f"layers/{algo}/{hex_}", compress(data))
+
+
+def verify_blob(digest: str, packed: bytes) -> bytes:
+    """Decompress a stored blob and check it hashes to digest."""
+    data = decompress(packed, MAX_BLOB_SIZE, f"blob {digest}")
+    if hash_bytes(data) != digest:
+        raise BlobCorrupt(f"blob {digest} does not match its digest (corrupt in the store)")
+    return data

@@ -1,0 +1,79 @@
+"""Retrying as a wrapper around any backend: transient failures are retried with
+exponential backoff and full jitter, within a bounded total time.
+
+Only `TransientStoreError` is retried; not-found and permanent errors pass
+straight through. When the time bound runs out the last transient error is
+raised, with the attempt count added to its message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from casfs.errors import TransientStoreError
+from casfs.store.backend import ObjectBackend
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RetryingBackend:
+    """Wraps a backend; retries transient errors for up to `deadline` seconds."""
+
+    def __init__(
+        self,
+        inner: ObjectBackend,
+        *,
+        deadline: float = 30.0,
+        base_delay: float = 0.05,
+        max_delay: float = 2.0,
+    ) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.deadline = deadline
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.retries = 0
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except TransientStoreError as exc:
+                attempt += 1
+                elapsed = time.monotonic() - start
+                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+                if elapsed + delay > self.deadline:
+                    raise TransientStoreError(
+                        f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)"
+                    ) from exc
+                self.retries += 1
+                log.debug("retrying after transient error: %s", exc)
+                time.sleep(delay)
+
+    def get(self, key: str) -> bytes:
+        return self._call(lambda: self.inner.get(key))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self._call(lambda: self.inner.get_range(key, offset, length))
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(lambda: self.inner.put(key, data))
+
+    def exists(self, key: str) -> bool:
+        return self._call(lambda: self.inner.exists(key))
+
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.inner.delete(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return iter(self._call(lambda: list(self.inner.list(prefix))))
+
+    def sync(self) -> None:
+        self.inner.sync()

@@ -1,0 +1,159 @@
+"""The S3-compatible backend (`s3://bucket/prefix`): AWS S3, R2, SeaweedFS, MinIO.
+
+Endpoint, region and credentials come from boto3's standard chain
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, ...), so no casfs-specific
+settings exist. The only module that imports boto3. S3 PUTs are atomic, which
+gives the backend contract's no-partial-object rule for free.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from casfs.errors import (
+    ObjectNotFound,
+    StoreError,
+    StoreUnreachable,
+    TransientStoreError,
+)
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_UNREACHABLE = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "AllAccessDisabled",
+}
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+
+
+def _classify(exc: Exception, what: str, url: str) -> StoreError:
+    """Turn a boto3 exception into the backend contract's error classes."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND:
+            return ObjectNotFound(f"object {what} not found in {url}")
+        if code in _UNREACHABLE:
+            return StoreUnreachable(f"store {url} refused access ({code}: {err.get('Message', '')})")
+        if code in _TRANSIENT or status >= 500:
+            return TransientStoreError(f"store {url} failed on {what}: {code} (HTTP {status})")
+        return StoreError(f"store {url} failed on {what}: {code} (HTTP {status})")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return StoreUnreachable(f"no credentials for {url} (set AWS_ACCESS_KEY_ID / a profile)")
+    if isinstance(
+        exc,
+        botocore.exceptions.EndpointConnectionError
+        | botocore.exceptions.ConnectionClosedError
+        | botocore.exceptions.ReadTimeoutError
+        | botocore.exceptions.ConnectTimeoutError
+        | botocore.exceptions.ResponseStreamingError
+        | botocore.exceptions.IncompleteReadError,
+    ):
+        return TransientStoreError(f"cannot reach store {url} ({type(exc).__name__}) on {what}")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return StoreError(f"store {url} failed on {what}: {exc}")
+    return StoreError(f"store {url} failed on {what}: {exc!r}")
+
+
+class S3Backend:
+    """Objects in an S3 bucket under a key prefix."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 64) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        config = botocore.config.Config(
+            max_pool_connections=max_connections,
+            connect_timeout=float(os.environ.get("CASFS_S3_CONNECT_TIMEOUT", "5")),
+            read_timeout=float(os.environ.get("CASFS_S3_READ_TIMEOUT", "30")),
+            # casfs retries in its own wrapper, with its own time bound.
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        )
+        session = boto3.session.Session()
+        self._client: Any = session.client("s3", config=config)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def get(self, key: str) -> bytes:
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read()
+        except Exception as exc:
+            raise _classify(exc, key, self.url) from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            resp = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            return resp["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""
+            raise _classify(exc, key, self.url) from exc
+        except Exception as exc:
+            raise _classify(exc, key, self.url) from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise _classify(exc, key, self.url) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:
+            err = _classify(exc, key, self.url)
+            if isinstance(err, ObjectNotFound):
+                return False
+            raise err from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            err = _classify(exc, key, self.url)
+            if not isinstance(err, ObjectNotFound):
+                raise err from exc
+
+    def list(self, prefix: str) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][len(self.prefix) :]
+        except Exception as exc:
+            raise _classify(exc, f"list {prefix}", self.url) from exc
+
+    def sync(self) -> None:
+        """S3 puts are durable when they return."""

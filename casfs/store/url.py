@@ -1,0 +1,43 @@
+"""Store URLs: `file:///abs/path` or `s3://bucket/prefix`, resolved from --store, then
+$CASFS_STORE, then the embedded default local store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from casfs.errors import BadStoreURL
+from casfs.store.content import Store
+from casfs.store.local import FileBackend
+from casfs.store.retry import RetryingBackend
+
+
+def default_store_url() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"file://{Path(base) / 'casfs' / 'store'}"
+
+
+def resolve_store_url(url: str | None) -> str:
+    return url or os.environ.get("CASFS_STORE") or default_store_url()
+
+
+def open_store(url: str | None = None, *, create: bool = False, retry_deadline: float = 30.0) -> Store:
+    """Open the store a URL names (None: $CASFS_STORE or the default)."""
+    url = resolve_store_url(url)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise BadStoreURL(f"bad store URL {url!r}: use file:///absolute/path")
+        backend = FileBackend(parsed.path, create=create)
+        store = Store(backend)
+    elif parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise BadStoreURL(f"bad store URL {url!r}: use s3://bucket/prefix")
+        from casfs.store.s3 import S3Backend
+
+        store = Store(RetryingBackend(S3Backend(parsed.netloc, parsed.path), deadline=retry_deadline))
+    else:
+        raise BadStoreURL(f"bad store URL {url!r}: use file:///abs/path or s3://bucket/prefix")
+    store.check_format(create=create)
+    return store

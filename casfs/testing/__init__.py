@@ -1,0 +1,1 @@
+"""Tools shared by tests, benchmarks and the demo: image builders, servers, proxies."""

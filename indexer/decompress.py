@@ -1,0 +1,128 @@
+"""Layer streams: decompression by magic bytes (gzip, zstd, none) and digest checking.
+
+Every failure of the compressed stream (a bad header, a corrupt block, a stream
+that ends early) surfaces as CorruptLayer with the layer named.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import zlib
+from typing import IO
+
+import zstandard
+
+from casfs.errors import CorruptLayer, LayerDigestMismatch
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+READ_SIZE = 1 << 20
+
+
+class HashingReader(io.RawIOBase):
+    """Passes reads through and hashes them; `check()` compares at the end."""
+
+    def __init__(self, inner: IO[bytes], algo: str = "sha256") -> None:
+        self.inner = inner
+        self.hash = hashlib.new(algo)
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.inner.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.hash.update(data)
+        self.count += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(READ_SIZE):
+            pass
+
+    def check(self, digest: str, what: str) -> None:
+        self.drain()
+        algo, _, want = digest.partition(":")
+        if algo == self.hash.name and self.hash.hexdigest() != want:
+            raise LayerDigestMismatch(f"{what} does not match its digest {digest}")
+
+
+class _Decompressing(io.RawIOBase):
+    """Wraps a decompressor so that its errors become CorruptLayer."""
+
+    def __init__(self, inner: IO[bytes], what: str) -> None:
+        self.inner = inner
+        self.what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self.inner.read(len(b))
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            raise CorruptLayer(f"{self.what}: compressed stream is corrupt or truncated ({exc})") from exc
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+class _ZstdStream(io.RawIOBase):
+    """zstd frames, one after another, decoded with a check that the last one ended:
+    the library's stream reader treats a stream cut mid-frame as a clean end."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.dobj = self.dctx.decompressobj()
+        self.pending = b""
+        self.in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self.pending:
+            data = self.raw.read(READ_SIZE)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("zstd stream ended in the middle of a frame")
+                return 0
+            while data:
+                self.in_frame = True
+                self.pending += self.dobj.decompress(data)
+                if not self.dobj.eof:
+                    break
+                data = self.dobj.unused_data
+                self.dobj = self.dctx.decompressobj()
+                self.in_frame = False
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+def open_decompressed(raw: IO[bytes], compression: str, what: str) -> IO[bytes]:
+    """A readable stream of the uncompressed tar bytes of a layer."""
+    head = b""
+    if compression == "detect" or compression not in ("gzip", "zstd", "none"):
+        peek = raw.peek(4) if hasattr(raw, "peek") else b""  # type: ignore[attr-defined]
+        head = peek[:4]
+        if not head:
+            buffered = io.BufferedReader(raw)  # type: ignore[arg-type]
+            head = buffered.peek(4)[:4]
+            raw = buffered
+        compression = (
+            "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
+        )
+    if compression == "gzip":
+        inner: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif compression == "zstd":
+        inner = io.BufferedReader(_ZstdStream(raw), READ_SIZE)
+    else:
+        return raw
+    return io.BufferedReader(_Decompressing(inner, what), READ_SIZE)

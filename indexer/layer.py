@@ -1,0 +1,162 @@
+"""Read one layer's tar stream into a layer record: the list of operations the
+layer applies (add an entry, add a hardlink, whiteout a name, make a directory
+opaque), in tar order, with each file's content turned into chunk digests.
+
+A record is what `casfs index` stores per layer (so a re-index of a known layer
+reads nothing) and what indexer.apply folds into the image tree. Entries that
+would escape the image root are refused here.
+"""
+
+from __future__ import annotations
+
+import base64
+import stat
+import tarfile
+from collections.abc import Callable
+from concurrent.futures import Future
+from decimal import Decimal, InvalidOperation
+from typing import IO, Any
+
+from casfs.errors import CorruptLayer, HostileLayer
+from indexer.upload import BlobUploader
+
+CHUNK_SIZE = 256 * 1024
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+MAX_ENTRIES = 10_000_000
+
+_TYPE_BITS = {
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+def normalize_path(name: str, what: str) -> str:
+    """A tar member name as a clean relative path ("" for the root); refuses escapes."""
+    if name.startswith("/"):
+        raise HostileLayer(f"{what}: entry {name!r} has an absolute path")
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise HostileLayer(f"{what}: entry {name!r} has a '..' component")
+        if "\0" in part:
+            raise HostileLayer(f"{what}: entry {name!r} has a NUL byte")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text) * 1_000_000_000)
+        except InvalidOperation:
+            pass
+    return int(member.mtime) * 1_000_000_000
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[str, str]:
+    """xattrs from PAX headers, as {name: base64 value}."""
+    out: dict[str, str] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            raw = value.encode("utf-8", "surrogateescape")
+            out[key[len("SCHILY.xattr.") :]] = base64.b64encode(raw).decode()
+        elif key.startswith("LIBARCHIVE.xattr."):
+            from urllib.parse import unquote
+
+            out[unquote(key[len("LIBARCHIVE.xattr.") :])] = value
+    return dict(sorted(out.items()))
+
+
+def read_layer(
+    stream: IO[bytes],
+    uploader: BlobUploader,
+    what: str,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> list[dict[str, Any]]:
+    """The operations of the layer whose uncompressed tar stream is given.
+
+    File chunks go to the uploader; the returned ops hold futures in their
+    "chunks" lists until resolve_chunks() is called.
+    """
+    ops: list[dict[str, Any]] = []
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+        for member in tar:
+            if len(ops) >= MAX_ENTRIES:
+                raise HostileLayer(f"{what}: more than {MAX_ENTRIES} entries")
+            path = normalize_path(member.name, what)
+            parent, _, base = path.rpartition("/")
+            if base == OPAQUE:
+                ops.append({"op": "opaque", "path": parent})
+                continue
+            if base.startswith(WHITEOUT):
+                ops.append({"op": "whiteout", "path": f"{parent}/{base[4:]}".lstrip("/")})
+                continue
+            if member.islnk():
+                target = normalize_path(member.linkname, what)
+                ops.append({"op": "link", "path": path, "target": target})
+                continue
+            op: dict[str, Any] = {
+                "op": "add",
+                "path": path,
+                "perm": member.mode & 0o7777,
+                "uid": member.uid,
+                "gid": member.gid,
+                "mtime_ns": _mtime_ns(member),
+            }
+            xattrs = _xattrs(member)
+            if xattrs:
+                op["xattrs"] = xattrs
+            if member.isreg():
+                op["type"] = stat.S_IFREG
+                op["size"] = member.size
+                op["chunks"] = _read_chunks(tar, member, uploader, on_bytes)
+            elif member.type in _TYPE_BITS:
+                op["type"] = _TYPE_BITS[member.type]
+                if member.issym():
+                    op["target"] = member.linkname
+                if member.ischr() or member.isblk():
+                    op["rdev"] = [member.devmajor, member.devminor]
+            else:
+                raise CorruptLayer(f"{what}: entry {member.name!r} has unsupported type {member.type!r}")
+            if path == "" and op["type"] != stat.S_IFDIR:
+                raise HostileLayer(f"{what}: the root entry is not a directory")
+            ops.append(op)
+    except tarfile.TarError as exc:
+        raise CorruptLayer(f"{what}: tar archive is corrupt or truncated ({exc})") from exc
+    except EOFError as exc:
+        raise CorruptLayer(f"{what}: tar archive is truncated ({exc})") from exc
+    return ops
+
+
+def _read_chunks(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, uploader: BlobUploader,
+    on_bytes: Callable[[int], None],
+) -> list[tuple[Future[str], int]]:
+    f = tar.extractfile(member)
+    assert f is not None
+    chunks = []
+    remaining = member.size
+    while remaining > 0:
+        data = f.read(min(CHUNK_SIZE, remaining))
+        if not data:
+            raise CorruptLayer(f"entry {member.name!r} is truncated")
+        chunks.append((uploader.submit(data), len(data)))
+        remaining -= len(data)
+        on_bytes(len(data))
+    return chunks
+
+
+def resolve_chunks(ops: list[dict[str, Any]]) -> None:
+    """Replace each op's chunk futures with [digest, length] (waits for the uploads)."""
+    for op in ops:
+        chunks = op.get("chunks")
+        if chunks and isinstance(chunks[0], tuple):
+            op["chunks"] = [[fut.result(), length] for fut, length in chunks]
