@@ -135,16 +135,154 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1.5T', '4096' -> bytes (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise UsageError(f"bad size {text!r}: use e.g. 512M, 10G") from None
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    import hashlib
+    from pathlib import Path
+
+    from casfs.cache import ChunkCache, default_cache_dir
+    from casfs.daemon import MountConfig, run_foreground, spawn_background
+    from casfs.store.url import resolve_store_url
+
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    cfg = MountConfig(
+        ref=args.ref, mountpoint=args.mountpoint, store_url=resolve_store_url(args.store),
+        cache_dir=cache_dir, cache_size=parse_size(args.cache_size),
+        foreground=args.foreground, metrics_port=args.metrics_port,
+        allow_suid=not args.nosuid, allow_dev=not args.nodev,
+    )
+    if args.foreground:
+        return run_foreground(cfg, args.ready_fd)
+    ChunkCache(cache_dir, cfg.cache_size).close()  # fail early on a bad cache dir
+    key = hashlib.sha256(os.path.realpath(args.mountpoint).encode()).hexdigest()[:12]
+    log_path = Path(cache_dir) / "logs" / f"mount-{key}.log"
+    argv = ["mount", args.ref, os.path.abspath(args.mountpoint), "--store", cfg.store_url,
+            "--cache-dir", cache_dir, "--cache-size", str(cfg.cache_size)]
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port)]
+    if args.nosuid:
+        argv.append("--nosuid")
+    if args.nodev:
+        argv.append("--nodev")
+    if args.verbose:
+        argv.insert(0, "--verbose")
+    pid = spawn_background(argv, log_path)
+    print(f"mounted {args.ref} at {args.mountpoint} (daemon pid {pid}, log {log_path})")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from casfs.mounts import unmount
+
+    unmount(args.mountpoint)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from casfs.vfs import STATS_XATTR
+
+    try:
+        raw = os.getxattr(args.mountpoint, STATS_XATTR)
+    except OSError as exc:
+        raise CasfsError(f"{args.mountpoint} is not a casfs mount ({exc.strerror})") from exc
+    stats = json.loads(raw)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    m, c = stats["metrics"], stats["cache"]
+    lookups = max(m["cache_hits"] + m["cache_misses"], 1)
+    print(f"mount        {stats.get('mount', {}).get('digest', '?')}")
+    print(f"requests     lookups {m['lookups']} (negative {m['negative_lookups']}), "
+          f"getattr {m['getattrs']}, opens {m['opens']}, reads {m['reads']} ({m['read_bytes']} bytes)")
+    print(f"cache        hits {m['cache_hits']}, misses {m['cache_misses']} "
+          f"(hit rate {100 * m['cache_hits'] / lookups:.1f}%), {c['bytes']} of {c['max_bytes']} bytes")
+    h = m["fetch_latency"]
+    mean = h["sum_seconds"] / h["count"] * 1000 if h["count"] else 0.0
+    print(f"fetched      {m['fetches']} chunks, {m['fetched_bytes']} bytes, mean {mean:.1f} ms, "
+          f"{m['fetch_joined']} joined, {m['fetch_errors']} errors; io errors {m['io_errors']}")
+    for key in ("prefetch",):
+        if key in stats:
+            print(f"{key:<12} " + ", ".join(f"{k} {v}" for k, v in stats[key].items()))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from casfs.cache import ChunkCache, default_cache_dir
+
+    cache = ChunkCache(args.cache_dir or default_cache_dir(), parse_size(args.cache_size))
+    if args.action == "stats":
+        print(json.dumps({"dir": str(cache.root), "bytes": cache.total_bytes(),
+                          "chunks": cache.entries()}, indent=2))
+    elif args.action == "prune":
+        removed, freed = cache.prune()
+        evicted = cache.evict()
+        print(f"removed {removed} orphaned files ({freed} bytes); evicted {evicted} bytes")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.action == "ls":
+        for name in store.list_tags():
+            print(f"{name}\tblake3:{store.get_tag(name)}")
+    elif args.action == "rm":
+        for name in args.names:
+            store.get_tag(name)
+            store.delete_tag(name)
+    return 0
+
+
 def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: Callable) -> None:
-    """Commands owned by other modules register here (mount, tags, ...)."""
+    sp = add("mount", cmd_mount, "mount an indexed image read-only (returns once it serves)")
+    sp.add_argument("ref", help="manifest digest or tag")
+    sp.add_argument("mountpoint")
+    store_arg(sp)
+    sp.add_argument("--cache-dir", help="node cache directory (default: $CASFS_CACHE_DIR, "
+                    "else /var/cache/casfs as root, else ~/.cache/casfs)")
+    sp.add_argument("--cache-size", default=os.environ.get("CASFS_CACHE_SIZE", "10G"),
+                    help="cache size cap, e.g. 20G (default 10G or $CASFS_CACHE_SIZE)")
+    sp.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
+    sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    sp.add_argument("--nosuid", action="store_true", help="ignore setuid/setgid bits (as root)")
+    sp.add_argument("--nodev", action="store_true", help="do not allow device nodes (as root)")
+    sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    sp = add("umount", cmd_umount, "unmount a casfs mount and stop its daemon")
+    sp.add_argument("mountpoint")
+
+    sp = add("stats", cmd_stats, "counters of a running mount")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("cache", cmd_cache, "the node cache: stats, or prune orphans and evict to the cap")
+    sp.add_argument("action", choices=["stats", "prune"])
+    sp.add_argument("--cache-dir")
+    sp.add_argument("--cache-size", default=os.environ.get("CASFS_CACHE_SIZE", "10G"))
+
+    sp = add("tag", cmd_tag, "list or remove tags")
+    sp.add_argument("action", choices=["ls", "rm"])
+    sp.add_argument("names", nargs="*")
+    store_arg(sp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    daemon = getattr(args, "foreground", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="casfs: %(levelname)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if daemon else logging.WARNING,
+        format="%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+        if daemon else "casfs: %(levelname)s: %(message)s",
     )
     try:
         return args.handler(args)

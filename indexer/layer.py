@@ -24,6 +24,7 @@ CHUNK_SIZE = 256 * 1024
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_ENTRIES = 10_000_000
+U32 = 1 << 32
 
 _TYPE_BITS = {
     tarfile.DIRTYPE: stat.S_IFDIR,
@@ -58,6 +59,17 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
         except InvalidOperation:
             pass
     return int(member.mtime) * 1_000_000_000
+
+
+def _check_fields(op: dict[str, Any], member: tarfile.TarInfo, what: str) -> None:
+    """Owner and time must fit the manifest's fields (32-bit ids, signed 64-bit ns)."""
+    for field in ("uid", "gid"):
+        if not 0 <= op[field] < U32:
+            raise HostileLayer(f"{what}: entry {member.name!r} has an out-of-range "
+                               f"{field} {op[field]}")
+    if not -(1 << 63) <= op["mtime_ns"] < 1 << 63:
+        raise HostileLayer(f"{what}: entry {member.name!r} has an out-of-range mtime "
+                           f"{member.mtime}")
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, str]:
@@ -97,7 +109,10 @@ def read_layer(
                 ops.append({"op": "opaque", "path": parent})
                 continue
             if base.startswith(WHITEOUT):
-                ops.append({"op": "whiteout", "path": f"{parent}/{base[4:]}".lstrip("/")})
+                hidden = base[len(WHITEOUT):]
+                if hidden in ("", ".", ".."):
+                    raise HostileLayer(f"{what}: whiteout {member.name!r} names no entry")
+                ops.append({"op": "whiteout", "path": f"{parent}/{hidden}".lstrip("/")})
                 continue
             if member.islnk():
                 target = normalize_path(member.linkname, what)
@@ -111,6 +126,7 @@ def read_layer(
                 "gid": member.gid,
                 "mtime_ns": _mtime_ns(member),
             }
+            _check_fields(op, member, what)
             xattrs = _xattrs(member)
             if xattrs:
                 op["xattrs"] = xattrs
@@ -123,6 +139,9 @@ def read_layer(
                 if member.issym():
                     op["target"] = member.linkname
                 if member.ischr() or member.isblk():
+                    if not (0 <= member.devmajor < U32 and 0 <= member.devminor < U32):
+                        raise HostileLayer(f"{what}: entry {member.name!r} has an out-of-range "
+                                           f"device number {member.devmajor},{member.devminor}")
                     op["rdev"] = [member.devmajor, member.devminor]
             else:
                 raise CorruptLayer(f"{what}: entry {member.name!r} has unsupported type {member.type!r}")

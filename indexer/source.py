@@ -9,6 +9,7 @@ checked by the caller while (or before) they are read.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform as host_platform
@@ -74,22 +75,54 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def _list(doc: dict[str, Any], key: str, what: str) -> list[Any]:
+    """doc[key] as a list ([] when absent)."""
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ImageError(f"{what}: {key!r} is not a list")
+    return value
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    """A JSON value that should be an object, or {} when it is anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _descriptor(desc: Any, what: str) -> dict[str, Any]:
+    """A content descriptor, checked to carry a digest (and a sane size when it has one)."""
+    if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
+        raise ImageError(f"{what}: a descriptor has no digest")
+    size = desc.get("size", -1)
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise ImageError(f"{what}: descriptor {desc['digest']} has a bad size {size!r}")
+    return desc
+
+
 def _pick_platform(index: dict[str, Any], want: str | None, what: str) -> dict[str, Any]:
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list) or not manifests:
+    manifests = [_descriptor(d, what) for d in _list(index, "manifests", what)]
+    if not manifests:
         raise ImageError(f"{what} lists no manifests")
     target = want or host_platform_name()
     os_, _, rest = target.partition("/")
     arch, _, variant = rest.partition("/")
     offered = []
     for desc in manifests:
-        plat = desc.get("platform") or {}
+        plat = json_object(desc.get("platform"))
         offered.append(f"{plat.get('os')}/{plat.get('architecture')}")
         if plat.get("os") == os_ and plat.get("architecture") == arch and (
             not variant or plat.get("variant") == variant
         ):
             return desc
     raise ImageError(f"{what} has no image for platform {target} (offers {', '.join(offered)})")
+
+
+def _diff_ids(config: dict[str, Any], what: str) -> list[str]:
+    diff_ids = _list(json_object(config.get("rootfs")), "diff_ids", what)
+    if not all(isinstance(d, str) for d in diff_ids):
+        raise ImageError(f"{what}: rootfs.diff_ids holds something other than digests")
+    return diff_ids
 
 
 def _descriptor_blob_path(root: Path, digest: str) -> Path:
@@ -115,11 +148,16 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
         _check_digest(digest, data, f"{what} {digest}")
         return data
 
-    index = _json((root / "index.json").read_bytes(), f"{root}/index.json")
-    manifests = index.get("manifests") or []
+    try:
+        index_bytes = (root / "index.json").read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read {root}/index.json: {exc.strerror}") from exc
+    what = f"{root}/index.json"
+    index = _json(index_bytes, what)
+    manifests = [_descriptor(m, what) for m in _list(index, "manifests", what)]
     if ref.tag:
         chosen = [m for m in manifests
-                  if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref.tag]
+                  if json_object(m.get("annotations")).get("org.opencontainers.image.ref.name") == ref.tag]
         if not chosen:
             raise ImageError(f"tag {ref.tag!r} not found in OCI layout {root}")
     else:
@@ -135,6 +173,7 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
         desc = chosen[0]
     seen = 0
     while True:
+        desc = _descriptor(desc, what)
         media_type = desc.get("mediaType")
         data = read_blob(desc["digest"], "manifest")
         doc = _json(data, f"manifest {desc['digest']}")
@@ -147,20 +186,22 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
             continue
         break
     manifest_digest = desc["digest"]
-    config_desc = doc.get("config") or {}
-    if "digest" not in config_desc:
-        raise ImageError(f"manifest {manifest_digest} has no config")
+    what = f"manifest {manifest_digest}"
+    if not isinstance(doc.get("config"), dict):
+        raise ImageError(f"{what} has no config")
+    config_desc = _descriptor(doc["config"], what)
     config = _json(read_blob(config_desc["digest"], "config"), "image config")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    diff_ids = _diff_ids(config, "image config")
     layers = []
-    for i, ld in enumerate(doc.get("layers") or []):
+    for i, ld in enumerate(_list(doc, "layers", what)):
+        ld = _descriptor(ld, what)
         path = _descriptor_blob_path(root, ld["digest"])
         if not path.is_file():
             raise ImageError(f"layer {ld['digest']} is missing from {root}")
         layers.append(Layer(
             digest=ld["digest"],
-            media_type=ld.get("mediaType", ""),
-            size=int(ld.get("size", -1)),
+            media_type=str(ld.get("mediaType", "")),
+            size=ld.get("size", -1),
             open=lambda p=path: open(p, "rb"),
             diff_id=diff_ids[i] if i < len(diff_ids) else "",
         ))
@@ -174,9 +215,19 @@ def open_docker_archive(ref: ImageRef, platform: str | None = None) -> Image:
         raise ImageError(f"docker archive {path} not found")
     try:
         archive = tarfile.open(path, "r:")
-        members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
     except (tarfile.TarError, OSError) as exc:
         raise ImageError(f"{path} is not a docker archive: {exc}") from exc
+    with archive:
+        try:
+            members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError) as exc:
+            raise ImageError(f"{path} is not a docker archive: {exc}") from exc
+        return _docker_archive_image(ref, path, archive, members)
+
+
+def _docker_archive_image(
+    ref: ImageRef, path: Path, archive: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
+) -> Image:
 
     def read(name: str, limit: int = MAX_JSON) -> bytes:
         m = members.get(os.path.normpath(name))
@@ -194,6 +245,8 @@ def open_docker_archive(ref: ImageRef, platform: str | None = None) -> Image:
         raise ImageError(f"manifest.json in {path} is not valid JSON") from exc
     if not isinstance(manifest, list) or not manifest:
         raise ImageError(f"manifest.json in {path} lists no image")
+    if not all(isinstance(e, dict) for e in manifest):
+        raise ImageError(f"manifest.json in {path} is not a list of images")
     if ref.tag:
         entries = [e for e in manifest if ref.tag in (e.get("RepoTags") or [])]
         if not entries:
@@ -203,12 +256,14 @@ def open_docker_archive(ref: ImageRef, platform: str | None = None) -> Image:
         entry = manifest[0]
     else:
         raise ImageError(f"docker archive {path} holds several images: name one")
-    config_name = entry.get("Config", "")
+    config_name = entry.get("Config")
+    layer_names = _list(entry, "Layers", f"manifest.json in {path}")
+    if not isinstance(config_name, str) or not all(isinstance(n, str) for n in layer_names):
+        raise ImageError(f"manifest.json in {path} names no config or bad layers")
     config_bytes = read(config_name)
     config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     config = _json(config_bytes, f"config {config_name}")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    layer_names = entry.get("Layers") or []
+    diff_ids = _diff_ids(config, f"config {config_name}")
     if len(diff_ids) != len(layer_names):
         raise ImageError(f"docker archive {path}: {len(layer_names)} layers but "
                          f"{len(diff_ids)} diff_ids in its config")
@@ -219,17 +274,41 @@ def open_docker_archive(ref: ImageRef, platform: str | None = None) -> Image:
             raise ImageError(f"layer {name} is missing from docker archive {path}")
 
         def opener(m: tarfile.TarInfo = m) -> IO[bytes]:
-            f = tarfile.open(path, "r:").extractfile(m)
-            assert f is not None
-            return f
+            return io.BufferedReader(_FileSlice(path, m.offset_data, m.size))
 
         # A docker-save layer may be stored compressed (newer engines keep the
         # registry's blob): its digest is then not the diff_id, so the layer is
-        # named by the sha256 of its stored bytes, checked against the diff_id
-        # only when it is uncompressed.
+        # named by the sha256 of its stored bytes; its uncompressed bytes are
+        # checked against the diff_id while it is read.
         layers.append(Layer(digest="", media_type="", size=m.size, open=opener, diff_id=diff_id))
     plat = f"{config.get('os', '?')}/{config.get('architecture', '?')}"
     return Image(str(ref), config, config_digest, config_digest, layers, plat)
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [offset, offset+size) of a file: a member of an uncompressed tar archive,
+    read with its own file handle (closed with the reader)."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        self._f = open(path, "rb")
+        self._f.seek(offset)
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self._left)
+        if n <= 0:
+            return 0
+        data = self._f.read(n)
+        b[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def open_image(ref: ImageRef, platform: str | None = None) -> Image:

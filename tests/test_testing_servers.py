@@ -139,9 +139,7 @@ def _has_weed() -> bool:
 # -- proxy against SeaweedFS --------------------------------------------------------------
 
 
-def test_roundtrip_through_proxy(
-    seaweed: SeaweedServer, bucket: str, proxy: LatencyProxy
-) -> None:
+def test_roundtrip_through_proxy(seaweed: SeaweedServer, bucket: str, proxy: LatencyProxy) -> None:
     c = _client(seaweed, proxy.url)
     data = os.urandom(300_000)
     c.put_object(Bucket=bucket, Key="p", Body=data)
@@ -199,9 +197,7 @@ def test_proxy_latency(seaweed: SeaweedServer, bucket: str) -> None:
     assert fast * 2 < slow, (fast, slow)
 
 
-def test_proxy_put_100_continue(
-    seaweed: SeaweedServer, bucket: str, proxy: LatencyProxy
-) -> None:
+def test_proxy_put_100_continue(seaweed: SeaweedServer, bucket: str, proxy: LatencyProxy) -> None:
     c = _client(seaweed, proxy.url)
     c.put_object(Bucket=bucket, Key="big", Body=b"b" * 2_000_000)  # boto3 sends Expect
     assert proxy.stats()["continues"] >= 1

@@ -94,9 +94,12 @@ class Manifest:
     @cached_property
     def meta(self) -> dict[str, Any]:
         try:
-            return json.loads(bytes(self.buf[self._meta : self._meta + self.meta_len]))
+            meta = json.loads(bytes(self.buf[self._meta : self._meta + self.meta_len]))
         except ValueError as exc:
             raise ManifestError(f"manifest metadata is not JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ManifestError("manifest metadata is not a JSON object")
+        return meta
 
     # -- records -------------------------------------------------------------
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import stat
+import struct
 from collections import deque
 from typing import Any
 
+from casfs.digest import is_digest
 from casfs.errors import ManifestError
 from casfs.manifest.layout import (
     CHUNK,
@@ -97,8 +99,10 @@ def build_manifest(root: Node, meta: dict[str, Any]) -> bytes:
             first, count = n_chunks, len(node.chunks)
             pos = 0
             for c in node.chunks:
-                if c.offset != pos or c.length <= 0:
+                if c.offset != pos or not 0 < c.length < 1 << 32:
                     raise ManifestError(f"inode {ino}: chunks must tile the file")
+                if not is_digest(c.digest):
+                    raise ManifestError(f"inode {ino}: chunk digest {c.digest!r} is not BLAKE3 hex")
                 chunks += CHUNK.pack(bytes.fromhex(c.digest), c.offset, c.length, 0)
                 pos += c.length
             if pos != node.size:
@@ -113,22 +117,29 @@ def build_manifest(root: Node, meta: dict[str, Any]) -> bytes:
                 raise ManifestError(f"inode {ino}: xattr {name!r} too large")
             xattrs += XATTR.pack(strings.add(name), len(name), 0, strings.add(value), len(value))
         n_xattrs += len(node.xattrs)
-        inodes += INODE.pack(
-            node.mode,
-            node.uid,
-            node.gid,
-            nlink,
-            node.size if not node.is_dir else 0,
-            node.mtime_ns,
-            node.rdev,
-            first,
-            count,
-            xattr_first,
-            len(node.xattrs),
-            parent_of[ino - 1],
-            0,
-            str_off,
-        )
+        try:
+            packed = INODE.pack(
+                    node.mode,
+                node.uid,
+                node.gid,
+                nlink,
+                node.size if not node.is_dir else 0,
+                node.mtime_ns,
+                node.rdev,
+                first,
+                count,
+                xattr_first,
+                len(node.xattrs),
+                parent_of[ino - 1],
+                0,
+                str_off,
+            )
+        except struct.error:
+            raise ManifestError(
+                f"inode {ino}: a field is out of range (mode {node.mode:#o}, uid {node.uid}, "
+                f"gid {node.gid}, mtime_ns {node.mtime_ns}, rdev {node.rdev}, size {node.size})"
+            ) from None
+        inodes += packed
     if len(strings.buf) >= 1 << 32:
         raise ManifestError("manifest string table exceeds 4 GiB")
     meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()

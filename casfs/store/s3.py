@@ -47,7 +47,7 @@ _TRANSIENT = {
 }
 
 
-def _classify(exc: Exception, what: str, url: str) -> StoreError:
+def _classify(exc: Exception, what: str, url: str, endpoint: str = "") -> StoreError:
     """Turn a boto3 exception into the backend contract's error classes."""
     if isinstance(exc, botocore.exceptions.ClientError):
         err = exc.response.get("Error", {})
@@ -71,7 +71,8 @@ def _classify(exc: Exception, what: str, url: str) -> StoreError:
         | botocore.exceptions.ResponseStreamingError
         | botocore.exceptions.IncompleteReadError,
     ):
-        return TransientStoreError(f"cannot reach store {url} ({type(exc).__name__}) on {what}")
+        at = f" at {endpoint}" if endpoint else ""
+        return TransientStoreError(f"cannot reach store {url}{at} ({type(exc).__name__}) on {what}")
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"store {url} failed on {what}: {exc}")
     return StoreError(f"store {url} failed on {what}: {exc!r}")
@@ -94,6 +95,7 @@ class S3Backend:
         )
         session = boto3.session.Session()
         self._client: Any = session.client("s3", config=config)
+        self.endpoint: str = self._client.meta.endpoint_url
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -103,7 +105,7 @@ class S3Backend:
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             return resp["Body"].read()
         except Exception as exc:
-            raise _classify(exc, key, self.url) from exc
+            raise _classify(exc, key, self.url, self.endpoint) from exc
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -118,22 +120,22 @@ class S3Backend:
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return b""
-            raise _classify(exc, key, self.url) from exc
+            raise _classify(exc, key, self.url, self.endpoint) from exc
         except Exception as exc:
-            raise _classify(exc, key, self.url) from exc
+            raise _classify(exc, key, self.url, self.endpoint) from exc
 
     def put(self, key: str, data: bytes) -> None:
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except Exception as exc:
-            raise _classify(exc, key, self.url) from exc
+            raise _classify(exc, key, self.url, self.endpoint) from exc
 
     def exists(self, key: str) -> bool:
         try:
             self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except Exception as exc:
-            err = _classify(exc, key, self.url)
+            err = _classify(exc, key, self.url, self.endpoint)
             if isinstance(err, ObjectNotFound):
                 return False
             raise err from exc
@@ -142,7 +144,7 @@ class S3Backend:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
-            err = _classify(exc, key, self.url)
+            err = _classify(exc, key, self.url, self.endpoint)
             if not isinstance(err, ObjectNotFound):
                 raise err from exc
 
@@ -153,7 +155,7 @@ class S3Backend:
                 for obj in page.get("Contents", []):
                     yield obj["Key"][len(self.prefix) :]
         except Exception as exc:
-            raise _classify(exc, f"list {prefix}", self.url) from exc
+            raise _classify(exc, f"list {prefix}", self.url, self.endpoint) from exc
 
     def sync(self) -> None:
         """S3 puts are durable when they return."""

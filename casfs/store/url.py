@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from casfs.errors import BadStoreURL
+from casfs.errors import BadStoreURL, StoreUnreachable, TransientStoreError
 from casfs.store.content import Store
 from casfs.store.local import FileBackend
 from casfs.store.retry import RetryingBackend
+
+OPEN_RETRY_DEADLINE = 3.0
+"""Seconds of retrying the first request to a remote store before calling it unreachable."""
 
 
 def default_store_url() -> str:
@@ -36,7 +39,20 @@ def open_store(url: str | None = None, *, create: bool = False, retry_deadline: 
             raise BadStoreURL(f"bad store URL {url!r}: use s3://bucket/prefix")
         from casfs.store.s3 import S3Backend
 
-        store = Store(RetryingBackend(S3Backend(parsed.netloc, parsed.path), deadline=retry_deadline))
+        retrying = RetryingBackend(
+            S3Backend(parsed.netloc, parsed.path),
+            deadline=min(retry_deadline, OPEN_RETRY_DEADLINE),
+        )
+        store = Store(retrying)
+        try:
+            # The first request: a store that cannot be reached at all is a configuration
+            # problem (wrong endpoint, server down), reported in seconds, not after the
+            # full retry budget that later requests get for passing trouble.
+            store.check_format(create=create)
+        except TransientStoreError as exc:
+            raise StoreUnreachable(str(exc)) from exc
+        retrying.deadline = retry_deadline
+        return store
     else:
         raise BadStoreURL(f"bad store URL {url!r}: use file:///abs/path or s3://bucket/prefix")
     store.check_format(create=create)

@@ -102,59 +102,63 @@ def _read_head(reader: io.BufferedReader) -> _Head:
     return _Head(text[0], headers, b"".join(lines))
 
 
-def _relay_exact(reader: io.BufferedReader, dst: socket.socket | None, n: int) -> int:
+class _Sink:
+    """Counts bytes into the proxy's stats *before* sending them, so that a client which has
+    seen a whole response always finds it in ``stats()``. ``sock=None`` discards."""
+
+    def __init__(
+        self, proxy: LatencyProxy, method: str, sock: socket.socket | None, direction: str
+    ) -> None:
+        self.proxy, self.method, self.sock = proxy, method, sock
+        self.wire_key, self.body_key = f"bytes_{direction}", f"body_bytes_{direction}"
+
+    def __call__(self, data: bytes, payload: int = 0) -> None:
+        self.proxy._count(self.method, **{self.wire_key: len(data), self.body_key: payload})
+        if self.sock is not None:
+            self.sock.sendall(data)
+
+
+def _relay_exact(reader: io.BufferedReader, sink: _Sink, n: int, payload: bool = True) -> None:
     left = n
     while left:
         data = reader.read(min(_BUF, left))
         if not data:
             raise ConnectionError("connection closed inside a body")
-        if dst is not None:
-            dst.sendall(data)
+        sink(data, len(data) if payload else 0)
         left -= len(data)
-    return n
 
 
-def _relay_chunked(reader: io.BufferedReader, dst: socket.socket | None) -> tuple[int, int]:
-    """Relay a chunked body including trailers; return (wire bytes, payload bytes)."""
-    wire = payload = 0
+def _relay_chunked(reader: io.BufferedReader, sink: _Sink) -> None:
+    """Relay a chunked body including trailers."""
     while True:
         line = reader.readline(_MAX_HEAD)
         if not line:
             raise ConnectionError("connection closed inside a chunked body")
-        if dst is not None:
-            dst.sendall(line)
-        wire += len(line)
+        sink(line)
         size = int(line.split(b";", 1)[0].strip() or b"0", 16)
         if size == 0:
             while True:  # trailers up to the empty line
                 t = reader.readline(_MAX_HEAD)
                 if not t:
                     raise ConnectionError("connection closed inside chunked trailers")
-                if dst is not None:
-                    dst.sendall(t)
-                wire += len(t)
+                sink(t)
                 if t in (b"\r\n", b"\n"):
-                    return wire, payload
-        wire += _relay_exact(reader, dst, size + 2)  # data + CRLF
-        payload += size
+                    return
+        _relay_exact(reader, sink, size)
+        _relay_exact(reader, sink, 2, payload=False)  # CRLF after the data
 
 
-def _relay_until_close(reader: io.BufferedReader, dst: socket.socket) -> int:
-    n = 0
+def _relay_until_close(reader: io.BufferedReader, sink: _Sink) -> None:
     while data := reader.read1(_BUF):
-        dst.sendall(data)
-        n += len(data)
-    return n
+        sink(data, len(data))
 
 
-def _relay_body(
-    reader: io.BufferedReader, dst: socket.socket | None, head: _Head
-) -> tuple[int, int]:
-    """Relay a request body framed by ``head``; return (wire bytes, payload bytes)."""
+def _relay_body(reader: io.BufferedReader, sink: _Sink, head: _Head) -> None:
+    """Relay a message body framed by ``head`` (chunked or Content-Length)."""
     if head.has_token("transfer-encoding", "chunked"):
-        return _relay_chunked(reader, dst)
-    length = int(head.get("content-length") or 0)
-    return _relay_exact(reader, dst, length), length
+        _relay_chunked(reader, sink)
+    else:
+        _relay_exact(reader, sink, int(head.get("content-length") or 0))
 
 
 def _closed_by_peer(sock: socket.socket, reader: io.BufferedReader) -> bool:
@@ -364,6 +368,7 @@ class LatencyProxy:
                 except _ConnectionClosed:
                     return
                 method = req.start_line.split(" ", 1)[0].upper()
+                self._count(method, requests=1)
                 # Latency and faults are decided before anything reaches upstream.
                 delay = self.latency_ms
                 if self._roll(self.delay_rate):
@@ -373,7 +378,7 @@ class LatencyProxy:
                 if delay > 0:
                     time.sleep(delay / 1000)
                 if self._roll(self.reset_rate):
-                    self._count(method, requests=1, bytes_up=len(req.raw))
+                    self._count(method, bytes_up=len(req.raw))
                     with self._lock:
                         self._stats.injected_resets += 1
                     _reset(client)
@@ -406,12 +411,10 @@ class LatencyProxy:
         self, client: socket.socket, creader: io.BufferedReader, req: _Head, method: str
     ) -> bool:
         """Answer ``error_status`` without forwarding; return whether to keep the connection."""
+        self._count(method, bytes_up=len(req.raw))
         expect = req.has_token("expect", "100-continue")
-        up_wire = len(req.raw)
-        up_body = 0
         if not expect:  # the body is on its way: swallow it to keep the connection usable
-            w, up_body = _relay_body(creader, None, req)
-            up_wire += w
+            _relay_body(creader, _Sink(self, method, None, "up"), req)
         code = "SlowDown" if self.error_status == 503 else "InternalError"
         reason = "Slow Down" if self.error_status == 503 else "Internal Server Error"
         body = (
@@ -425,19 +428,14 @@ class LatencyProxy:
             f"Content-Length: {len(body)}\r\n"
             f"Connection: {'close' if expect else 'keep-alive'}\r\n\r\n"
         ).encode()
-        client.sendall(head if method == "HEAD" else head + body)
-        down = len(head) + (0 if method == "HEAD" else len(body))
-        self._count(
-            method,
-            requests=1,
-            bytes_up=up_wire,
-            body_bytes_up=up_body,
-            bytes_down=down,
-            body_bytes_down=down - len(head),
-        )
         with self._lock:
             self._stats.injected_errors += 1
             self._stats.by_status[self.error_status] += 1
+        down = _Sink(self, method, client, "down")
+        if method == "HEAD":
+            down(head)
+        else:
+            down(head + body, len(body))
         return not expect
 
     def _forward(
@@ -450,65 +448,50 @@ class LatencyProxy:
         method: str,
     ) -> bool:
         """Forward one exchange; return whether both connections stay usable."""
-        up.sendall(req.raw)
-        up_wire, up_body = len(req.raw), 0
-        down_wire = down_body = 0
+        up_sink = _Sink(self, method, up, "up")
+        down = _Sink(self, method, client, "down")
+        up_sink(req.raw)
         expect = req.has_token("expect", "100-continue")
         resp: _Head | None = None
         if expect:
             while True:  # wait for 100 Continue (relay it) or an early final answer
                 resp = _read_head(ureader)
-                down_wire += len(resp.raw)
-                client.sendall(resp.raw)
                 status = int(resp.start_line.split()[1])
+                if status >= 200:
+                    break
                 if status == 100:
                     with self._lock:
                         self._stats.continues += 1
+                down(resp.raw)
+                if status == 100:
                     resp = None
                     break
-                if status >= 200:
-                    break
-        if resp is None:
-            w, up_body = _relay_body(creader, up, req)
-            up_wire += w
         body_sent = resp is None
-        while True:
-            if resp is None:
-                resp = _read_head(ureader)
-                client.sendall(resp.raw)
-                down_wire += len(resp.raw)
+        if body_sent:
+            _relay_body(creader, up_sink, req)
+        while resp is None:
+            resp = _read_head(ureader)
             status = int(resp.start_line.split()[1])
             if 100 <= status < 200 and status != 101:
-                resp = None  # informational: relay and read the next head
-                continue
-            break
+                down(resp.raw)  # informational: relay and read the next head
+                resp = None
+        assert resp is not None
+        status = int(resp.start_line.split()[1])
+        with self._lock:
+            self._stats.by_status[status] += 1
+        down(resp.raw)
         keep = body_sent and not (
             resp.has_token("connection", "close")
             or req.has_token("connection", "close")
             or resp.start_line.startswith("HTTP/1.0")
         )
-        if method == "HEAD" or status in (204, 304) or status == 101:
+        if method == "HEAD" or status in (204, 304, 101):
             pass
-        elif resp.has_token("transfer-encoding", "chunked"):
-            w, down_body = _relay_chunked(ureader, client)
-            down_wire += w
-        elif resp.get("content-length") is not None:
-            down_body = _relay_exact(ureader, client, int(resp.get("content-length") or 0))
-            down_wire += down_body
+        elif resp.has_token("transfer-encoding", "chunked") or resp.get("content-length"):
+            _relay_body(ureader, down, resp)
         else:
-            down_body = _relay_until_close(ureader, client)
-            down_wire += down_body
+            _relay_until_close(ureader, down)
             keep = False
-        self._count(
-            method,
-            requests=1,
-            bytes_up=up_wire,
-            body_bytes_up=up_body,
-            bytes_down=down_wire,
-            body_bytes_down=down_body,
-        )
-        with self._lock:
-            self._stats.by_status[status] += 1
         return keep and status != 101
 
 

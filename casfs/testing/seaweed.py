@@ -232,7 +232,11 @@ class SeaweedServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL after ``stop_timeout``, and wait for it."""
+        """SIGTERM the process group, SIGKILL after ``stop_timeout``, and wait for it.
+
+        weed's graceful shutdown takes well over 20 s, so in practice the SIGKILL does the job;
+        the data is throwaway. The data dir is removed only if this object created it.
+        """
         self._kill()
         if self._own_dir and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,293 @@
+"""The node's local chunk cache, shared by every mount (and daemon process) on the node.
+
+Layout of the cache directory (format version 1, checked at open):
+
+    VERSION               "casfs-cache 1"
+    index.lmdb/           LMDB: chunk digest -> (size, last use); key b"\\0total" -> bytes held
+    chunks/<hh>/<hex>     a chunk's uncompressed bytes, so reads are plain preads
+    manifests/<hex>       decompressed manifests, mmapped by mounts (never evicted)
+    tmp/                  files being written
+    mounts/               one JSON file per live mount (daemon pid, mountpoint)
+    logs/                 daemon logs
+
+An insert is a transaction: the bytes go to a temp file in tmp/, are renamed
+into chunks/, and only then is the index entry written, so a kill -9 at any
+point leaves at worst an unindexed file (removed on the next insert of that
+digest, or by `casfs cache prune`), never an indexed torn one. A chunk file is
+verified against its digest the first time each process uses it; a file that
+was truncated or altered on disk is dropped and fetched again.
+
+Eviction is least-recently-used over the index, down to 90% of the cap, run by
+whichever process's insert crossed it. Last-use times are written at most once
+a minute per chunk per process, to keep reads off the LMDB write lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from casfs.digest import hash_bytes
+from casfs.errors import CasfsError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "casfs-cache 1"
+_ENTRY = struct.Struct("<Qd")  # size, last use (unix time)
+_TOTAL_KEY = b"\0total"
+_TOUCH_EVERY = 60.0
+DEFAULT_CACHE_SIZE = 10 << 30
+MAP_SIZE = 1 << 32
+
+
+class CacheError(CasfsError):
+    """The local cache directory cannot be used."""
+
+    exit_code = 8
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("CASFS_CACHE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/cache/casfs"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "casfs")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    inserts: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    corrupt_dropped: int = 0
+    insert_failures: int = 0
+
+
+class ChunkCache:
+    """Verified chunk files on local disk, indexed in LMDB. Thread-safe; blocking."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_CACHE_SIZE) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._verified: set[str] = set()
+        self._touched: dict[str, float] = {}
+        self._lock = threading.Lock()
+        try:
+            for sub in ("chunks", "manifests", "tmp", "mounts", "logs"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            version_file = self.root / "VERSION"
+            if version_file.exists():
+                found = version_file.read_text().strip()
+                if found != CACHE_FORMAT:
+                    raise CacheError(
+                        f"cache {self.root} has format {found!r}, this casfs uses {CACHE_FORMAT!r}: "
+                        "remove the directory or point --cache-dir elsewhere"
+                    )
+            else:
+                tmp = self.root / "tmp" / f"VERSION.{uuid.uuid4().hex}"
+                tmp.write_text(CACHE_FORMAT + "\n")
+                os.rename(tmp, version_file)
+            self.env = lmdb.open(
+                str(self.root / "index.lmdb"), map_size=MAP_SIZE, max_dbs=0, sync=False,
+                metasync=False, lock=True, max_readers=1024,
+            )
+        except OSError as exc:
+            raise CacheError(f"cannot use cache directory {self.root}: {exc.strerror}") from exc
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot open cache index in {self.root}: {exc}") from exc
+
+    def close(self) -> None:
+        self.env.close()
+
+    def chunk_path(self, digest: str) -> Path:
+        return self.root / "chunks" / digest[:2] / digest
+
+    # -- lookups ---------------------------------------------------------------
+
+    def lookup(self, digest: str) -> Path | None:
+        """The path of a cached, verified chunk, or None (a miss)."""
+        key = bytes.fromhex(digest)
+        with self.env.begin() as txn:
+            raw = txn.get(key)
+        if raw is None:
+            self.stats.misses += 1
+            return None
+        size, last = _ENTRY.unpack(raw)
+        path = self.chunk_path(digest)
+        if digest not in self._verified and not self._verify_file(digest, path, size):
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        now = time.time()
+        if now - self._touched.get(digest, last) >= _TOUCH_EVERY:
+            self._touch(key, size, now)
+            self._touched[digest] = now
+        return path
+
+    def _verify_file(self, digest: str, path: Path, size: int) -> bool:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+        if data is None or len(data) != size or hash_bytes(data) != digest:
+            log.warning("cache file for chunk %s is missing or corrupt; dropping it", digest)
+            self.stats.corrupt_dropped += 1
+            self._drop(digest)
+            return False
+        with self._lock:
+            self._verified.add(digest)
+        return True
+
+    def _touch(self, key: bytes, size: int, now: float) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                if txn.get(key) is not None:
+                    txn.put(key, _ENTRY.pack(size, now))
+        except lmdb.Error as exc:
+            log.debug("could not record chunk use: %s", exc)
+
+    # -- inserts ---------------------------------------------------------------
+
+    def insert(self, digest: str, data: bytes) -> Path | None:
+        """Add verified bytes (the caller has checked the digest). None when the disk
+        is full or unwritable: the caller then serves the bytes without caching."""
+        path = self.chunk_path(digest)
+        tmp = self.root / "tmp" / f"{digest}.{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.rename(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.stats.insert_failures += 1
+            if exc.errno == errno.ENOSPC:
+                log.warning("cache disk full; evicting and serving chunk %s uncached", digest)
+                self.evict(target=int(self.total_bytes() * 0.5))
+            else:
+                log.warning("cannot write chunk %s to cache: %s", digest, exc.strerror)
+            return None
+        key = bytes.fromhex(digest)
+        now = time.time()
+        try:
+            with self.env.begin(write=True) as txn:
+                total = self._total(txn)
+                if txn.get(key) is None:
+                    total += len(data)
+                    txn.put(_TOTAL_KEY, struct.pack("<Q", total))
+                txn.put(key, _ENTRY.pack(len(data), now))
+        except lmdb.Error as exc:
+            log.warning("cannot index chunk %s in cache: %s", digest, exc)
+            self.stats.insert_failures += 1
+            return None
+        with self._lock:
+            self._verified.add(digest)
+        self._touched[digest] = now
+        self.stats.inserts += 1
+        if total > self.max_bytes:
+            self.evict()
+        return path
+
+    @staticmethod
+    def _total(txn: lmdb.Transaction) -> int:
+        raw = txn.get(_TOTAL_KEY)
+        return struct.unpack("<Q", raw)[0] if raw else 0
+
+    def total_bytes(self) -> int:
+        with self.env.begin() as txn:
+            return self._total(txn)
+
+    def entries(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat()["entries"] - (1 if txn.get(_TOTAL_KEY) else 0)
+
+    # -- eviction --------------------------------------------------------------
+
+    def _drop(self, digest: str) -> None:
+        key = bytes.fromhex(digest)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key)
+            if raw is not None:
+                size, _ = _ENTRY.unpack(raw)
+                txn.delete(key)
+                txn.put(_TOTAL_KEY, struct.pack("<Q", max(0, self._total(txn) - size)))
+        self.chunk_path(digest).unlink(missing_ok=True)
+        with self._lock:
+            self._verified.discard(digest)
+
+    def evict(self, target: int | None = None) -> int:
+        """Remove least-recently-used chunks until at most target bytes remain
+        (default 90% of the cap). Returns bytes freed."""
+        target = int(self.max_bytes * 0.9) if target is None else target
+        with self.env.begin(write=True) as txn:
+            total = self._total(txn)
+            if total <= target:
+                return 0
+            entries = []
+            for key, raw in txn.cursor():
+                if key == _TOTAL_KEY:
+                    continue
+                size, last = _ENTRY.unpack(raw)
+                entries.append((last, size, key))
+            entries.sort()
+            victims = []
+            freed = 0
+            for _last, size, key in entries:
+                if total - freed <= target:
+                    break
+                txn.delete(key)
+                victims.append(key.hex())
+                freed += size
+            txn.put(_TOTAL_KEY, struct.pack("<Q", total - freed))
+        # Unlinking after the commit: another process that found the entry just
+        # before finds the file gone and treats it as a miss.
+        for digest in victims:
+            self.chunk_path(digest).unlink(missing_ok=True)
+            with self._lock:
+                self._verified.discard(digest)
+        self.stats.evictions += len(victims)
+        self.stats.evicted_bytes += freed
+        if victims:
+            log.info("evicted %d chunks (%d bytes) from the cache", len(victims), freed)
+        return freed
+
+    def prune(self) -> tuple[int, int]:
+        """Remove files that no index entry names (left by crashes), and stale temp
+        files. Returns (files removed, bytes freed)."""
+        removed = freed = 0
+        cutoff = time.time() - 3600
+        for tmp in (self.root / "tmp").iterdir():
+            try:
+                st = tmp.stat()
+                if st.st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+                    freed += st.st_size
+            except OSError:
+                pass
+        with self.env.begin() as txn:
+            for sub in (self.root / "chunks").iterdir():
+                for f in sub.iterdir():
+                    try:
+                        if txn.get(bytes.fromhex(f.name)) is None:
+                            size = f.stat().st_size
+                            f.unlink()
+                            removed += 1
+                            freed += size
+                    except (OSError, ValueError):
+                        pass
+        return removed, freed

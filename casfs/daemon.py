@@ -1,0 +1,202 @@
+"""The mount daemon: from a reference to a serving FUSE mount, in the foreground or
+as a background process that `casfs mount` waits for until the mount serves.
+
+Start-up work is kept to what serving needs: resolve the reference, make the
+manifest local (fetched once per node, verified, then mmapped), open the cache,
+mount. SIGTERM and SIGINT unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from casfs.cache import ChunkCache
+from casfs.digest import hash_bytes
+from casfs.errors import CasfsError, MountError
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.metrics import MountMetrics
+from casfs.mounts import prepare_mountpoint, remove_record, write_record
+from casfs.refs import resolve_ref
+from casfs.store import Store, open_store
+from casfs.vfs import ImageFS
+
+log = logging.getLogger(__name__)
+READY = b"ready\n"
+
+
+@dataclass
+class MountConfig:
+    ref: str
+    mountpoint: str
+    store_url: str | None
+    cache_dir: str
+    cache_size: int
+    foreground: bool = False
+    metrics_port: int | None = None
+    allow_suid: bool = True
+    allow_dev: bool = True
+    fetch_concurrency: int = 32
+    extra: dict = field(default_factory=dict)
+
+
+def local_manifest(store: Store, cache: ChunkCache, digest: str) -> Manifest:
+    """The manifest, from the node's cache when there (verified), else from the store."""
+    path = cache.root / "manifests" / digest
+    try:
+        data = path.read_bytes()
+        if hash_bytes(data) == digest:
+            return Manifest.open(path, digest)
+        log.warning("cached manifest %s is corrupt; fetching it again", digest)
+    except FileNotFoundError:
+        pass
+    data = store.get_manifest(digest)
+    Manifest(data, digest)  # validate before keeping it
+    tmp = cache.root / "tmp" / f"manifest.{digest}.{os.getpid()}"
+    tmp.write_bytes(data)
+    os.rename(tmp, path)
+    return Manifest.open(path, digest)
+
+
+def mount_options(cfg: MountConfig) -> set[str]:
+    opts = {"fsname=casfs", "subtype=casfs", "ro", "default_permissions"}
+    if os.geteuid() == 0:
+        opts.add("allow_other")
+        if cfg.allow_suid:
+            opts.add("suid")
+        if cfg.allow_dev:
+            opts.add("dev")
+    return opts
+
+
+def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
+    """Mount and serve until unmounted or signalled (blocks)."""
+    import pyfuse3
+
+    from casfs.fuse_ops import CasfsOperations
+
+    started = time.monotonic()
+    store = open_store(cfg.store_url)
+    digest = resolve_ref(store, cfg.ref)
+    cache = ChunkCache(cfg.cache_dir, cfg.cache_size)
+    manifest = local_manifest(store, cache, digest)
+    mountpoint = prepare_mountpoint(cfg.mountpoint)
+    metrics = MountMetrics()
+    fs_holder: dict[str, ImageFS] = {}
+
+    def extra_stats() -> dict:
+        return {"mount": {"digest": digest, "store": store.url, "pid": os.getpid(),
+                          "uptime_seconds": round(time.monotonic() - started, 3)}}
+
+    async def main() -> None:
+        fetcher = Fetcher(store, cache, metrics, fetch_concurrency=cfg.fetch_concurrency)
+        fs = ImageFS(manifest, fetcher, cache, metrics, extra_stats)
+        fs_holder["fs"] = fs
+        ops = CasfsOperations(fs)
+        try:
+            pyfuse3.init(ops, mountpoint, mount_options(cfg))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
+        write_record(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "digest": digest,
+                                  "cache_dir": str(cache.root), "store": store.url})
+        log.info("mounted %s at %s in %.3fs", digest, mountpoint, time.monotonic() - started)
+        if cfg.metrics_port is not None:
+            _start_metrics(cfg.metrics_port, metrics, fs)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, nursery.cancel_scope)
+                if ready_fd is not None:
+                    os.write(ready_fd, READY)
+                    os.close(ready_fd)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            remove_record(mountpoint)
+            log.info("unmounted %s", mountpoint)
+
+    trio.run(main)
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    import pyfuse3
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _start_metrics(port: int, metrics: MountMetrics, fs: ImageFS) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from casfs.metrics import PrometheusCollector
+
+    registry = CollectorRegistry()
+
+    def gauges() -> dict[str, float]:
+        return {"cache_bytes": fs.cache.total_bytes(), "cache_max_bytes": fs.cache.max_bytes}
+
+    registry.register(PrometheusCollector(metrics, gauges))
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+
+
+def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> int:
+    """Run `casfs mount ... --foreground` detached; return once it serves (or fails)."""
+    read_fd, write_fd = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "casfs.cli", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(read_fd, "rb") as r:
+        while time.monotonic() < deadline:
+            chunk = r.read(64)
+            if not chunk:
+                break
+            buf += chunk
+            if buf.startswith(READY):
+                return proc.pid
+    code = proc.poll()
+    if code is None:
+        proc.terminate()
+        raise MountError(f"the mount daemon did not become ready; see {log_path}")
+    tail = _last_error(log_path)
+    raise MountError(tail or f"the mount daemon exited with status {code}; see {log_path}")
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if line.startswith("casfs: error: "):
+            return line[len("casfs: error: "):]
+    return ""
+
+
+def run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
+    try:
+        serve(cfg, ready_fd)
+    except CasfsError as exc:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(ready_fd)
+        raise exc
+    return 0

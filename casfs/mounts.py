@@ -1,0 +1,134 @@
+"""Mountpoints on this node: finding casfs mounts, clearing stale ones left by a
+crashed daemon, unmounting, and the per-mount records daemons leave in the cache."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from casfs.errors import MountError
+
+FSTYPE = "fuse.casfs"
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def mount_table() -> dict[str, str]:
+    """mountpoint -> fstype for every mount in this namespace."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            out[_unescape(fields[4])] = right.split()[0]
+    return out
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return os.path.realpath(mountpoint) in mount_table()
+
+
+def is_stale(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def force_unmount(mountpoint: str) -> None:
+    """Lazily detach a mount (used for stale mounts)."""
+    for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
+        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+    raise MountError(f"cannot clear the stale mount at {mountpoint}")
+
+
+def prepare_mountpoint(mountpoint: str) -> str:
+    """Check a mountpoint can be used; clear a stale casfs mount on it. Returns its real path."""
+    real = os.path.realpath(mountpoint)
+    table = mount_table()
+    if real in table:
+        if is_stale(real):
+            force_unmount(real)
+        else:
+            raise MountError(f"{mountpoint} is already a mountpoint ({table[real]}); unmount it first")
+    if not os.path.isdir(real):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    return real
+
+
+def unmount(mountpoint: str, timeout: float = 15.0) -> None:
+    """Cleanly unmount; waits for the daemon to exit."""
+    real = os.path.realpath(mountpoint)
+    if real not in mount_table():
+        raise MountError(f"{mountpoint} is not mounted")
+    if is_stale(real):
+        force_unmount(real)
+        return
+    record = find_record(real)
+    proc = subprocess.run(["fusermount3", "-u", real], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"
+        raise MountError(f"cannot unmount {mountpoint}: {msg}")
+    if record:
+        wait_for_exit(record.get("pid", 0), timeout)
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- mount records (in <cache>/mounts/, and a global index under /run) ---------
+
+def _records_dir() -> Path:
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or ("/run/casfs" if os.geteuid() == 0 else "/tmp"))
+    d = base / ("casfs-mounts" if base.name != "casfs" else "mounts")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _record_path(real_mountpoint: str) -> Path:
+    # Never resolve the path here: the daemon writes its record while its own
+    # mount is not serving yet, and a stat of the mountpoint would deadlock.
+    key = hashlib.sha256(real_mountpoint.encode()).hexdigest()[:24]
+    return _records_dir() / f"{key}.json"
+
+
+def write_record(mountpoint: str, info: dict[str, Any]) -> None:
+    path = _record_path(mountpoint)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    os.rename(tmp, path)
+
+
+def find_record(mountpoint: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(_record_path(mountpoint).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_record(mountpoint: str) -> None:
+    _record_path(mountpoint).unlink(missing_ok=True)

@@ -1,0 +1,158 @@
+"""What an image looks like as a read-only filesystem: lookups, attributes, directory
+listings, links, xattrs and file content, answered from a manifest and the fetcher.
+
+This is the model the FUSE adapter (casfs.fuse_ops) translates to and from the
+kernel's protocol; tests drive it without mounting. It raises FsError with an
+errno for filesystem conditions and lets FetchFailed / ManifestError through
+for the adapter to log and turn into EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import trio
+
+from casfs.cache import ChunkCache
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.manifest.reader import ChunkRef, Inode
+from casfs.metrics import MountMetrics
+
+STATS_XATTR = b"user.casfs.stats"
+
+ReadObserver = Callable[[int, list[ChunkRef]], None]
+
+
+class FsError(Exception):
+    def __init__(self, errno_: int) -> None:
+        super().__init__(os.strerror(errno_))
+        self.errno = errno_
+
+
+def _read_parts(parts: list[tuple[Path | bytes, int, int]]) -> bytes:
+    """Concatenate byte ranges of local chunk files (or of in-memory chunks)."""
+    out = []
+    for src, start, length in parts:
+        if isinstance(src, bytes):
+            out.append(src[start : start + length])
+            continue
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            out.append(os.pread(fd, length, start))
+        finally:
+            os.close(fd)
+    return b"".join(out)
+
+
+class ImageFS:
+    """A read-only view of one manifest."""
+
+    def __init__(self, manifest: Manifest, fetcher: Fetcher, cache: ChunkCache,
+                 metrics: MountMetrics, extra_stats: Callable[[], dict] | None = None) -> None:
+        self.manifest = manifest
+        self.fetcher = fetcher
+        self.cache = cache
+        self.metrics = metrics
+        self.read_observers: list[ReadObserver] = []
+        self.extra_stats = extra_stats
+
+    # -- metadata --------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode:
+        self.metrics.getattrs += 1
+        return self.manifest.inode(ino)
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        """The child's inode, or 0 when the name does not exist."""
+        self.metrics.lookups += 1
+        if not stat.S_ISDIR(self.manifest.inode(parent).mode):
+            raise FsError(errno.ENOTDIR)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.manifest.inode(parent).parent
+        ino = self.manifest.lookup(parent, name)
+        if not ino:
+            self.metrics.negative_lookups += 1
+        return ino
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int]]:
+        self.metrics.readdirs += 1
+        if not stat.S_ISDIR(self.manifest.inode(ino).mode):
+            raise FsError(errno.ENOTDIR)
+        return self.manifest.entries(ino, start)
+
+    def readlink(self, ino: int) -> bytes:
+        if not stat.S_ISLNK(self.manifest.inode(ino).mode):
+            raise FsError(errno.EINVAL)
+        return self.manifest.readlink(ino)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return list(self.manifest.xattrs(ino))
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == 1 and name == STATS_XATTR:
+            return json.dumps(self.stats()).encode()
+        value = self.manifest.xattrs(ino).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def stats(self) -> dict:
+        out = {"metrics": self.metrics.as_dict(), "cache": self.cache.stats.__dict__.copy()}
+        out["cache"]["bytes"] = self.cache.total_bytes()
+        out["cache"]["max_bytes"] = self.cache.max_bytes
+        if self.extra_stats is not None:
+            out.update(self.extra_stats())
+        return out
+
+    def statfs_counts(self) -> tuple[int, int]:
+        """(total content bytes, inodes) for statfs."""
+        meta = self.manifest.meta
+        total = sum(int(layer.get("size", 0)) for layer in meta.get("layers", []))
+        return total, self.manifest.n_inodes
+
+    # -- content ---------------------------------------------------------------
+
+    def open(self, ino: int) -> None:
+        self.metrics.opens += 1
+        node = self.manifest.inode(ino)
+        if stat.S_ISDIR(node.mode):
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.ENXIO)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        self.metrics.reads += 1
+        chunks = self.manifest.chunks_for_range(ino, offset, size)
+        if not chunks:
+            return b""
+        for observe in self.read_observers:
+            observe(ino, chunks)
+        end = min(offset + size, self.manifest.inode(ino).size)
+        sources: list[Path | bytes | None] = [None] * len(chunks)
+
+        async def get(i: int, digest: str) -> None:
+            sources[i] = await self.fetcher.get(digest)
+
+        if len(chunks) == 1:
+            await get(0, chunks[0].digest)
+        else:
+            async with trio.open_nursery() as nursery:
+                for i, c in enumerate(chunks):
+                    nursery.start_soon(get, i, c.digest)
+        parts = []
+        for c, src in zip(chunks, sources, strict=True):
+            assert src is not None
+            lo = max(offset, c.offset) - c.offset
+            hi = min(end, c.offset + c.length) - c.offset
+            parts.append((src, lo, hi - lo))
+        data = await trio.to_thread.run_sync(_read_parts, parts, limiter=self.fetcher.disk_limiter)
+        self.metrics.read_bytes += len(data)
+        return data

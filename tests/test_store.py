@@ -1,0 +1,407 @@
+"""The store: one suite run against both backends (a local directory and SeaweedFS over S3),
+plus the retry wrapper's logic against a fake flaky backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import pytest
+import zstandard
+
+from casfs.errors import (
+    BadStoreURL,
+    BlobCorrupt,
+    CasfsError,
+    ObjectNotFound,
+    StoreError,
+    StoreUnreachable,
+    TagNotFound,
+    TransientStoreError,
+)
+from casfs.store import Store, open_store
+from casfs.store.content import STORE_MARKER, blob_key, compress, manifest_key
+from casfs.store.retry import RetryingBackend
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}"
+    return request.getfixturevalue("s3_bucket_url")
+
+
+@pytest.fixture
+def store(store_url: str) -> Store:
+    return open_store(store_url, create=True)
+
+
+class CountingBackend:
+    """Passes every call through and counts the puts."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+        self.url = inner.url
+        self.puts: list[str] = []
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.puts.append(key)
+        self.inner.put(key, data)
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens on it now
+    return port
+
+
+# --- blobs ---------------------------------------------------------------------------------
+
+
+def test_blob_round_trip(store: Store) -> None:
+    data = os.urandom(100_000) + b"\0" * 100_000
+    digest, uploaded = store.put_blob(data)
+    assert digest == blake3.blake3(data).hexdigest()  # BLAKE3-256 of the uncompressed bytes
+    assert 0 < uploaded < len(data)  # compressed: the zero half shrinks
+    assert store.has_blob(digest)
+    assert store.get_blob(digest) == data
+    # A second Store over the same backend (nothing cached) reads it back the same.
+    assert Store(store.backend).get_blob(digest) == data
+    # the empty blob is a blob like any other
+    empty, _ = store.put_blob(b"")
+    assert empty == blake3.blake3(b"").hexdigest() and store.get_blob(empty) == b""
+
+
+def test_blob_stored_zstd_compressed(store: Store) -> None:
+    data = b"casfs " * 10_000
+    digest, uploaded = store.put_blob(data)
+    stored = store.backend.get(blob_key(digest))
+    assert stored.startswith(ZSTD_MAGIC)
+    assert len(stored) == uploaded < len(data) // 10
+    assert zstandard.ZstdDecompressor().decompress(stored) == data
+    assert blob_key(digest) == f"blobs/{digest[:2]}/{digest}"
+
+
+def test_put_existing_blob_uploads_nothing(store: Store) -> None:
+    data = os.urandom(5000)
+    digest, uploaded = store.put_blob(data)
+    assert uploaded > 0
+    assert store.put_blob(data) == (digest, 0)
+    # Also from a fresh Store that has never seen the blob: the backend is asked.
+    counting = CountingBackend(store.backend)
+    fresh = Store(counting)
+    assert fresh.put_blob(data) == (digest, 0)
+    assert fresh.put_blob(data, digest) == (digest, 0)
+    assert counting.puts == []
+    other, uploaded = fresh.put_blob(data + b"!")
+    assert uploaded > 0 and counting.puts == [blob_key(other)]
+
+
+def test_corrupt_blob_raises(store: Store) -> None:
+    data = b"the real content" * 100
+    digest, _ = store.put_blob(data)
+    # valid zstd, wrong content
+    store.backend.put(blob_key(digest), compress(b"tampered content" * 100))
+    with pytest.raises(BlobCorrupt, match=digest):
+        Store(store.backend).get_blob(digest)
+    # not zstd at all
+    store.backend.put(blob_key(digest), b"garbage, not a zstd frame")
+    with pytest.raises(BlobCorrupt, match=digest):
+        store.get_blob(digest)
+    # truncated frame
+    store.backend.put(blob_key(digest), compress(data)[:-5])
+    with pytest.raises(BlobCorrupt):
+        store.get_blob(digest)
+
+
+def test_missing_blob_raises_not_found(store: Store) -> None:
+    digest = blake3.blake3(b"never stored").hexdigest()
+    assert not store.has_blob(digest)
+    with pytest.raises(ObjectNotFound, match=digest):
+        store.get_blob(digest)
+
+
+def test_get_range(store: Store) -> None:
+    store.backend.put("misc/obj", bytes(range(256)) * 4)
+    assert store.backend.get_range("misc/obj", 10, 5) == bytes(range(10, 15))
+    assert store.backend.get_range("misc/obj", 1020, 100) == bytes(range(252, 256))
+    assert store.backend.get_range("misc/obj", 0, 1024) == bytes(range(256)) * 4
+    assert store.backend.get_range("misc/obj", 2000, 10) == b""
+    with pytest.raises(ObjectNotFound):
+        store.backend.get_range("misc/missing", 0, 10)
+    with pytest.raises(ObjectNotFound):
+        store.backend.get("misc/missing")
+
+
+def test_list_and_delete(store: Store) -> None:
+    for key in ("a/1", "a/2", "a/b/3", "ab/4", "c"):
+        store.backend.put(key, key.encode())
+    assert set(store.backend.list("a/")) == {"a/1", "a/2", "a/b/3"}
+    assert set(store.backend.list("a")) == {"a/1", "a/2", "a/b/3", "ab/4"}
+    assert set(store.backend.list("zzz/")) == set()
+    store.backend.delete("a/1")
+    store.backend.delete("a/1")  # deleting a missing key is no error
+    assert not store.backend.exists("a/1") and store.backend.exists("a/2")
+    assert set(store.backend.list("a/")) == {"a/2", "a/b/3"}
+
+
+def test_concurrent_puts(store: Store) -> None:
+    payloads = [os.urandom(2000) for _ in range(40)]
+    results: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        try:
+            for i in range(len(payloads)):  # every thread puts every blob, in its own order
+                r = store.put_blob(payloads[(i + offset) % len(payloads)])
+                with lock:
+                    results.append(r)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k * 5,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    digests = {blake3.blake3(p).hexdigest() for p in payloads}
+    assert {d for d, _ in results} == digests and len(results) == 8 * 40
+    for p in payloads:
+        assert store.get_blob(blake3.blake3(p).hexdigest()) == p
+    assert {k.rsplit("/", 1)[1] for k in store.backend.list("blobs/")} == digests
+    if store.url.startswith("file://"):
+        assert os.listdir(Path(store.url[len("file://"):]) / ".tmp") == []  # no leftovers
+
+
+# --- manifests and tags ----------------------------------------------------------------------
+
+
+def test_manifest_round_trip(store: Store) -> None:
+    data = b"CASFSMF\0" + os.urandom(3000)
+    digest = store.put_manifest(data)
+    assert digest == blake3.blake3(data).hexdigest()
+    assert store.has_manifest(digest)
+    assert store.get_manifest(digest) == data
+    assert store.backend.get(manifest_key(digest)).startswith(ZSTD_MAGIC)
+    assert store.put_manifest(data) == digest
+    store.backend.put(manifest_key(digest), compress(data + b"x"))
+    with pytest.raises(BlobCorrupt):
+        store.get_manifest(digest)
+    missing = blake3.blake3(b"no such manifest").hexdigest()
+    assert not store.has_manifest(missing)
+    with pytest.raises(ObjectNotFound, match=missing):
+        store.get_manifest(missing)
+
+
+def test_tags(store: Store) -> None:
+    d1, d2 = blake3.blake3(b"1").hexdigest(), blake3.blake3(b"2").hexdigest()
+    assert store.list_tags() == []
+    store.set_tag("app:v1", d1)
+    store.set_tag("app:latest", d1)
+    store.set_tag("base", d2)
+    assert store.get_tag("app:v1") == d1
+    store.set_tag("app:latest", d2)  # last writer wins
+    assert store.get_tag("app:latest") == d2
+    assert store.list_tags() == ["app:latest", "app:v1", "base"]
+    with pytest.raises(TagNotFound, match="nope"):
+        store.get_tag("nope")
+    store.delete_tag("base")
+    with pytest.raises(TagNotFound):
+        store.get_tag("base")
+    assert store.list_tags() == ["app:latest", "app:v1"]
+    for bad in ("", "a/b", "../x", ".hidden", "sp ace", "x" * 300):
+        with pytest.raises(CasfsError, match="invalid tag"):
+            store.set_tag(bad, d1)
+    store.backend.put("tags/broken", b"not a digest")
+    with pytest.raises(StoreError, match="broken"):
+        store.get_tag("broken")
+
+
+def test_layer_records(store: Store) -> None:
+    key = "sha256:" + "ab" * 32
+    assert store.get_layer_record(key) is None
+    store.put_layer_record(key, b'{"ops":[]}')
+    assert store.get_layer_record(key) == b'{"ops":[]}'
+    assert list(store.backend.list("layers/")) == ["layers/sha256/" + "ab" * 32]
+
+
+# --- opening stores ------------------------------------------------------------------------------
+
+
+def test_store_marker_and_newer_version_refused(store_url: str) -> None:
+    store = open_store(store_url, create=True)
+    marker = json.loads(store.backend.get(STORE_MARKER))
+    assert marker == {"format": "casfs-store", "version": 1}
+    open_store(store_url)  # reopening an existing store works
+    store.backend.put(STORE_MARKER, json.dumps({"format": "casfs-store", "version": 2}).encode())
+    with pytest.raises(StoreError, match="version 2.*upgrade casfs"):
+        open_store(store_url)
+    with pytest.raises(StoreError):
+        open_store(store_url, create=True)
+    store.backend.put(STORE_MARKER, b"\xff not json")
+    with pytest.raises(StoreError, match="not a casfs store marker"):
+        open_store(store_url)
+
+
+@pytest.mark.parametrize("url", [
+    "relative/path", "/abs/path/without/scheme", "file://host/x", "file:relative",
+    "s3://", "s3:///prefix", "http://example.com/bucket", "gs://bucket/x", "",
+])
+def test_bad_store_url(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASFS_STORE", "nonsense://x")  # "" falls back to the environment
+    with pytest.raises(BadStoreURL, match="bad store URL"):
+        open_store(url)
+
+
+def test_store_url_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASFS_STORE", f"file://{tmp_path / 'env-store'}")
+    store = open_store(None, create=True)
+    assert store.url == f"file://{tmp_path / 'env-store'}"
+    assert (tmp_path / "env-store" / STORE_MARKER).is_file()
+
+
+def test_missing_file_store_not_created_for_reading(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnreachable, match="does not exist"):
+        open_store(f"file://{tmp_path / 'absent'}")
+    assert not (tmp_path / "absent").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreUnreachable, match="cannot create"):
+        open_store(f"file://{tmp_path / 'file' / 'store'}", create=True)
+
+
+@pytest.mark.s3
+def test_unreachable_s3_endpoint(s3_bucket_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        open_store(s3_bucket_url, create=True, retry_deadline=1.0)
+    elapsed = time.monotonic() - started
+    assert isinstance(info.value, StoreUnreachable)
+    message = str(info.value)
+    assert "cannot reach store" in message and f"127.0.0.1:{port}" in message
+    assert "\n" not in message
+    assert elapsed < 15  # the default retry budget is 30 s: it must not be spent here
+
+
+@pytest.mark.s3
+def test_missing_bucket(seaweed: object, s3_bucket_url: str) -> None:
+    url = "s3://no-such-bucket-casfs/prefix"
+    with pytest.raises(StoreUnreachable, match="no-such-bucket-casfs"):
+        open_store(url, create=True, retry_deadline=1.0)
+
+
+@pytest.mark.s3
+def test_s3_prefix_isolation(s3_bucket_url: str) -> None:
+    """Two prefixes of one bucket are two stores."""
+    a = open_store(s3_bucket_url, create=True)
+    b = open_store(s3_bucket_url + "-other", create=True)
+    digest, _ = a.put_blob(b"only in a")
+    a.set_tag("t", digest)
+    assert not b.has_blob(digest)
+    assert b.list_tags() == [] and a.list_tags() == ["t"]
+
+
+# --- retrying ------------------------------------------------------------------------------
+
+
+class FlakyBackend:
+    """Fails the first `failures` calls with `error`, then answers."""
+
+    url = "fake://flaky"
+
+    def __init__(self, failures: int, error: type[StoreError] = TransientStoreError) -> None:
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error(f"failure {self.calls}")
+
+    def get(self, key: str) -> bytes:
+        self._maybe_fail()
+        return b"value of " + key.encode()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self._maybe_fail()
+        return b"0123456789"[offset : offset + length]
+
+    def put(self, key: str, data: bytes) -> None:
+        self._maybe_fail()
+
+    def exists(self, key: str) -> bool:
+        self._maybe_fail()
+        return True
+
+    def delete(self, key: str) -> None:
+        self._maybe_fail()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        self._maybe_fail()
+        yield from (prefix + "1", prefix + "2")
+
+    def sync(self) -> None:
+        pass
+
+
+@pytest.fixture
+def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """time.sleep in the retry module records its delays and advances a fake clock."""
+    import casfs.store.retry as retry
+
+    slept: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(retry.time, "sleep", lambda d: (slept.append(d), clock.__setitem__(0, clock[0] + d)))
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    return slept
+
+
+def test_retry_recovers_from_transient_errors(no_sleep: list[float]) -> None:
+    flaky = FlakyBackend(failures=3)
+    r = RetryingBackend(flaky, deadline=30, base_delay=0.05, max_delay=2.0)
+    assert r.get("k") == b"value of k"
+    assert flaky.calls == 4 and r.retries == 3 and len(no_sleep) == 3
+    assert all(0 <= d <= 2.0 for d in no_sleep)
+    flaky2 = FlakyBackend(failures=2)
+    r2 = RetryingBackend(flaky2)
+    assert r2.get_range("k", 2, 3) == b"234" and flaky2.calls == 3
+    flaky3 = FlakyBackend(failures=1)
+    assert list(RetryingBackend(flaky3).list("p/")) == ["p/1", "p/2"] and flaky3.calls == 2
+    assert r.url == "fake://flaky"
+
+
+@pytest.mark.parametrize("error", [ObjectNotFound, StoreUnreachable, StoreError, BlobCorrupt])
+def test_retry_passes_permanent_errors_at_once(error: type[StoreError],
+                                               no_sleep: list[float]) -> None:
+    flaky = FlakyBackend(failures=5, error=error)
+    r = RetryingBackend(flaky)
+    with pytest.raises(error, match="failure 1"):
+        r.put("k", b"x")
+    assert flaky.calls == 1 and no_sleep == [] and r.retries == 0
+
+
+def test_retry_gives_up_at_deadline(no_sleep: list[float]) -> None:
+    flaky = FlakyBackend(failures=10**9)
+    r = RetryingBackend(flaky, deadline=5.0, base_delay=0.05, max_delay=1.0)
+    with pytest.raises(TransientStoreError, match=r"failure \d+ \(gave up after \d+ attempts"):
+        r.exists("k")
+    assert sum(no_sleep) <= 5.0
+    assert 5 <= flaky.calls < 200
+    assert max(no_sleep) <= 1.0
