@@ -296,6 +296,13 @@ def test_unreachable_s3_store(tmp_path: Path) -> None:
     assert "gave up after" in line
 
 
+@pytest.mark.s3
+def test_s3_bucket_that_does_not_exist(s3_bucket_url: str, tmp_path: Path) -> None:
+    ref = layout_with(tmp_path, [GOOD])
+    fails(None, "index", ref, "--store", "s3://no-such-bucket-here/prefix",
+          match="store s3://no-such-bucket-here/prefix refused access \\(NoSuchBucket")
+
+
 @pytest.mark.parametrize("url", ["relative/dir", "file://host/x", "s3://", "ftp://x/y"])
 def test_bad_store_url(tmp_path: Path, url: str) -> None:
     ref = layout_with(tmp_path, [GOOD])

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install everything casfs, its tests and its demo need on a fresh Debian 12 machine.
+# Idempotent: quick when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in fuse3 libfuse3-dev pkg-config umoci skopeo; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# fusectl lets tools abort a hung FUSE connection; harmless if already mounted or unavailable.
+if [ -d /sys/fs/fuse/connections ] && [ -z "$(ls -A /sys/fs/fuse/connections 2>/dev/null)" ]; then
+  mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null || true
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
+python3 -c "import pyfuse3, trio, blake3, zstandard, lmdb, boto3" 
