@@ -138,6 +138,11 @@ class ChunkCache:
             self._touched[digest] = now
         return path
 
+    def contains_many(self, digests: list[str]) -> list[bool]:
+        """Whether each digest has an index entry (no verification: a hint for prefetch)."""
+        with self.env.begin() as txn:
+            return [txn.get(bytes.fromhex(d)) is not None for d in digests]
+
     def _verify_file(self, digest: str, path: Path, size: int) -> bool:
         try:
             data = path.read_bytes()

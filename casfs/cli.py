@@ -160,6 +160,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_dir=cache_dir, cache_size=parse_size(args.cache_size),
         foreground=args.foreground, metrics_port=args.metrics_port,
         allow_suid=not args.nosuid, allow_dev=not args.nodev,
+        prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
     )
     if args.foreground:
         return run_foreground(cfg, args.ready_fd)
@@ -174,6 +175,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         argv.append("--nosuid")
     if args.nodev:
         argv.append("--nodev")
+    if args.no_prefetch:
+        argv.append("--no-prefetch")
+    if args.no_trace:
+        argv.append("--no-trace")
+    argv += ["--trace-idle", str(args.trace_idle)]
     if args.verbose:
         argv.insert(0, "--verbose")
     pid = spawn_background(argv, log_path)
@@ -242,6 +248,44 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from casfs.progress import human_bytes
+    from casfs.refs import resolve_ref
+    from prefetch.replay import PrefetchStatus, load_traces
+    from prefetch.trace import merge
+
+    m = _load(args)
+    store = _store(args)
+    resolve_ref(store, args.ref)
+    status = PrefetchStatus()
+    traces = load_traces(store, m, status, max_traces=args.max_traces)
+    if not traces:
+        print(f"no traces for {m.digest}" + (f" ({status.rejected_traces} rejected)"
+                                                 if status.rejected_traces else ""))
+        return 0
+    plan = merge(traces)
+    print(f"manifest      blake3:{m.digest}")
+    print(f"traces        {len(traces)} boots merged (from {status.source}); "
+          f"{status.rejected_traces} rejected")
+    for t in traces:
+        size = sum(c.length for c in t.chunks)
+        print(f"  {t.trace_id}  {len(t.chunks)} chunks, {human_bytes(size)}, boot {t.boot_seconds:.1f}s,"
+              f" pack {t.pack[:16] + '...' if t.pack else 'none'}")
+    print(f"prefetch plan {len(plan)} chunks, {human_bytes(sum(p.length for p in plan))}")
+    files: dict[str, tuple[float, int]] = {}
+    for t in traces:
+        for c in t.chunks:
+            first, total = files.get(c.path, (c.t_ms, 0))
+            files[c.path] = (min(first, c.t_ms), total + c.length)
+    ordered = sorted(files.items(), key=lambda kv: kv[1][0])
+    print(f"files         {len(ordered)}, in first-access order:")
+    for path, (t_ms, size) in ordered[: args.limit]:
+        print(f"  {t_ms:>8.0f} ms  {human_bytes(size):>10}  {path}")
+    if len(ordered) > args.limit:
+        print(f"  ... {len(ordered) - args.limit} more (--limit)")
+    return 0
+
+
 def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: Callable) -> None:
     sp = add("mount", cmd_mount, "mount an indexed image read-only (returns once it serves)")
     sp.add_argument("ref", help="manifest digest or tag")
@@ -255,6 +299,11 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     sp.add_argument("--nosuid", action="store_true", help="ignore setuid/setgid bits (as root)")
     sp.add_argument("--nodev", action="store_true", help="do not allow device nodes (as root)")
+    sp.add_argument("--no-prefetch", action="store_true",
+                    help="do not replay earlier boots' traces nor guess ahead")
+    sp.add_argument("--no-trace", action="store_true", help="do not record this boot's trace")
+    sp.add_argument("--trace-idle", type=float, default=10.0, metavar="SECONDS",
+                    help="the boot ends after this long with no new first access (default 10)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "unmount a casfs mount and stop its daemon")
@@ -268,6 +317,13 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("action", choices=["stats", "prune"])
     sp.add_argument("--cache-dir")
     sp.add_argument("--cache-size", default=os.environ.get("CASFS_CACHE_SIZE", "10G"))
+
+    sp = add("trace", cmd_trace, "show the boot traces recorded for an image")
+    sp.add_argument("action", choices=["show"])
+    sp.add_argument("ref", help="manifest digest or tag")
+    sp.add_argument("--limit", type=int, default=40, help="files to list")
+    sp.add_argument("--max-traces", type=int, default=8)
+    store_arg(sp)
 
     sp = add("tag", cmd_tag, "list or remove tags")
     sp.add_argument("action", choices=["ls", "rm"])

@@ -30,6 +30,9 @@ from casfs.mounts import prepare_mountpoint, remove_record, write_record
 from casfs.refs import resolve_ref
 from casfs.store import Store, open_store
 from casfs.vfs import ImageFS
+from prefetch.heuristics import Heuristics
+from prefetch.recorder import Recorder, save_trace
+from prefetch.replay import Prefetcher
 
 log = logging.getLogger(__name__)
 READY = b"ready\n"
@@ -47,6 +50,9 @@ class MountConfig:
     allow_suid: bool = True
     allow_dev: bool = True
     fetch_concurrency: int = 32
+    prefetch: bool = True
+    trace: bool = True
+    trace_idle: float = 10.0
     extra: dict = field(default_factory=dict)
 
 
@@ -92,17 +98,44 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
     manifest = local_manifest(store, cache, digest)
     mountpoint = prepare_mountpoint(cfg.mountpoint)
     metrics = MountMetrics()
-    fs_holder: dict[str, ImageFS] = {}
+    parts: dict = {}
 
     def extra_stats() -> dict:
-        return {"mount": {"digest": digest, "store": store.url, "pid": os.getpid(),
-                          "uptime_seconds": round(time.monotonic() - started, 3)}}
+        out: dict = {"mount": {"digest": digest, "store": store.url, "pid": os.getpid(),
+                               "uptime_seconds": round(time.monotonic() - started, 3)}}
+        prefetch: dict = {}
+        if parts.get("prefetcher") is not None:
+            prefetch.update(parts["prefetcher"].status.as_dict())
+        else:
+            prefetch["state"] = "off"
+        if parts.get("heuristics") is not None:
+            prefetch["heuristic_requests"] = parts["heuristics"].requested
+        rec = parts.get("recorder")
+        if rec is not None:
+            prefetch["recorded_chunks"] = len(rec.order)
+            prefetch["trace_saved"] = rec.saved or ""
+        out["prefetch"] = prefetch
+        return out
 
     async def main() -> None:
         fetcher = Fetcher(store, cache, metrics, fetch_concurrency=cfg.fetch_concurrency)
         fs = ImageFS(manifest, fetcher, cache, metrics, extra_stats)
-        fs_holder["fs"] = fs
         ops = CasfsOperations(fs)
+        recorder = Recorder(manifest, idle_seconds=cfg.trace_idle) if cfg.trace else None
+        prefetcher = Prefetcher(store, manifest, fetcher) if cfg.prefetch else None
+        if recorder is not None:
+            fs.read_observers.append(recorder.on_read)
+        parts["recorder"], parts["prefetcher"] = recorder, prefetcher
+
+        def save() -> None:
+            if recorder is None:
+                return
+            known = prefetcher.status.packed_digests if prefetcher else set()
+            try:
+                save_trace(recorder, store, cache, known)
+            except (CasfsError, OSError) as exc:
+                log.warning("could not save the boot trace: %s", exc)
+
         try:
             pyfuse3.init(ops, mountpoint, mount_options(cfg))
         except RuntimeError as exc:
@@ -115,6 +148,20 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, nursery.cancel_scope)
+                if cfg.prefetch:
+                    def no_trace_plan() -> bool:
+                        st = prefetcher.status if prefetcher else None
+                        return st is None or (st.state in ("done", "failed")
+                                              and st.planned_chunks == 0)
+
+                    heuristics = Heuristics(manifest, fetcher, nursery,
+                                            siblings_wanted=no_trace_plan)
+                    parts["heuristics"] = heuristics
+                    fs.read_observers.append(heuristics.on_read)
+                if prefetcher is not None:
+                    nursery.start_soon(prefetcher.run)
+                if recorder is not None:
+                    nursery.start_soon(recorder.watch, save)
                 if ready_fd is not None:
                     os.write(ready_fd, READY)
                     os.close(ready_fd)
@@ -124,6 +171,9 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
             pyfuse3.close(unmount=True)
             remove_record(mountpoint)
             log.info("unmounted %s", mountpoint)
+            if recorder is not None and not recorder.finished:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(save)
 
     trio.run(main)
 

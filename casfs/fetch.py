@@ -1,6 +1,12 @@
 """Getting chunks to local disk: the cache first, then the store, each chunk fetched
 once however many readers want it at the same time.
 
+Two kinds of caller: on-demand reads (a process is waiting) and prefetch (nobody
+is yet). They use separate capacity limiters, so prefetch can never queue ahead
+of a read; a read that wants a chunk prefetch is already fetching joins that
+fetch instead of repeating it, and if the prefetch fails the read fetches the
+chunk itself. Prefetch may fetch a group of chunks with one ranged GET of a pack.
+
 All blocking work (LMDB, file I/O, the store's network calls, zstd and BLAKE3)
 runs in worker threads under capacity limiters; the trio loop only waits.
 """
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -27,8 +34,9 @@ class FetchFailed(CasfsError):
 
 
 class _Flight:
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool) -> None:
         self.done = trio.Event()
+        self.prefetch = prefetch
         self.path: Path | bytes | None = None
         self.error: BaseException | None = None
 
@@ -39,54 +47,148 @@ class Fetcher:
 
     def __init__(
         self, store: Store, cache: ChunkCache, metrics: MountMetrics, *,
-        fetch_concurrency: int = 32, disk_concurrency: int = 8,
+        fetch_concurrency: int = 32, prefetch_concurrency: int = 16, disk_concurrency: int = 8,
     ) -> None:
         self.store = store
         self.cache = cache
         self.metrics = metrics
         self.net_limiter = trio.CapacityLimiter(fetch_concurrency)
+        self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._flights: dict[str, _Flight] = {}
+        self.prefetched: set[str] = set()  # inserted by prefetch, not yet read
 
-    async def get(self, digest: str) -> Path | bytes:
+    def in_flight(self, digest: str) -> bool:
+        return digest in self._flights
+
+    async def get(self, digest: str, *, prefetch: bool = False) -> Path | bytes:
         path = await trio.to_thread.run_sync(self.cache.lookup, digest, limiter=self.disk_limiter)
         if path is not None:
-            self.metrics.cache_hits += 1
+            if not prefetch:
+                self.metrics.cache_hits += 1
+                if digest in self.prefetched:
+                    self.prefetched.discard(digest)
+                    self.metrics.prefetch_hits += 1
             return path
-        self.metrics.cache_misses += 1
+        if not prefetch:
+            self.metrics.cache_misses += 1
         flight = self._flights.get(digest)
         if flight is not None:
-            self.metrics.fetch_joined += 1
+            if not prefetch:
+                self.metrics.fetch_joined += 1
+                if flight.prefetch:
+                    self.metrics.prefetch_joined += 1
             await flight.done.wait()
-        else:
-            flight = self._flights[digest] = _Flight()
-            try:
-                flight.path = await self._fetch(digest)
-            except BaseException as exc:
-                flight.error = exc
-            finally:
-                del self._flights[digest]
-                flight.done.set()
-        if flight.error is not None:
-            if isinstance(flight.error, CasfsError):
+            if flight.error is None:
+                assert flight.path is not None
+                return flight.path
+            if not flight.prefetch or prefetch:
                 raise FetchFailed(str(flight.error)) from flight.error
-            raise flight.error
-        assert flight.path is not None
+            # The prefetch this read joined failed: fetch the chunk for the read.
+        flight = self._flights[digest] = _Flight(prefetch)
+        try:
+            flight.path = await self._fetch(digest, prefetch)
+        except BaseException as exc:
+            flight.error = exc
+            if isinstance(exc, CasfsError):
+                raise FetchFailed(str(exc)) from exc
+            raise
+        finally:
+            del self._flights[digest]
+            flight.done.set()
         return flight.path
 
-    async def _fetch(self, digest: str) -> Path | bytes:
+    async def _fetch(self, digest: str, prefetch: bool) -> Path | bytes:
         start = time.monotonic()
+        limiter = self.prefetch_limiter if prefetch else self.net_limiter
         try:
             packed = await trio.to_thread.run_sync(
-                self.store.get_blob_compressed, digest, limiter=self.net_limiter
+                self.store.get_blob_compressed, digest, limiter=limiter
             )
             data = await trio.to_thread.run_sync(verify_blob, digest, packed)
         except CasfsError as exc:
             self.metrics.fetch_errors += 1
             log.error("fetching chunk %s from %s failed: %s", digest, self.store.url, exc)
             raise
-        self.metrics.fetches += 1
-        self.metrics.fetched_bytes += len(packed)
         self.metrics.fetch_latency.observe(time.monotonic() - start)
+        if prefetch:
+            self.metrics.prefetch_requests += 1
+            self.metrics.prefetch_bytes += len(packed)
+        else:
+            self.metrics.fetches += 1
+            self.metrics.fetched_bytes += len(packed)
         path = await trio.to_thread.run_sync(self.cache.insert, digest, data, limiter=self.disk_limiter)
+        if prefetch:
+            self.prefetched.add(digest)
+            self.metrics.prefetch_chunks += 1
         return path if path is not None else data
+
+    async def get_pack_range(
+        self, pack: str, offset: int, items: Sequence[tuple[str, int, int]]
+    ) -> int:
+        """Prefetch chunks stored back to back in a pack with one ranged GET.
+
+        items are (digest, offset in the pack, stored length), in pack order.
+        Chunks already cached or in flight are left out of the range where they
+        sit at its ends. Returns how many chunks were inserted.
+        """
+        present = await trio.to_thread.run_sync(
+            self.cache.contains_many, [d for d, _, _ in items], limiter=self.disk_limiter
+        )
+        wanted = [it for it, have in zip(items, present, strict=True)
+                  if not have and it[0] not in self._flights]
+        if not wanted:
+            return 0
+        start = wanted[0][1]
+        end = wanted[-1][1] + wanted[-1][2]
+        flights = {}
+        for digest, _, _ in wanted:
+            flights[digest] = self._flights[digest] = _Flight(prefetch=True)
+        t0 = time.monotonic()
+        inserted = 0
+        try:
+            data = await trio.to_thread.run_sync(
+                self.store.get_pack_range, pack, start, end - start, limiter=self.prefetch_limiter
+            )
+            self.metrics.prefetch_requests += 1
+            self.metrics.prefetch_bytes += len(data)
+            self.metrics.fetch_latency.observe(time.monotonic() - t0)
+            if len(data) != end - start:
+                raise FetchFailed(f"pack {pack}: short read ({len(data)} of {end - start} bytes)")
+
+            def unpack_and_store() -> list[tuple[str, Path | bytes | None, BaseException | None]]:
+                out: list[tuple[str, Path | bytes | None, BaseException | None]] = []
+                for digest, off, length in wanted:
+                    try:
+                        blob = verify_blob(digest, data[off - start : off - start + length])
+                        path = self.cache.insert(digest, blob)
+                        out.append((digest, path if path is not None else blob, None))
+                    except CasfsError as exc:
+                        out.append((digest, None, exc))
+                return out
+
+            results = await trio.to_thread.run_sync(unpack_and_store, limiter=self.disk_limiter)
+            for digest, path, error in results:
+                flight = flights[digest]
+                flight.path, flight.error = path, error
+                if error is None:
+                    inserted += 1
+                    self.prefetched.add(digest)
+                    self.metrics.prefetch_chunks += 1
+                else:
+                    log.warning("pack %s: chunk %s rejected: %s", pack, digest, error)
+        except BaseException as exc:
+            for flight in flights.values():
+                if flight.path is None and flight.error is None:
+                    flight.error = exc
+            if not isinstance(exc, CasfsError):
+                raise
+            self.metrics.fetch_errors += 1
+            log.warning("prefetch from pack %s failed: %s", pack, exc)
+        finally:
+            for digest, flight in flights.items():
+                if flight.path is None and flight.error is None:
+                    flight.error = FetchFailed("prefetch cancelled")
+                self._flights.pop(digest, None)
+                flight.done.set()
+        return inserted

@@ -39,6 +39,11 @@ class MountMetrics:
     fetch_errors: int = 0
     fetch_joined: int = 0  # reads that joined a fetch already in flight
     io_errors: int = 0
+    prefetch_chunks: int = 0  # chunks put in the cache by prefetch
+    prefetch_requests: int = 0  # store requests made by prefetch
+    prefetch_bytes: int = 0  # bytes received by prefetch
+    prefetch_hits: int = 0  # reads served by a chunk prefetch had fetched
+    prefetch_joined: int = 0  # reads that waited on a prefetch already in flight
     fetch_latency: Histogram = field(default_factory=Histogram)
 
     def as_dict(self) -> dict[str, Any]:

@@ -87,14 +87,30 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         wait_for_exit(record.get("pid", 0), timeout)
 
 
+def _running(pid: int) -> bool:
+    """Whether pid is a live process. A daemon that has exited stays a zombie until its
+    parent (init, or the container's PID 1, which may reap slowly) collects it: that
+    counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     if pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

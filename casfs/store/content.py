@@ -8,6 +8,12 @@ Object keys (the store format, docs/format.md):
     manifests/<hex>           a manifest, zstd-compressed; <hex> as for blobs
     tags/<name>               the hex digest of a manifest, as text
     layers/<algo>/<hex>       what indexing one image layer produced (for re-indexing)
+    traces/m/<manifest>/<id>  a boot trace of a manifest, zstd-compressed JSON (prefetch/)
+    traces/l/<layer hex>/<manifest>.<id>
+                              an empty pointer: a trace of an image holding that layer
+    packs/<hex>               blobs laid out in boot order: concatenated zstd frames,
+                              each the stored form of one blob; <hex> is the BLAKE3 of
+                              the pack bytes; located by the trace that wrote it
 
 Every read is verified: a blob or manifest whose bytes do not hash to its name
 raises BlobCorrupt and is never returned.
@@ -206,6 +212,43 @@ class Store:
     def put_layer_record(self, layer_digest: str, data: bytes) -> None:
         algo, _, hex_ = layer_digest.partition(":")
         self.backend.put(f"layers/{algo}/{hex_}", compress(data))
+
+
+    # -- traces and packs (written and read by prefetch/) ---------------------
+
+    def put_trace(self, manifest: str, trace_id: str, data: bytes, layers: list[str]) -> None:
+        self.backend.put(f"traces/m/{manifest}/{trace_id}", compress(data))
+        for layer in layers:
+            hex_ = layer.partition(":")[2] or layer
+            self.backend.put(f"traces/l/{hex_}/{manifest}.{trace_id}", b"")
+
+    def list_traces(self, manifest: str) -> list[str]:
+        """Trace ids of a manifest, oldest first."""
+        prefix = f"traces/m/{manifest}/"
+        return sorted(k[len(prefix):] for k in self.backend.list(prefix))
+
+    def list_layer_traces(self, layer: str) -> list[tuple[str, str]]:
+        """(manifest, trace id) of every trace of an image holding this layer."""
+        hex_ = layer.partition(":")[2] or layer
+        prefix = f"traces/l/{hex_}/"
+        out = []
+        for key in self.backend.list(prefix):
+            manifest, _, trace_id = key[len(prefix):].partition(".")
+            if is_digest(manifest) and trace_id:
+                out.append((manifest, trace_id))
+        return sorted(out)
+
+    def get_trace(self, manifest: str, trace_id: str, limit: int) -> bytes:
+        packed = self.backend.get(f"traces/m/{manifest}/{trace_id}")
+        return decompress(packed, limit, f"trace {manifest}/{trace_id}")
+
+    def put_pack(self, data: bytes) -> str:
+        digest = hash_bytes(data)
+        self.backend.put(f"packs/{digest}", data)
+        return digest
+
+    def get_pack_range(self, pack: str, offset: int, length: int) -> bytes:
+        return self.backend.get_range(f"packs/{pack}", offset, length)
 
 
 def verify_blob(digest: str, packed: bytes) -> bytes:

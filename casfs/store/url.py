@@ -7,13 +7,28 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from casfs.errors import BadStoreURL, StoreUnreachable, TransientStoreError
+from casfs.errors import BadStoreURL, StoreUnreachable, TransientStoreError, UsageError
 from casfs.store.content import Store
 from casfs.store.local import FileBackend
 from casfs.store.retry import RetryingBackend
 
 OPEN_RETRY_DEADLINE = 3.0
 """Seconds of retrying the first request to a remote store before calling it unreachable."""
+RETRY_DEADLINE = 30.0
+"""Seconds of retrying any later request (default; $CASFS_RETRY_DEADLINE overrides it)."""
+
+
+def default_retry_deadline() -> float:
+    raw = os.environ.get("CASFS_RETRY_DEADLINE")
+    if not raw:
+        return RETRY_DEADLINE
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"bad CASFS_RETRY_DEADLINE {raw!r}: use seconds, e.g. 30") from None
+    if value < 0:
+        raise UsageError(f"bad CASFS_RETRY_DEADLINE {raw!r}: must not be negative")
+    return value
 
 
 def default_store_url() -> str:
@@ -25,9 +40,13 @@ def resolve_store_url(url: str | None) -> str:
     return url or os.environ.get("CASFS_STORE") or default_store_url()
 
 
-def open_store(url: str | None = None, *, create: bool = False, retry_deadline: float = 30.0) -> Store:
-    """Open the store a URL names (None: $CASFS_STORE or the default)."""
+def open_store(url: str | None = None, *, create: bool = False,
+               retry_deadline: float | None = None) -> Store:
+    """Open the store a URL names (None: $CASFS_STORE or the default). Remote stores retry
+    transient errors for retry_deadline seconds (None: $CASFS_RETRY_DEADLINE, else 30)."""
     url = resolve_store_url(url)
+    if retry_deadline is None:
+        retry_deadline = default_retry_deadline()
     parsed = urlparse(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):

@@ -1,0 +1,96 @@
+"""Guessing ahead when no trace says what comes next.
+
+* Sequential readahead: when a file's chunk i is read right after chunk i-1, the
+  next `readahead_chunks` chunks are fetched in the background (model weights,
+  shared libraries read front to back).
+* Directory siblings: the first time a file in a directory is read, that
+  directory's other small files (at most `sibling_max_size` bytes, at most
+  `sibling_max_files` of them) are fetched too: Python imports a package's
+  modules one after another from the same directory.
+
+All of it goes through the fetcher as prefetch, below every read in priority.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Callable
+
+import trio
+
+from casfs.errors import CasfsError
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.manifest.reader import ChunkRef
+
+log = logging.getLogger(__name__)
+
+
+class Heuristics:
+    def __init__(self, manifest: Manifest, fetcher: Fetcher, nursery: trio.Nursery, *,
+                 readahead_chunks: int = 16, siblings: bool = True,
+                 sibling_max_size: int = 256 * 1024, sibling_max_files: int = 128,
+                 concurrency: int = 16,
+                 siblings_wanted: Callable[[], bool] = lambda: True) -> None:
+        self.manifest = manifest
+        self.fetcher = fetcher
+        self.nursery = nursery
+        self.readahead_chunks = readahead_chunks
+        self.siblings = siblings
+        self.siblings_wanted = siblings_wanted  # false once a trace plan covers the boot
+        self.sibling_max_size = sibling_max_size
+        self.sibling_max_files = sibling_max_files
+        self.slots = trio.CapacityLimiter(concurrency)
+        self._last_chunk: dict[int, int] = {}  # ino -> offset of the last chunk read
+        self._ahead: dict[int, int] = {}  # ino -> offset up to which readahead was asked
+        self._dirs_seen: set[int] = set()
+        self.requested = 0
+
+    def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
+        first, last = chunks[0], chunks[-1]
+        prev = self._last_chunk.get(ino)
+        self._last_chunk[ino] = last.offset
+        if self.readahead_chunks and prev is not None and first.offset <= prev + last.length \
+                and first.offset >= prev:
+            self._readahead(ino, last)
+        if self.siblings and self.siblings_wanted():
+            parent = self.manifest.inode(ino).parent
+            if parent not in self._dirs_seen:
+                self._dirs_seen.add(parent)
+                self._fetch_siblings(parent, ino)
+
+    def _readahead(self, ino: int, last: ChunkRef) -> None:
+        start = max(last.offset + last.length, self._ahead.get(ino, 0))
+        span = self.readahead_chunks * last.length
+        ahead = self.manifest.chunks_for_range(ino, start, last.offset + last.length + span - start)
+        if ahead:
+            self._ahead[ino] = ahead[-1].offset + ahead[-1].length
+            for c in ahead:
+                self._spawn(c.digest)
+
+    def _fetch_siblings(self, parent: int, ino: int) -> None:
+        count = 0
+        for _, _, child in self.manifest.entries(parent):
+            if child == ino:
+                continue
+            node = self.manifest.inode(child)
+            if stat.S_ISREG(node.mode) and 0 < node.size <= self.sibling_max_size:
+                for c in self.manifest.chunks(child)[:1]:
+                    self._spawn(c.digest)
+                count += 1
+                if count >= self.sibling_max_files:
+                    break
+
+    def _spawn(self, digest: str) -> None:
+        if self.fetcher.in_flight(digest):
+            return
+        self.requested += 1
+        self.nursery.start_soon(self._get, digest)
+
+    async def _get(self, digest: str) -> None:
+        async with self.slots:
+            try:
+                await self.fetcher.get(digest, prefetch=True)
+            except CasfsError as exc:
+                log.debug("heuristic prefetch of %s failed: %s", digest, exc)

@@ -1,0 +1,190 @@
+"""Replaying earlier boots: fetch what they touched, in their order, before the
+process asks for it.
+
+At mount the prefetcher loads this manifest's most recent traces (or, when it has
+none, traces of other images that share its layers: chunk digests are the same
+across images, so what another image's boot read is what this one will read
+where they share files), merges them (prefetch.trace.merge), keeps the chunks
+this manifest holds, and fetches them in order with a few large requests in
+flight: ranged GETs of up to `range_bytes` over the packs that hold them, and
+single blob GETs for the rest. It stops when the cache is nearly at its cap, so
+it never evicts what the boot is using. Reads always go first: prefetch runs
+under its own limiter and a read joins a prefetch already fetching its chunk.
+
+Knobs (docs/operations.md): `--no-prefetch`; traces merged (`max_traces`, 8);
+the share of boots a chunk needs to be kept (`min_share`, 0.5); requests in
+flight (`concurrency`, 8); ranged GET size (`range_bytes`, 8 MiB); gap bridged
+inside a range (`max_gap`, 1 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+import trio
+
+from casfs.errors import CasfsError
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.manifest.layout import CHUNK
+from casfs.store import Store
+from prefetch.trace import MAX_TRACE_BYTES, PlanItem, Trace, TraceError, merge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefetchStatus:
+    state: str = "idle"  # idle, loading, running, done, failed, off
+    traces: int = 0
+    source: str = ""  # "manifest", "shared layers" or ""
+    planned_chunks: int = 0
+    planned_bytes: int = 0
+    done_chunks: int = 0
+    groups: int = 0
+    rejected_traces: int = 0
+    stopped_at_cap: bool = False
+    packed_digests: set[str] = field(default_factory=set, repr=False)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("packed_digests")
+        return d
+
+
+def manifest_digests(manifest: Manifest) -> set[str]:
+    """Every chunk digest the manifest references (read straight from its chunk table)."""
+    start = manifest._chunks
+    table = bytes(manifest.buf[start : start + manifest.n_chunks * CHUNK.size])
+    return {row[0].hex() for row in struct.iter_unpack(CHUNK.format, table)}
+
+
+def load_traces(store: Store, manifest: Manifest, status: PrefetchStatus,
+                max_traces: int = 8) -> list[Trace]:
+    """This manifest's newest traces, else those of images sharing its layers. Blocking."""
+    refs = [(manifest.digest, t) for t in store.list_traces(manifest.digest)][-max_traces:]
+    status.source = "manifest" if refs else ""
+    if not refs:
+        found: dict[tuple[str, str], int] = {}
+        for layer in manifest.meta.get("layers", []):
+            digest = layer.get("digest", "")
+            if digest:
+                for ref in store.list_layer_traces(digest):
+                    found[ref] = found.get(ref, 0) + 1
+        # Prefer traces of the images sharing the most layers, then the newest.
+        refs = sorted(found, key=lambda r: (found[r], r[1]))[-max_traces:]
+        status.source = "shared layers" if refs else ""
+    traces = []
+    for m, t in refs:
+        try:
+            trace = Trace.parse(store.get_trace(m, t, MAX_TRACE_BYTES), t)
+            if trace.manifest != m:
+                raise TraceError(f"trace {t} names manifest {trace.manifest}, stored under {m}")
+            traces.append(trace)
+        except (TraceError, CasfsError) as exc:
+            status.rejected_traces += 1
+            log.warning("ignoring trace %s of %s: %s", t, m, exc)
+    return traces
+
+
+@dataclass
+class Group:
+    """One request: a pack range (pack set) or a single blob (pack None)."""
+
+    pack: str | None
+    items: list[tuple[str, int, int]]  # (digest, pack offset, stored length)
+
+
+def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int) -> list[Group]:
+    groups: list[Group] = []
+    current: Group | None = None
+    for item in plan:
+        if not item.locations:
+            groups.append(Group(None, [(item.digest, 0, 0)]))
+            continue
+        pack, off, length = item.locations[-1]  # the newest boot's pack
+        if current is not None and current.pack == pack:
+            _, last_off, last_len = current.items[-1]
+            first_off = current.items[0][1]
+            gap = off - (last_off + last_len)
+            if 0 <= gap <= max_gap and off + length - first_off <= range_bytes:
+                current.items.append((item.digest, off, length))
+                continue
+        current = Group(pack, [(item.digest, off, length)])
+        groups.append(current)
+    return groups
+
+
+class Prefetcher:
+    def __init__(self, store: Store, manifest: Manifest, fetcher: Fetcher, *,
+                 concurrency: int = 8, range_bytes: int = 8 << 20, max_gap: int = 1 << 20,
+                 min_share: float = 0.5, max_traces: int = 8) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.fetcher = fetcher
+        self.concurrency = concurrency
+        self.range_bytes = range_bytes
+        self.max_gap = max_gap
+        self.min_share = min_share
+        self.max_traces = max_traces
+        self.status = PrefetchStatus()
+
+    async def run(self) -> None:
+        self.status.state = "loading"
+        try:
+            traces = await trio.to_thread.run_sync(
+                load_traces, self.store, self.manifest, self.status, self.max_traces
+            )
+            self.status.traces = len(traces)
+            for t in traces:
+                if t.pack:
+                    self.status.packed_digests.update(c.digest for c in t.chunks if c.pack_offset >= 0)
+            plan = merge(traces, self.min_share)
+            if self.status.source != "manifest" and plan:
+                ours = await trio.to_thread.run_sync(manifest_digests, self.manifest)
+                plan = [it for it in plan if it.digest in ours]
+            self.status.planned_chunks = len(plan)
+            self.status.planned_bytes = sum(it.length for it in plan)
+            if not plan:
+                self.status.state = "done"
+                return
+            self.status.state = "running"
+            await self._fetch_all(plan_groups(plan, self.range_bytes, self.max_gap))
+            self.status.state = "done"
+        except (CasfsError, OSError) as exc:
+            self.status.state = "failed"
+            log.warning("prefetch stopped: %s", exc)
+
+    def _room_left(self) -> bool:
+        cache = self.fetcher.cache
+        return cache.total_bytes() < cache.max_bytes * 0.85
+
+    async def _fetch_all(self, groups: list[Group]) -> None:
+        self.status.groups = len(groups)
+        slots = trio.Semaphore(self.concurrency)
+
+        async def one(group: Group) -> None:
+            try:
+                if group.pack is None:
+                    await self.fetcher.get(group.items[0][0], prefetch=True)
+                    self.status.done_chunks += 1
+                else:
+                    self.status.done_chunks += await self.fetcher.get_pack_range(
+                        group.pack, group.items[0][1], group.items
+                    )
+            except CasfsError as exc:
+                log.warning("prefetch request failed: %s", exc)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for i, group in enumerate(groups):
+                await slots.acquire()
+                if i % 16 == 0 and not await trio.to_thread.run_sync(self._room_left):
+                    self.status.stopped_at_cap = True
+                    slots.release()
+                    log.info("prefetch stopped: the cache is near its size cap")
+                    break
+                nursery.start_soon(one, group)
