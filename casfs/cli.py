@@ -348,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("casfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (e.g. `| head`).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as exc:  # pragma: no cover - UsageError is a CasfsError
         print(f"casfs: error: {exc}", file=sys.stderr)
         return 2

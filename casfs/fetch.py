@@ -58,6 +58,21 @@ class Fetcher:
         self._flights: dict[str, _Flight] = {}
         self.prefetched: set[str] = set()  # inserted by prefetch, not yet read
 
+    def cached_paths(self, digests: list[str]) -> list[Path] | None:
+        """Paths of all the chunks when every one is in the cache, else None. Blocking."""
+        paths = []
+        for digest in digests:
+            path = self.cache.lookup(digest)
+            if path is None:
+                return None
+            paths.append(path)
+        self.metrics.cache_hits += len(paths)
+        for digest in digests:
+            if digest in self.prefetched:
+                self.prefetched.discard(digest)
+                self.metrics.prefetch_hits += 1
+        return paths
+
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights
 
