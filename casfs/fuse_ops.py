@@ -100,8 +100,11 @@ class CasfsOperations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The entries' attributes come straight from the manifest: they are not GETATTR
+        # requests, and counting them as such hid what the kernel really asks for.
+        inode = self.fs.manifest.inode
         for index, name, child in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, self.fs.getattr(child)), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, inode(child)), index + 1):
                 break
 
     async def releasedir(self, fh: int) -> None:

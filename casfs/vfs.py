@@ -82,11 +82,13 @@ class ImageFS:
             self.metrics.negative_lookups += 1
         return ino
 
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int]]:
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int, Inode]]:
+        """(index, name, inode number, attributes) of each entry from index start."""
         self.metrics.readdirs += 1
         if not stat.S_ISDIR(self.manifest.inode(ino).mode):
             raise FsError(errno.ENOTDIR)
-        return self.manifest.entries(ino, start)
+        for index, name, child in self.manifest.entries(ino, start):
+            yield index, name, child, self.manifest.inode(child)
 
     def readlink(self, ino: int) -> bytes:
         if not stat.S_ISLNK(self.manifest.inode(ino).mode):
