@@ -248,6 +248,24 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from casfs.gc import collect, parse_duration
+    from casfs.progress import Progress, human_bytes
+
+    store = _store(args)
+    progress = Progress()
+    report = collect(store, grace=parse_duration(args.grace), dry_run=args.dry_run,
+                     progress=lambda s: progress.update(s, force=True))
+    progress.done()
+    verb = "would delete" if args.dry_run else "deleted"
+    swept = ", ".join(f"{n} {k}" for k, n in sorted(report.swept.items())) or "nothing"
+    kept = ", ".join(f"{n} {k}" for k, n in sorted(report.kept.items())) or "nothing"
+    print(f"live manifests: {report.live_manifests}")
+    print(f"{verb}: {swept} ({human_bytes(report.swept_bytes)})")
+    print(f"kept: {kept} ({report.young_kept} only for being younger than the grace period)")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from casfs.progress import human_bytes
     from casfs.refs import resolve_ref
@@ -323,6 +341,12 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("ref", help="manifest digest or tag")
     sp.add_argument("--limit", type=int, default=40, help="files to list")
     sp.add_argument("--max-traces", type=int, default=8)
+    store_arg(sp)
+
+    sp = add("gc", cmd_gc, "delete store objects no tag (or recent manifest) reaches")
+    sp.add_argument("--dry-run", action="store_true", help="report what would be deleted")
+    sp.add_argument("--grace", default="6h",
+                    help="never delete objects younger than this (default 6h; e.g. 30m, 7d)")
     store_arg(sp)
 
     sp = add("tag", cmd_tag, "list or remove tags")

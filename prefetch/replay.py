@@ -20,7 +20,7 @@ inside a range (`max_gap`, 1 MiB).
 from __future__ import annotations
 
 import logging
-import struct
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -28,7 +28,6 @@ import trio
 from casfs.errors import CasfsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
-from casfs.manifest.layout import CHUNK
 from casfs.store import Store
 from prefetch.trace import MAX_TRACE_BYTES, PlanItem, Trace, TraceError, merge
 
@@ -54,13 +53,6 @@ class PrefetchStatus:
         return d
 
 
-def manifest_digests(manifest: Manifest) -> set[str]:
-    """Every chunk digest the manifest references (read straight from its chunk table)."""
-    start = manifest._chunks
-    table = bytes(manifest.buf[start : start + manifest.n_chunks * CHUNK.size])
-    return {row[0].hex() for row in struct.iter_unpack(CHUNK.format, table)}
-
-
 def load_traces(store: Store, manifest: Manifest, status: PrefetchStatus,
                 max_traces: int = 8) -> list[Trace]:
     """This manifest's newest traces, else those of images sharing its layers. Blocking."""
@@ -77,16 +69,47 @@ def load_traces(store: Store, manifest: Manifest, status: PrefetchStatus,
         refs = sorted(found, key=lambda r: (found[r], r[1]))[-max_traces:]
         status.source = "shared layers" if refs else ""
     traces = []
+    ours: set[str] | None = None
     for m, t in refs:
         try:
-            trace = Trace.parse(store.get_trace(m, t, MAX_TRACE_BYTES), t)
+            try:
+                data = store.get_trace(m, t, MAX_TRACE_BYTES)
+            except MemoryError:
+                # A zstd frame header declaring an absurd size: zstandard allocates
+                # what the header declares before it looks at the limit.
+                raise TraceError(f"trace {t} declares an absurd decompressed size") from None
+            trace = Trace.parse(data, t)
             if trace.manifest != m:
                 raise TraceError(f"trace {t} names manifest {trace.manifest}, stored under {m}")
+            if m == manifest.digest:
+                # Recorded from this manifest: every chunk must be one of its chunks.
+                if ours is None:
+                    ours = manifest.chunk_digests()
+                unknown = sum(1 for c in trace.chunks if c.digest not in ours)
+                if unknown:
+                    raise TraceError(f"trace {t}: {unknown} chunks are not in the manifest")
+                bad = sorted(p for p in {c.path for c in trace.chunks}
+                             if not _names_a_file(manifest, p))
+                if bad:
+                    raise TraceError(f"trace {t}: {len(bad)} paths are not files of the "
+                                     f"manifest (first {bad[0][:200]!r})")
             traces.append(trace)
         except (TraceError, CasfsError) as exc:
             status.rejected_traces += 1
             log.warning("ignoring trace %s of %s: %s", t, m, exc)
     return traces
+
+
+def _names_a_file(manifest: Manifest, path: str) -> bool:
+    """Whether a trace's path is a regular file of the manifest (or the recorder's
+    "<inode N>" stand-in for a file it could not name)."""
+    if path.startswith("<inode ") and path.endswith(">"):
+        return True
+    try:
+        ino = manifest.resolve(path)
+    except (UnicodeError, ValueError):
+        return False
+    return bool(ino) and stat.S_ISREG(manifest.inode(ino).mode)
 
 
 @dataclass
@@ -143,7 +166,7 @@ class Prefetcher:
                     self.status.packed_digests.update(c.digest for c in t.chunks if c.pack_offset >= 0)
             plan = merge(traces, self.min_share)
             if self.status.source != "manifest" and plan:
-                ours = await trio.to_thread.run_sync(manifest_digests, self.manifest)
+                ours = await trio.to_thread.run_sync(self.manifest.chunk_digests)
                 plan = [it for it in plan if it.digest in ours]
             self.status.planned_chunks = len(plan)
             self.status.planned_bytes = sum(it.length for it in plan)
@@ -171,9 +194,12 @@ class Prefetcher:
                     await self.fetcher.get(group.items[0][0], prefetch=True)
                     self.status.done_chunks += 1
                 else:
-                    self.status.done_chunks += await self.fetcher.get_pack_range(
+                    # Await first: `x += await ...` would read x before the await and
+                    # lose the other groups' updates made meanwhile.
+                    inserted = await self.fetcher.get_pack_range(
                         group.pack, group.items[0][1], group.items
                     )
+                    self.status.done_chunks += inserted
             except CasfsError as exc:
                 log.warning("prefetch request failed: %s", exc)
             finally:

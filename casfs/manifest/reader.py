@@ -193,6 +193,11 @@ class Manifest:
             i += 1
         return out
 
+    def chunk_digests(self) -> set[str]:
+        """Every chunk digest the manifest references, straight from its chunk table."""
+        table = bytes(self.buf[self._chunks : self._chunks + self.n_chunks * CHUNK.size])
+        return {row[0].hex() for row in CHUNK.iter_unpack(table)}
+
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         node = self.inode(ino)
         if node.xattr_first + node.xattr_count > self.n_xattrs:

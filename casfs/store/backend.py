@@ -18,7 +18,9 @@ The contract every implementation keeps:
   `TransientStoreError` (timeouts, 5xx, throttling, resets: retrying may help),
   `StoreUnreachable` (cannot connect, no such bucket, bad credentials: permanent
   for this configuration), any other `StoreError` (permanent).
-* `list` yields keys under a prefix, in no promised order, each exactly once.
+* `list` yields keys under a prefix, in no promised order, each exactly once;
+  `list_info` the same with each object's size and last-modified time (which
+  garbage collection's grace period reads).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class ObjectBackend(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Every key starting with prefix."""
+        ...
+
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        """(key, size, last-modified unix time) of every key starting with prefix."""
         ...
 
     def sync(self) -> None:

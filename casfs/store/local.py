@@ -89,6 +89,10 @@ class FileBackend:
             raise StoreError(f"cannot delete {key} from {self.url}: {exc.strerror}") from exc
 
     def list(self, prefix: str) -> Iterator[str]:
+        for key, _size, _mtime in self.list_info(prefix):
+            yield key
+
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         # Walk only the directory the prefix names, then filter by the rest.
         head, _, _ = prefix.rpartition("/")
         base = self.root / head if head else self.root
@@ -102,4 +106,8 @@ class FileBackend:
             for name in filenames:
                 key = f"{rel_dir}/{name}" if rel_dir else name
                 if key.startswith(prefix):
-                    yield key
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    yield key, st.st_size, st.st_mtime

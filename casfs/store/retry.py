@@ -75,5 +75,8 @@ class RetryingBackend:
     def list(self, prefix: str) -> Iterator[str]:
         return iter(self._call(lambda: list(self.inner.list(prefix))))
 
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        return iter(self._call(lambda: list(self.inner.list_info(prefix))))
+
     def sync(self) -> None:
         self.inner.sync()

@@ -149,11 +149,16 @@ class S3Backend:
                 raise err from exc
 
     def list(self, prefix: str) -> Iterator[str]:
+        for key, _size, _mtime in self.list_info(prefix):
+            yield key
+
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix) :]
+                    yield (obj["Key"][len(self.prefix) :], int(obj.get("Size", 0)),
+                           obj["LastModified"].timestamp())
         except Exception as exc:
             raise _classify(exc, f"list {prefix}", self.url, self.endpoint) from exc
 
