@@ -51,6 +51,12 @@ class BlobCorrupt(StoreError):
     exit_code = 5
 
 
+class StoreBusy(StoreError):
+    """Another process holds a conflicting lock on the store (gc against index)."""
+
+    exit_code = 9
+
+
 class TagNotFound(CasfsError):
     """No such tag in the store."""
 
@@ -95,6 +101,20 @@ class CorruptLayer(ImageError):
 
 class HostileLayer(ImageError):
     """A layer holds an entry that would escape the image root or is otherwise unsafe."""
+
+
+class RegistryError(ImageError):
+    """The registry failed or refused a request (after retries where retrying may help)."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry (or its token service) refused the credentials, or demands some."""
+
+
+class ImageNotFound(RegistryError):
+    """The registry holds no such repository, tag or digest."""
+
+    exit_code = 4
 
 
 # --- mounts ------------------------------------------------------------------

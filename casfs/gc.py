@@ -20,10 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from casfs.errors import CasfsError
+from casfs.errors import CasfsError, StoreBusy
 from casfs.manifest import Manifest
 from casfs.store.content import MAX_MANIFEST_SIZE, Store, decompress
-from casfs.store.locks import StoreBusy, fresh_locks, gc_lock
+from casfs.store.locks import fresh_locks, gc_lock
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def collect(store: Store, *, grace: float = 6 * 3600, dry_run: bool = False,
         if not dry_run and doomed:
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda ks: store.backend.delete(ks[0]), doomed))
+            store.forget_known()
     finally:
         lock.release()
     return report

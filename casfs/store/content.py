@@ -128,6 +128,11 @@ class Store:
 
     # -- blobs ---------------------------------------------------------------
 
+    def forget_known(self) -> None:
+        """Drop the memo of blobs seen stored (after deletions, e.g. by gc)."""
+        with self._known_lock:
+            self._known.clear()
+
     def has_blob(self, digest: str) -> bool:
         with self._known_lock:
             if digest in self._known:

@@ -25,17 +25,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from casfs.errors import StoreError
+from casfs.errors import StoreBusy, StoreError
 from casfs.store.content import Store
 
 STALE_SECONDS = 15 * 60
 REFRESH_SECONDS = 60
-
-
-class StoreBusy(StoreError):
-    """Another process holds a conflicting lock on the store."""
-
-    exit_code = 9
 
 
 @dataclass
