@@ -67,7 +67,9 @@ def local_manifest(store: Store, cache: ChunkCache, digest: str) -> Manifest:
     except FileNotFoundError:
         pass
     data = store.get_manifest(digest)
-    Manifest(data, digest)  # validate before keeping it
+    # The full structural check runs once per node, before the manifest is kept;
+    # later mounts re-hash the cached copy, which proves it is this same manifest.
+    Manifest(data, digest).validate()
     tmp = cache.root / "tmp" / f"manifest.{digest}.{os.getpid()}"
     tmp.write_bytes(data)
     os.rename(tmp, path)

@@ -29,6 +29,7 @@ from casfs.manifest.layout import (
 )
 
 ROOT_INO = 1
+MAX_CHUNK = 64 << 20
 
 
 class Inode(NamedTuple):
@@ -209,6 +210,69 @@ class Manifest:
             )
             out[self._string(name_off, name_len)] = self._string(value_off, value_len)
         return out
+
+    def validate(self) -> None:
+        """Check the whole structure, raising ManifestError at the first fault.
+
+        Costs a pass over every record (about a second per million entries), so
+        the daemon runs it once per node, when the manifest enters the cache.
+        After it: every range is in bounds, names are valid and strictly sorted
+        (lookups binary-search them), chunks tile each file exactly, and no
+        directory has two parents nor is the root anyone's child, so no
+        directory cycle is reachable from the root.
+        """
+        inodes = list(INODE.iter_unpack(self.buf[self._inodes : self._dirents]))
+        dirents = list(DIRENT.iter_unpack(self.buf[self._dirents : self._chunks]))
+        chunks = list(CHUNK.iter_unpack(self.buf[self._chunks : self._xattrs]))
+        known_types = {stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                       stat.S_IFIFO, stat.S_IFSOCK}
+        strings = self.strings_len
+        buf, base = self.buf, self._strings
+        has_parent = bytearray(self.n_inodes + 1)
+        for ino, rec in enumerate(inodes, start=1):
+            mode, _u, _g, _n, size, _t, _r, first, count, xf, xc, parent, _res, str_off = rec
+            kind = stat.S_IFMT(mode)
+            if kind not in known_types:
+                raise ManifestError(f"inode {ino}: unknown file type {kind:o}")
+            if not 1 <= parent <= self.n_inodes or xf + xc > self.n_xattrs:
+                raise ManifestError(f"inode {ino}: parent or xattr range out of bounds")
+            if kind == stat.S_IFDIR:
+                if first + count > self.n_dirents:
+                    raise ManifestError(f"inode {ino}: directory entries out of range")
+                prev = None
+                for i in range(first, first + count):
+                    name_off, name_len, _r2, child = dirents[i]
+                    if name_off + name_len > strings or not 1 <= child <= self.n_inodes:
+                        raise ManifestError(f"inode {ino}: entry {i} out of range")
+                    name = bytes(buf[base + name_off : base + name_off + name_len])
+                    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+                        raise ManifestError(f"inode {ino}: invalid entry name {name!r}")
+                    if prev is not None and name <= prev:
+                        raise ManifestError(f"inode {ino}: entries not strictly sorted at {name!r}")
+                    prev = name
+                    if stat.S_ISDIR(inodes[child - 1][0]):
+                        if child == 1 or has_parent[child]:
+                            raise ManifestError(f"directory inode {child} has two parents (cycle)")
+                        has_parent[child] = 1
+            elif kind == stat.S_IFREG:
+                if first + count > self.n_chunks:
+                    raise ManifestError(f"inode {ino}: chunks out of range")
+                pos = 0
+                for i in range(first, first + count):
+                    _d, offset, length, _r3 = chunks[i]
+                    if offset != pos or length == 0 or length > MAX_CHUNK:
+                        raise ManifestError(f"inode {ino}: chunks overlap, leave gaps or are too large")
+                    pos += length
+                if pos != size:
+                    raise ManifestError(f"inode {ino}: size {size} disagrees with its chunks ({pos})")
+            elif kind == stat.S_IFLNK and str_off + count > strings:
+                raise ManifestError(f"inode {ino}: symlink target out of range")
+        for name_off, name_len, _r4, value_off, value_len in XATTR.iter_unpack(
+            self.buf[self._xattrs : self._strings]
+        ):
+            if name_off + name_len > strings or value_off + value_len > strings:
+                raise ManifestError("xattr out of range")
+        self.meta  # noqa: B018 - parses (and checks) the metadata JSON
 
     def resolve(self, path: str | bytes) -> int:
         """The inode of an absolute path (symlinks not followed), or 0."""
