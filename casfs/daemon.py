@@ -224,10 +224,11 @@ def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> 
             buf += chunk
             if buf.startswith(READY):
                 return proc.pid
-    code = proc.poll()
-    if code is None:
+    try:  # the ready pipe closed without "ready": the daemon is exiting
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
         proc.terminate()
-        raise MountError(f"the mount daemon did not become ready; see {log_path}")
+        raise MountError(f"the mount daemon did not become ready; see {log_path}") from None
     tail = _last_error(log_path)
     raise MountError(tail or f"the mount daemon exited with status {code}; see {log_path}")
 
