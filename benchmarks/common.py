@@ -144,6 +144,41 @@ def git_revision() -> str | None:
     return rev
 
 
+def add_product_args(p: Any) -> None:
+    """--casfs-src / --casfs-rev: which casfs the benchmark runs (default: as installed)."""
+    p.add_argument("--casfs-src", type=Path, help="run casfs from this source tree (holding "
+                   "casfs/, indexer/, prefetch/) instead of the installed one")
+    p.add_argument("--casfs-rev", help="run casfs as committed at this git revision (exported "
+                   "with git archive under the work dir): a stable product while the working "
+                   "tree is being edited")
+
+
+def select_product(src: Path | None, rev: str | None, work: Path) -> dict[str, Any]:
+    """Point every casfs subprocess at the chosen source (via PYTHONPATH, which comes
+    before the editable install's finder); returns what was chosen, for the results."""
+    if rev:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", rev + "^{commit}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        src = work / "src" / sha[:12]
+        if not (src / "casfs" / "cli.py").exists():
+            tmp = Path(tempfile.mkdtemp(dir=work, prefix="src-"))
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "casfs",
+                                      "indexer", "prefetch"], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+            src.parent.mkdir(parents=True, exist_ok=True)
+            if src.exists():
+                shutil.rmtree(src)
+            os.replace(tmp, src)
+        chosen = {"source": f"git {sha[:12]} ({rev})", "path": str(src), "revision": sha[:12]}
+    elif src:
+        chosen = {"source": str(src), "path": str(src), "revision": None}
+    else:
+        return {"source": "installed (working tree)", "path": None, "revision": git_revision()}
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(src) + (os.pathsep + old if old else "")
+    return chosen
+
+
 def disk_device(path: str | os.PathLike[str]) -> str | None:
     """The /proc/diskstats name of the block device holding ``path`` (None if unknown)."""
     st = os.stat(path)

@@ -102,7 +102,7 @@ IMAGES: dict[str, ImageSpec] = {
     "toy": ImageSpec(
         "toy", "a tiny pure-Python package (run by the host python)", "host", toy=True,
         workloads=(Workload("toy", "import casfs_toy", ("casfs_toy",)),
-                   Workload("toy_one", "import casfs_toy.m00", ("casfs_toy.m00",)))),
+                   Workload("toy_small", "import casfs_toy_small", ("casfs_toy_small",)))),
 }
 
 
@@ -151,8 +151,8 @@ def pip_members(requirements: tuple[str, ...], constraints: tuple[str, ...],
 
 
 def toy_members(site: str) -> list[ob.Member]:
-    """A package of 20 modules importing one another, with a 1 MiB data file read at
-    import (several chunks), fully determined by this code."""
+    """A package of 20 modules imported by its __init__, with a 1 MiB data file read at
+    import (several chunks), and a one-line module; fully determined by this code."""
     pkg = site.strip("/") + "/casfs_toy"
     members = ob.parent_dirs(pkg + "/x") + [ob.directory(pkg)]
     n = 20
@@ -167,6 +167,7 @@ def toy_members(site: str) -> list[ob.Member]:
         members.append(ob.file(f"{pkg}/m{i:02d}.py", body))
     data = b"".join(hashlib.sha256(b"toy%d" % i).digest() for i in range(1 << 15))  # 1 MiB
     members.append(ob.file(pkg + "/data.bin", data))
+    members.append(ob.file(site.strip("/") + "/casfs_toy_small.py", "VALUE = 1\n"))
     return members
 
 

@@ -82,7 +82,8 @@ class CasfsOperations(pyfuse3.Operations):
             neg.st_ino = 0
             neg.entry_timeout = CACHE_TIMEOUT
             return neg
-        return self._attrs(ino, self.fs.getattr(ino))
+        # the entry's attributes are part of the LOOKUP reply, not a GETATTR request
+        return self._attrs(ino, self.fs.manifest.inode(ino))
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -94,17 +95,16 @@ class CasfsOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        if not stat.S_ISDIR(self.fs.getattr(inode).mode):
+        if not stat.S_ISDIR(self.fs.manifest.inode(inode).mode):
             raise FsError(errno.ENOTDIR)
         return inode
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # The entries' attributes come straight from the manifest: they are not GETATTR
-        # requests, and counting them as such hid what the kernel really asks for.
-        inode = self.fs.manifest.inode
-        for index, name, child in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, inode(child)), index + 1):
+        # readdirplus: each entry carries its attributes (from the model, not counted as
+        # GETATTR requests), so an `ls -l` or a path finder's scan needs no lookups after.
+        for index, name, child, node in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, node), index + 1):
                 break
 
     async def releasedir(self, fh: int) -> None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,29 @@ def is_mounted(mountpoint: str) -> bool:
     return os.path.realpath(mountpoint) in mount_table()
 
 
-def is_stale(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN."""
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
+def is_stale(mountpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a FUSE mount's daemon is gone: its requests fail with ENOTCONN (or
+    ECONNABORTED once the connection was aborted through fusectl).
+
+    Probed with statfs, which the kernel always sends to the daemon: a stat of the root
+    is answered from the kernel's attribute cache (casfs lets it keep attributes for a
+    year), so it succeeds on a dead mount. A daemon that is alive but does not answer is
+    not stale; the probe gives up on it after `timeout` (its thread blocks in the kernel
+    until it answers, or until this process exits)."""
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+        except OSError as exc:
+            result.append(exc.errno or 0)
+        else:
+            result.append(0)
+
+    thread = threading.Thread(target=probe, name="casfs-stale-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def force_unmount(mountpoint: str) -> None:
@@ -77,6 +94,7 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         raise MountError(f"{mountpoint} is not mounted")
     if is_stale(real):
         force_unmount(real)
+        remove_record(real)
         return
     record = find_record(real)
     proc = subprocess.run(["fusermount3", "-u", real], capture_output=True, text=True)

@@ -4,35 +4,54 @@ Order of work, which is also the crash-safety argument: every layer's blobs are
 uploaded, the whole image applied and its manifest built, and the backend synced
 before any layer record is written; every record before the manifest; the
 manifest before the tag. A crash or a failure at any point (a corrupt or hostile
-layer, an unreachable store) leaves only unreferenced blobs, never a layer
-record, manifest or tag, so nothing refers to content that is not all there.
+layer, an unreachable store or registry) leaves only unreferenced blobs, never a
+layer record, manifest or tag, so nothing refers to content that is not all there.
+
+A layer is named (its record key) by the sha256 of its stored bytes. A local layer
+(OCI layout, docker archive) is hashed before it is read for indexing. A registry
+layer is named by its descriptor digest and checked while it streams: hashing it first
+would mean downloading it twice. Its digest is thus known to be right only at the end
+of its stream, after its chunks were uploaded; a mismatch then fails the index like any
+bad layer, and the chunks it uploaded are unreferenced blobs that `casfs gc` sweeps
+(keeping them out of the store would need a temp copy of every layer).
+
+Layers are read in parallel (LAYER_WORKERS threads for a registry image, each
+streaming one layer through download, digest check, decompression, tar parsing and
+chunking into the one shared uploader, whose memory bound covers them all), and
+applied to the tree in layer order as they complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from casfs.digest import to_ref
 from casfs.errors import LayerDigestMismatch
 from casfs.manifest import build_manifest
-from casfs.progress import Progress, human_bytes
+from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
 from casfs.store.content import validate_tag
 from indexer.apply import TreeBuilder
-from indexer.decompress import HashingReader, open_decompressed
+from indexer.decompress import READ_SIZE, HashingReader, open_decompressed
 from indexer.imageref import parse_image_ref
 from indexer.layer import CHUNK_SIZE, read_layer, resolve_chunks
+from indexer.registry import RegistryOptions
 from indexer.source import Image, Layer, json_object, open_image
 from indexer.upload import BlobUploader, UploadStats
 
 log = logging.getLogger(__name__)
 LAYER_RECORD_VERSION = 1
 HASH_READ = 4 << 20
+LAYER_WORKERS = 3  # registry layers streamed at once
+LOCAL_LAYER_WORKERS = 1  # local layers: see docs/benchmarks.md, "Registry indexing"
 
 
 @dataclass
@@ -44,18 +63,57 @@ class IndexResult:
     upload: UploadStats = field(default_factory=UploadStats)
     seconds: float = 0.0
     manifest_bytes: int = 0
+    downloaded_bytes: int = 0  # stored (compressed) layer bytes read for indexing
 
     @property
     def ref(self) -> str:
         return to_ref(self.digest)
 
 
-def _file_digest(layer: Layer) -> str:
+class _Aborted(Exception):
+    """Another layer failed (or the index was interrupted): stop reading this one."""
+
+
+class _Tracked(io.RawIOBase):
+    """A layer's stored byte stream: counts bytes onto a progress bar and stops when the
+    index is aborted."""
+
+    def __init__(self, inner: io.RawIOBase | io.BufferedIOBase | Any, bar: ProgressBar,
+                 abort: threading.Event) -> None:
+        self.inner = inner
+        self.bar = bar
+        self.abort = abort
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.abort.is_set():
+            raise _Aborted()
+        data = self.inner.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        self.bar.advance(n)
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _file_digest(layer: Layer, bar: ProgressBar | None = None,
+                 abort: threading.Event | None = None) -> str:
     """sha256 of a layer's stored bytes (checked against its descriptor when it has one)."""
     h = hashlib.sha256()
     with layer.open() as f:
         while data := f.read(HASH_READ):
+            if abort is not None and abort.is_set():
+                raise _Aborted()
             h.update(data)
+            if bar is not None:
+                bar.advance(len(data))
     digest = "sha256:" + h.hexdigest()
     if layer.digest and layer.digest.startswith("sha256:") and digest != layer.digest:
         raise LayerDigestMismatch(f"layer {layer.digest} does not match its digest (read {digest})")
@@ -76,6 +134,16 @@ def _load_record(store: Store, key: str) -> list[dict[str, Any]] | None:
     return rec["ops"]
 
 
+@dataclass
+class _LayerDone:
+    key: str
+    ops: list[dict[str, Any]]
+    size: int  # uncompressed bytes of the layer's files
+    record: bytes | None = None  # a new layer record to write (None: reused)
+    owner: int | None = None  # the same layer appears earlier: its index in the image
+    downloaded: int = 0
+
+
 def index_image(
     ref_text: str,
     store: Store,
@@ -84,10 +152,13 @@ def index_image(
     platform: str | None = None,
     progress: Progress | None = None,
     reuse_layers: bool = True,
+    registry: RegistryOptions | None = None,
+    layer_workers: int | None = None,
 ) -> IndexResult:
     start = time.monotonic()
     progress = progress or Progress(enabled=False)
-    image = open_image(parse_image_ref(ref_text), platform)
+    progress.update("resolving the image", force=True)
+    image = open_image(parse_image_ref(ref_text), platform, registry)
     if tag:
         validate_tag(tag)  # refuse a bad tag before any work
     store.check_format(create=True)
@@ -102,34 +173,94 @@ def index_image(
     layer_meta = []
     # Layer records are written only once the whole image has been applied and its
     # manifest built: a failing image (a hostile or corrupt layer, a hardlink to a name
-    # no layer has) leaves no record behind, only unreferenced blobs.
+    # no layer has, a layer whose bytes do not match its digest) leaves no record
+    # behind, only unreferenced blobs.
     new_records: list[tuple[str, bytes]] = []
-    pending: dict[str, list[dict[str, Any]]] = {}  # layers indexed in this run, by key
     uploader = BlobUploader(store)
+    layers = image.layers
+    if layer_workers is None:
+        remote = any(layer.verifies_digest for layer in layers)
+        layer_workers = LAYER_WORKERS if remote else LOCAL_LAYER_WORKERS
+    abort = threading.Event()
+    claims: dict[str, int] = {}  # layer key -> the first layer (index) that indexes it
+    claims_lock = threading.Lock()
+
+    def work(i: int, layer: Layer) -> _LayerDone:
+        try:
+            return _process_layer(i, layer)
+        except BaseException:
+            abort.set()
+            raise
+
+    def _process_layer(i: int, layer: Layer) -> _LayerDone:
+        label = f"layer {i + 1}/{len(layers)}"
+        if abort.is_set():
+            raise _Aborted()
+        if layer.verifies_digest:
+            key = layer.digest
+            bar = None
+        else:
+            bar = progress.bar(f"{label} {layer.digest[7:19] or ''}".rstrip(), layer.size)
+            bar.set_phase("verifying")
+            key = _file_digest(layer, bar, abort)
+        with claims_lock:
+            owner = claims.setdefault(key, i)
+        if owner != i:
+            if bar is not None:
+                bar.finish(f"{key[7:19]}: same as layer {owner + 1}")
+            return _LayerDone(key, [], 0, owner=owner)
+        ops = _load_record(store, key) if reuse_layers else None
+        if ops is not None:
+            size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
+            if bar is not None:
+                bar.finish(f"{key[7:19]}: already indexed")
+            else:
+                progress.note(f"{label} {key[7:19]}: already indexed")
+            return _LayerDone(key, ops, size)
+        if bar is None:
+            bar = progress.bar(f"{label} {key[7:19]}", layer.size)
+        bar.set_phase("indexing", layer.size)
+        ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort)
+        bar.finish(f"{key[7:19]}: {human_bytes(downloaded)} read, {human_bytes(size)} "
+                   f"of files, {len(ops)} entries")
+        record = {"version": LAYER_RECORD_VERSION, "chunk_size": CHUNK_SIZE, "ops": ops}
+        return _LayerDone(key, ops, size, json.dumps(record, separators=(",", ":")).encode(),
+                          downloaded=downloaded)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, layer_workers), thread_name_prefix="layer")
+    futures: list[Future[_LayerDone]] = [
+        pool.submit(work, i, layer) for i, layer in enumerate(layers)
+    ]
     try:
         try:
-            for i, layer in enumerate(image.layers, start=1):
-                label = f"layer {i}/{len(image.layers)}"
-                progress.update(f"{label}: verifying", force=True)
-                key = _file_digest(layer)
-                ops = pending.get(key)
-                if ops is None and reuse_layers:
-                    ops = _load_record(store, key)
-                if ops is not None:
+            for i, fut in enumerate(futures):
+                res = fut.result()
+                ops, size = res.ops, res.size
+                if res.owner is not None:  # the layer another worker indexes (or did)
+                    first = futures[res.owner].result()
+                    ops, size = first.ops, first.size
+                if res.owner is not None or res.record is None:
                     result.layers_reused += 1
-                    size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
                 else:
-                    ops, size = _index_layer(layer, key, uploader, label, progress)
-                    record = {"version": LAYER_RECORD_VERSION, "chunk_size": CHUNK_SIZE,
-                              "ops": ops}
-                    new_records.append((key, json.dumps(record, separators=(",", ":")).encode()))
-                    pending[key] = ops
+                    new_records.append((res.key, res.record))
                 result.uncompressed_bytes += size
-                layer_meta.append({"digest": key, "media_type": layer.media_type, "size": size})
-                builder.apply_layer(ops, f"{label} ({key[:19]})")
+                result.downloaded_bytes += res.downloaded
+                layer_meta.append({"digest": res.key, "media_type": layers[i].media_type,
+                                   "size": size})
+                builder.apply_layer(ops, f"layer {i + 1}/{len(layers)} ({res.key[:19]})")
+            pool.shutdown(wait=True)
             uploader.close()
-        except BaseException:
+        except BaseException as exc:
+            abort.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             uploader.close(cancel=True)
+            if isinstance(exc, _Aborted):
+                # This layer stopped because another one failed: report that failure.
+                for fut in futures:
+                    if fut.done() and not fut.cancelled():
+                        err = fut.exception()
+                        if err is not None and not isinstance(err, _Aborted):
+                            raise err from None
             raise
         result.upload = uploader.stats
         meta = {
@@ -166,24 +297,35 @@ def index_image(
 
 
 def _index_layer(
-    layer: Layer, key: str, uploader: BlobUploader, label: str, progress: Progress,
-) -> tuple[list[dict[str, Any]], int]:
+    layer: Layer, key: str, uploader: BlobUploader, label: str, bar: ProgressBar,
+    abort: threading.Event,
+) -> tuple[list[dict[str, Any]], int, int]:
+    """(ops, uncompressed file bytes, stored bytes read) of one layer."""
     done = 0
-    started = time.monotonic()
 
     def on_bytes(n: int) -> None:
         nonlocal done
         done += n
-        rate = done / max(time.monotonic() - started, 1e-6)
-        progress.update(f"{label} {key[7:19]}: {human_bytes(done)} ({human_bytes(rate)}/s)")
+        bar.set_note(f"({human_bytes(done)} unpacked)")
 
     what = f"{label} ({key[:19]})"
-    with layer.open() as raw:
-        hashed = HashingReader(raw)
-        stream = open_decompressed(hashed, layer.compression, what)
+    with _Tracked(layer.open(), bar, abort) as tracked:
+        # A registry layer checks its own digest as it streams; a local one was hashed
+        # before, and is hashed again as it is read (it could have changed since).
+        hashed = None if layer.verifies_digest else HashingReader(tracked)
+        raw: Any = tracked if hashed is None else hashed
+        stream = open_decompressed(raw, layer.compression, what)
         diff = HashingReader(stream)
         ops = read_layer(diff, uploader, what, on_bytes)
         diff.drain()
+        # Read the stored stream to its end: that is where a registry blob's digest is
+        # checked (a decompressor may stop before trailing bytes).
+        while raw.read(READ_SIZE):
+            pass
+        if hashed is not None and key.startswith("sha256:") \
+                and hashed.hash.hexdigest() != key.partition(":")[2]:
+            raise LayerDigestMismatch(f"{what}: the layer changed while it was read "
+                                      f"(it no longer matches {key})")
         # The config's diff_id names the uncompressed tar: it catches damage a compressed
         # stream does not check itself (a zstd frame written without a checksum).
         algo, _, want = layer.diff_id.partition(":")
@@ -191,5 +333,6 @@ def _index_layer(
             raise LayerDigestMismatch(
                 f"{what}: its uncompressed content does not match its diff_id {layer.diff_id}"
             )
+        downloaded = tracked.count
     resolve_chunks(ops)
-    return ops, done
+    return ops, done, downloaded

@@ -1,4 +1,5 @@
-"""Image sources on local disk: an OCI image layout and a `docker save` archive.
+"""Image sources on local disk: an OCI image layout and a `docker save` archive (a
+registry is indexer.registry; open_image dispatches on the transport).
 
 A source resolves the reference to one image manifest (choosing a platform from
 an image index), and hands out its config and its layers in order. Every JSON
@@ -17,11 +18,14 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from casfs.errors import ImageError, LayerDigestMismatch
 from indexer.imageref import ImageRef
 from indexer.mediatypes import INDEX_TYPES, LAYER_COMPRESSION, MANIFEST_TYPES
+
+if TYPE_CHECKING:
+    from indexer.registry import RegistryOptions
 
 MAX_JSON = 16 << 20
 
@@ -33,6 +37,11 @@ class Layer:
     size: int  # -1 when unknown
     open: Callable[[], IO[bytes]]
     diff_id: str = ""  # sha256 of the uncompressed tar, from the config
+    # True when open() checks the bytes against `digest` itself while they stream (a
+    # registry blob: raises LayerDigestMismatch at the end of the stream), so the digest
+    # can name the layer before a byte is read; False for a local file, which the
+    # indexer hashes first.
+    verifies_digest: bool = False
 
     @property
     def compression(self) -> str:
@@ -57,7 +66,7 @@ def host_platform_name() -> str:
     return f"linux/{arch}"
 
 
-def _check_digest(digest: str, data: bytes, what: str) -> None:
+def check_digest(digest: str, data: bytes, what: str) -> None:
     algo, _, want = digest.partition(":")
     if algo not in ("sha256", "sha512"):
         raise ImageError(f"{what}: unsupported digest algorithm {algo!r}")
@@ -65,7 +74,7 @@ def _check_digest(digest: str, data: bytes, what: str) -> None:
         raise LayerDigestMismatch(f"{what} does not match its digest {digest}")
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
+def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -75,7 +84,7 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
-def _list(doc: dict[str, Any], key: str, what: str) -> list[Any]:
+def json_list(doc: dict[str, Any], key: str, what: str) -> list[Any]:
     """doc[key] as a list ([] when absent)."""
     value = doc.get(key)
     if value is None:
@@ -90,7 +99,7 @@ def json_object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _descriptor(desc: Any, what: str) -> dict[str, Any]:
+def descriptor(desc: Any, what: str) -> dict[str, Any]:
     """A content descriptor, checked to carry a digest (and a sane size when it has one)."""
     if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
         raise ImageError(f"{what}: a descriptor has no digest")
@@ -100,8 +109,8 @@ def _descriptor(desc: Any, what: str) -> dict[str, Any]:
     return desc
 
 
-def _pick_platform(index: dict[str, Any], want: str | None, what: str) -> dict[str, Any]:
-    manifests = [_descriptor(d, what) for d in _list(index, "manifests", what)]
+def pick_platform(index: dict[str, Any], want: str | None, what: str) -> dict[str, Any]:
+    manifests = [descriptor(d, what) for d in json_list(index, "manifests", what)]
     if not manifests:
         raise ImageError(f"{what} lists no manifests")
     target = want or host_platform_name()
@@ -118,8 +127,8 @@ def _pick_platform(index: dict[str, Any], want: str | None, what: str) -> dict[s
     raise ImageError(f"{what} has no image for platform {target} (offers {', '.join(offered)})")
 
 
-def _diff_ids(config: dict[str, Any], what: str) -> list[str]:
-    diff_ids = _list(json_object(config.get("rootfs")), "diff_ids", what)
+def config_diff_ids(config: dict[str, Any], what: str) -> list[str]:
+    diff_ids = json_list(json_object(config.get("rootfs")), "diff_ids", what)
     if not all(isinstance(d, str) for d in diff_ids):
         raise ImageError(f"{what}: rootfs.diff_ids holds something other than digests")
     return diff_ids
@@ -145,7 +154,7 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
             data = path.read_bytes()
         except FileNotFoundError:
             raise ImageError(f"{what} {digest} is missing from {root}") from None
-        _check_digest(digest, data, f"{what} {digest}")
+        check_digest(digest, data, f"{what} {digest}")
         return data
 
     try:
@@ -153,8 +162,8 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
     except OSError as exc:
         raise ImageError(f"cannot read {root}/index.json: {exc.strerror}") from exc
     what = f"{root}/index.json"
-    index = _json(index_bytes, what)
-    manifests = [_descriptor(m, what) for m in _list(index, "manifests", what)]
+    index = parse_json_object(index_bytes, what)
+    manifests = [descriptor(m, what) for m in json_list(index, "manifests", what)]
     if ref.tag:
         chosen = [m for m in manifests
                   if json_object(m.get("annotations")).get("org.opencontainers.image.ref.name") == ref.tag]
@@ -166,35 +175,35 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
         raise ImageError(f"OCI layout {root} holds no image")
     if len(chosen) > 1 and all(m.get("mediaType") in MANIFEST_TYPES for m in chosen):
         # Several platform manifests straight in index.json.
-        desc = _pick_platform({"manifests": chosen}, platform, f"{root}/index.json")
+        desc = pick_platform({"manifests": chosen}, platform, f"{root}/index.json")
     elif len(chosen) > 1:
         raise ImageError(f"OCI layout {root} holds several images: name one with oci:{root}:<tag>")
     else:
         desc = chosen[0]
     seen = 0
     while True:
-        desc = _descriptor(desc, what)
+        desc = descriptor(desc, what)
         media_type = desc.get("mediaType")
         data = read_blob(desc["digest"], "manifest")
-        doc = _json(data, f"manifest {desc['digest']}")
+        doc = parse_json_object(data, f"manifest {desc['digest']}")
         media_type = media_type or doc.get("mediaType")
         if media_type in INDEX_TYPES or "manifests" in doc:
             seen += 1
             if seen > 4:
                 raise ImageError(f"image indexes nested too deep in {root}")
-            desc = _pick_platform(doc, platform, f"image index {desc['digest']}")
+            desc = pick_platform(doc, platform, f"image index {desc['digest']}")
             continue
         break
     manifest_digest = desc["digest"]
     what = f"manifest {manifest_digest}"
     if not isinstance(doc.get("config"), dict):
         raise ImageError(f"{what} has no config")
-    config_desc = _descriptor(doc["config"], what)
-    config = _json(read_blob(config_desc["digest"], "config"), "image config")
-    diff_ids = _diff_ids(config, "image config")
+    config_desc = descriptor(doc["config"], what)
+    config = parse_json_object(read_blob(config_desc["digest"], "config"), "image config")
+    diff_ids = config_diff_ids(config, "image config")
     layers = []
-    for i, ld in enumerate(_list(doc, "layers", what)):
-        ld = _descriptor(ld, what)
+    for i, ld in enumerate(json_list(doc, "layers", what)):
+        ld = descriptor(ld, what)
         path = _descriptor_blob_path(root, ld["digest"])
         if not path.is_file():
             raise ImageError(f"layer {ld['digest']} is missing from {root}")
@@ -257,13 +266,13 @@ def _docker_archive_image(
     else:
         raise ImageError(f"docker archive {path} holds several images: name one")
     config_name = entry.get("Config")
-    layer_names = _list(entry, "Layers", f"manifest.json in {path}")
+    layer_names = json_list(entry, "Layers", f"manifest.json in {path}")
     if not isinstance(config_name, str) or not all(isinstance(n, str) for n in layer_names):
         raise ImageError(f"manifest.json in {path} names no config or bad layers")
     config_bytes = read(config_name)
     config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-    config = _json(config_bytes, f"config {config_name}")
-    diff_ids = _diff_ids(config, f"config {config_name}")
+    config = parse_json_object(config_bytes, f"config {config_name}")
+    diff_ids = config_diff_ids(config, f"config {config_name}")
     if len(diff_ids) != len(layer_names):
         raise ImageError(f"docker archive {path}: {len(layer_names)} layers but "
                          f"{len(diff_ids)} diff_ids in its config")
@@ -311,9 +320,14 @@ class _FileSlice(io.RawIOBase):
         super().close()
 
 
-def open_image(ref: ImageRef, platform: str | None = None) -> Image:
+def open_image(ref: ImageRef, platform: str | None = None,
+               registry: RegistryOptions | None = None) -> Image:
     if ref.transport == "oci":
         return open_oci_layout(ref, platform)
     if ref.transport == "docker-archive":
         return open_docker_archive(ref, platform)
-    raise ImageError(f"{ref.transport} images are not supported yet (registry ingestion: issue 6)")
+    if ref.transport == "docker":
+        from indexer.registry import open_registry_image
+
+        return open_registry_image(ref, platform, registry)
+    raise ImageError(f"{ref.transport} images are not supported")

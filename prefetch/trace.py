@@ -126,18 +126,22 @@ def merge(traces: list[Trace], min_share: float = 0.5) -> list[PlanItem]:
     """Chunks that at least min_share of the boots touched, in typical first-access order.
 
     With one trace every chunk is kept. The order is the median of the chunk's
-    first-access times over the boots that touched it.
+    first-access times over the boots that touched it; ties (the chunks of one read
+    share a time) keep the order of the latest trace holding them (traces come
+    oldest first), which is its pack's order, so ties do not split pack ranges.
     """
     if not traces:
         return []
     times: dict[str, list[int]] = {}
     items: dict[str, PlanItem] = {}
-    for trace in traces:
+    rank: dict[str, tuple[int, int]] = {}
+    for ti, trace in enumerate(traces):
         seen: set[str] = set()
-        for c in trace.chunks:
+        for pos, c in enumerate(trace.chunks):
             if c.digest in seen:
                 continue
             seen.add(c.digest)
+            rank[c.digest] = (-ti, pos)
             item = items.get(c.digest)
             if item is None:
                 item = items[c.digest] = PlanItem(c.digest, c.length, 0.0, 0)
@@ -151,5 +155,5 @@ def merge(traces: list[Trace], min_share: float = 0.5) -> list[PlanItem]:
         if item.boots >= need:
             item.t_ms = statistics.median(times[digest])
             plan.append(item)
-    plan.sort(key=lambda it: (it.t_ms, it.digest))
+    plan.sort(key=lambda it: (it.t_ms, rank[it.digest]))
     return plan

@@ -214,7 +214,8 @@ def start_mount(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
                 env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT) -> Mount:
     """`casfs mount` in the background; returns once it serves (raises AssertionError if not)."""
     mnt = Path(mountpoint)
-    mnt.mkdir(parents=True, exist_ok=True)
+    if not is_mounted(mnt):  # a stale mount's stat fails with ENOTCONN
+        mnt.mkdir(parents=True, exist_ok=True)
     argv = ["mount", ref, str(mnt), "--store", store_url, "--cache-dir", os.fspath(cache_dir),
             *args]
     try:

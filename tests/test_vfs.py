@@ -168,14 +168,14 @@ def test_readdir_offsets(env: Env) -> None:
     fs = env.fs
     many = env.ino("/many")
     full = list(fs.readdir(many, 0))
-    assert [name.decode() for _, name, _ in full] == MANY
-    assert [index for index, _, _ in full] == list(range(len(MANY)))
+    assert [name.decode() for _, name, *_ in full] == MANY
+    assert [index for index, *_ in full] == list(range(len(MANY)))
     # resuming at any offset (what the kernel passes back) yields the rest, in order
     for start in (1, 7, len(MANY) - 1, len(MANY), len(MANY) + 5):
         assert list(fs.readdir(many, start)) == full[start:]
-    for _, name, child in full:
+    for _, name, child, _ in full:
         assert fs.lookup(many, name) == child
-    d_names = [name for _, name, _ in fs.readdir(env.ino("/d"), 0)]
+    d_names = [name for _, name, *_ in fs.readdir(env.ino("/d"), 0)]
     assert d_names == sorted(d_names) and b"small" in d_names and b"." not in d_names
     assert errno_of(lambda: list(fs.readdir(env.ino("/d/small"), 0))) == errno.ENOTDIR
 
