@@ -9,7 +9,9 @@ Then the trace is saved to the store under the manifest, with pointers under
 each of the image's layers so images sharing layers find it; and unless earlier
 traces' packs already hold nearly all of this boot's chunks, a pack is written:
 the boot's chunks' stored (compressed) forms back to back in first-access order,
-so the next boot can fetch its working set in a few large ranged GETs.
+so the next boot can fetch its working set in a few large ranged GETs. When no
+pack is written the trace points into the existing pack holding most of its
+chunks, so a pack stays reachable however many boots are merged after it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 
 import trio
 
@@ -92,8 +95,16 @@ class Recorder:
 
 
 def save_trace(recorder: Recorder, store: Store, cache: ChunkCache,
-               known_packed: set[str]) -> str | None:
-    """Finish recording and write the trace (and maybe a pack). Blocking. Returns the trace id."""
+               known_packed: Mapping[str, tuple[str, int, int]] | Collection[str]) -> str | None:
+    """Finish recording and write the trace (and maybe a pack). Blocking. Returns the trace id.
+
+    known_packed: the chunks earlier traces' packs hold, as digest -> (pack, offset,
+    stored length) (PrefetchStatus.packed_digests), or just the digests. When they
+    cover the boot, no pack is written and, given locations, the trace points into
+    the existing pack that holds most of its chunks: that way the pack stays in use
+    when the trace that wrote it is no longer among the newest merged, and a trace
+    learnt from another image's pack passes it on to this image's next boots.
+    """
     if recorder.finished:
         return recorder.saved
     trace = recorder.build_trace()
@@ -103,6 +114,8 @@ def save_trace(recorder: Recorder, store: Store, cache: ChunkCache,
     covered = sum(1 for d in digests if d in known_packed) / len(digests)
     if covered < PACK_COVERAGE_ENOUGH:
         _write_pack(trace, store, cache)
+    elif isinstance(known_packed, Mapping):
+        _point_into_pack(trace, known_packed)
     trace_id = f"{int(trace.created * 1000):013d}-{secrets.token_hex(4)}"
     layers = [layer.get("digest", "") for layer in recorder.manifest.meta.get("layers", [])]
     store.put_trace(trace.manifest, trace_id, trace.to_json(), [ly for ly in layers if ly])
@@ -110,6 +123,18 @@ def save_trace(recorder: Recorder, store: Store, cache: ChunkCache,
     log.info("saved boot trace %s: %d chunks over %.1fs%s", trace_id, len(trace.chunks),
              trace.boot_seconds, f", pack {trace.pack}" if trace.pack else "")
     return trace_id
+
+
+def _point_into_pack(trace: Trace, known: Mapping[str, tuple[str, int, int]]) -> None:
+    packs = Counter(known[c.digest][0] for c in trace.chunks if c.digest in known)
+    if not packs:
+        return
+    pack = packs.most_common(1)[0][0]
+    for c in trace.chunks:
+        loc = known.get(c.digest)
+        if loc is not None and loc[0] == pack:
+            c.pack_offset, c.pack_length = loc[1], loc[2]
+    trace.pack = pack
 
 
 def _write_pack(trace: Trace, store: Store, cache: ChunkCache) -> None:

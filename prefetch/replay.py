@@ -45,7 +45,8 @@ class PrefetchStatus:
     groups: int = 0
     rejected_traces: int = 0
     stopped_at_cap: bool = False
-    packed_digests: set[str] = field(default_factory=set, repr=False)
+    # digest -> (pack, offset, stored length), from the newest trace packing it
+    packed_digests: dict[str, tuple[str, int, int]] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -112,6 +113,17 @@ def _names_a_file(manifest: Manifest, path: str) -> bool:
     return bool(ino) and stat.S_ISREG(manifest.inode(ino).mode)
 
 
+def packed_locations(traces: list[Trace]) -> dict[str, tuple[str, int, int]]:
+    """digest -> (pack, offset, stored length) of every packed chunk, the newest
+    trace's location winning (traces come oldest first)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for t in traces:
+        if t.pack:
+            out.update((c.digest, (t.pack, c.pack_offset, c.pack_length))
+                       for c in t.chunks if c.pack_offset >= 0)
+    return out
+
+
 @dataclass
 class Group:
     """One request: a pack range (pack set) or a single blob (pack None)."""
@@ -161,9 +173,7 @@ class Prefetcher:
                 load_traces, self.store, self.manifest, self.status, self.max_traces
             )
             self.status.traces = len(traces)
-            for t in traces:
-                if t.pack:
-                    self.status.packed_digests.update(c.digest for c in t.chunks if c.pack_offset >= 0)
+            self.status.packed_digests = packed_locations(traces)
             plan = merge(traces, self.min_share)
             if self.status.source != "manifest" and plan:
                 ours = await trio.to_thread.run_sync(self.manifest.chunk_digests)

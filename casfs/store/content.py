@@ -63,6 +63,11 @@ def compress(data: bytes | memoryview) -> bytes:
 def decompress(data: bytes, limit: int, what: str) -> bytes:
     """Decompress one zstd frame of at most `limit` bytes; corrupt input raises BlobCorrupt."""
     try:
+        # A frame may declare any size; the library would allocate it before
+        # checking max_output_size, so refuse absurd declarations first.
+        declared = zstandard.get_frame_parameters(data).content_size
+        if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
+            raise BlobCorrupt(f"{what} declares {declared} bytes, over the {limit}-byte limit")
         return _decompressor().decompress(data, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise BlobCorrupt(f"{what} is not a valid zstd frame: {exc}") from exc
