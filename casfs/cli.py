@@ -24,10 +24,14 @@ def _store(args: argparse.Namespace, create: bool = False):  # noqa: ANN202
 def cmd_index(args: argparse.Namespace) -> int:
     from casfs.progress import Progress
     from indexer.index import index_image
+    from indexer.registry import RegistryOptions
 
+    registry = RegistryOptions(creds=args.creds, authfile=args.authfile,
+                               tls_verify=args.tls_verify)
     store = _store(args, create=True)
     progress = Progress(enabled=False if args.quiet else None)
-    result = index_image(args.image, store, tag=args.tag, platform=args.platform, progress=progress)
+    result = index_image(args.image, store, tag=args.tag, platform=args.platform, progress=progress,
+                         registry=registry, layer_workers=args.layer_jobs)
     if not args.quiet:
         up = result.upload
         print(
@@ -118,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", help="also name the manifest with this tag")
     sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
     sp.add_argument("-q", "--quiet", action="store_true", help="print only the manifest reference")
+    sp.add_argument("--creds", metavar="USER:PASS",
+                    help="registry credentials (default: --authfile, $REGISTRY_AUTH_FILE, "
+                    "containers auth.json, ~/.docker/config.json)")
+    sp.add_argument("--authfile", metavar="PATH",
+                    help="auth file in docker/podman format ({\"auths\": {HOST: {\"auth\": ...}}})")
+
+    def tls_bool(text: str) -> bool:
+        value = text.strip().lower()
+        if value in ("true", "1", "yes", "on"):
+            return True
+        if value in ("false", "0", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+    sp.add_argument("--layer-jobs", type=int, metavar="N",
+                    help="layers read at once (default 3 from a registry, 1 from local files)")
+    sp.add_argument("--tls-verify", type=tls_bool, nargs="?", const=True, default=True,
+                    metavar="BOOL", help="require https with a verified certificate (default "
+                    "true); --tls-verify=false also accepts plain http, as skopeo does")
 
     sp = add("ls", cmd_ls, "list a path inside an indexed image")
     sp.add_argument("ref", help="manifest digest or tag")
@@ -195,11 +218,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    import errno
+
     from casfs.vfs import STATS_XATTR
 
     try:
         raw = os.getxattr(args.mountpoint, STATS_XATTR)
     except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise CasfsError(f"the daemon of {args.mountpoint} is gone (a stale mount): "
+                             f"run `casfs umount {args.mountpoint}`") from exc
         raise CasfsError(f"{args.mountpoint} is not a casfs mount ({exc.strerror})") from exc
     stats = json.loads(raw)
     if args.json:

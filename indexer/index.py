@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from casfs.digest import to_ref
-from casfs.errors import LayerDigestMismatch
+from casfs.errors import CorruptLayer, HostileLayer, LayerDigestMismatch
 from casfs.manifest import build_manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 LAYER_RECORD_VERSION = 1
 HASH_READ = 4 << 20
 LAYER_WORKERS = 3  # registry layers streamed at once
-LOCAL_LAYER_WORKERS = 1  # local layers: see docs/benchmarks.md, "Registry indexing"
+BLAME_READ_LIMIT = 512 << 20  # see _blame_digest
+LOCAL_LAYER_WORKERS = 1  # local layers are CPU-bound: more threads only contend for the GIL
 
 
 @dataclass
@@ -207,13 +208,13 @@ def index_image(
             owner = claims.setdefault(key, i)
         if owner != i:
             if bar is not None:
-                bar.finish(f"{key[7:19]}: same as layer {owner + 1}")
+                bar.finish(f"same as layer {owner + 1}")
             return _LayerDone(key, [], 0, owner=owner)
         ops = _load_record(store, key) if reuse_layers else None
         if ops is not None:
             size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
             if bar is not None:
-                bar.finish(f"{key[7:19]}: already indexed")
+                bar.finish("already indexed")
             else:
                 progress.note(f"{label} {key[7:19]}: already indexed")
             return _LayerDone(key, ops, size)
@@ -221,8 +222,8 @@ def index_image(
             bar = progress.bar(f"{label} {key[7:19]}", layer.size)
         bar.set_phase("indexing", layer.size)
         ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort)
-        bar.finish(f"{key[7:19]}: {human_bytes(downloaded)} read, {human_bytes(size)} "
-                   f"of files, {len(ops)} entries")
+        bar.finish(f"{human_bytes(downloaded)} read, {human_bytes(size)} of files, "
+                   f"{len(ops)} entries")
         record = {"version": LAYER_RECORD_VERSION, "chunk_size": CHUNK_SIZE, "ops": ops}
         return _LayerDone(key, ops, size, json.dumps(record, separators=(",", ":")).encode(),
                           downloaded=downloaded)
@@ -296,6 +297,22 @@ def index_image(
     return result
 
 
+def _blame_digest(raw: Any, layer: Layer) -> None:
+    """A registry layer failed to decompress or parse: if the rest of it is not too big,
+    read it through so that bytes damaged on the way are reported as a digest mismatch
+    (the root cause) rather than as a corrupt or hostile layer."""
+    left = layer.size - getattr(raw, "count", 0) if layer.size >= 0 else -1
+    if not 0 <= left <= BLAME_READ_LIMIT:
+        return
+    try:
+        while raw.read(READ_SIZE):
+            pass
+    except LayerDigestMismatch:
+        raise
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        return
+
+
 def _index_layer(
     layer: Layer, key: str, uploader: BlobUploader, label: str, bar: ProgressBar,
     abort: threading.Event,
@@ -314,10 +331,15 @@ def _index_layer(
         # before, and is hashed again as it is read (it could have changed since).
         hashed = None if layer.verifies_digest else HashingReader(tracked)
         raw: Any = tracked if hashed is None else hashed
-        stream = open_decompressed(raw, layer.compression, what)
-        diff = HashingReader(stream)
-        ops = read_layer(diff, uploader, what, on_bytes)
-        diff.drain()
+        try:
+            stream = open_decompressed(raw, layer.compression, what)
+            diff = HashingReader(stream)
+            ops = read_layer(diff, uploader, what, on_bytes)
+            diff.drain()
+        except (CorruptLayer, HostileLayer):
+            if layer.verifies_digest:
+                _blame_digest(raw, layer)
+            raise
         # Read the stored stream to its end: that is where a registry blob's digest is
         # checked (a decompressor may stop before trailing bytes).
         while raw.read(READ_SIZE):
