@@ -39,6 +39,7 @@ from casfs.manifest import build_manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
 from casfs.store.content import validate_tag
+from casfs.store.locks import index_lock
 from indexer.apply import TreeBuilder
 from indexer.decompress import READ_SIZE, HashingReader, open_decompressed
 from indexer.imageref import parse_image_ref
@@ -163,6 +164,18 @@ def index_image(
     if tag:
         validate_tag(tag)  # refuse a bad tag before any work
     store.check_format(create=True)
+    # Garbage collection must not sweep a blob this index finds present and so does
+    # not upload: hold the store's index lock from the first upload to the tag.
+    lock = index_lock(store)
+    lock.keep_fresh()
+    try:
+        return _index_locked(image, store, tag, progress, reuse_layers, layer_workers, start)
+    finally:
+        lock.release()
+
+
+def _index_locked(image: Image, store: Store, tag: str | None, progress: Progress,
+                  reuse_layers: bool, layer_workers: int | None, start: float) -> IndexResult:
     # Blob puts skip their fsync and one sync makes them durable before anything that
     # references them is written; records, manifest and tag are written with fsync.
     deferred = hasattr(store.backend, "deferred_sync")

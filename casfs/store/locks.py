@@ -18,12 +18,14 @@ this, gc never deletes anything younger than its grace period.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from casfs.errors import StoreBusy, StoreError
 from casfs.store.content import Store
@@ -37,6 +39,7 @@ class Lock:
     store: Store
     key: str
     last_write: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def _write(self) -> None:
         info = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
@@ -48,7 +51,18 @@ class Lock:
             self._write()
 
     def release(self) -> None:
+        self._stop.set()
         self.store.backend.delete(self.key)
+
+    def keep_fresh(self) -> None:
+        """Rewrite the lock every REFRESH_SECONDS from a background thread until released."""
+        def loop() -> None:
+            while not self._stop.wait(REFRESH_SECONDS):
+                # A missed refresh is retried; the lock stays fresh for 15 minutes.
+                with contextlib.suppress(StoreError):
+                    self._write()
+
+        threading.Thread(target=loop, name="lock-refresh", daemon=True).start()
 
     def __enter__(self) -> Lock:
         return self
