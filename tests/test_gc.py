@@ -150,3 +150,17 @@ def test_parse_duration() -> None:
     assert parse_duration("6h") == 21600 and parse_duration("2d") == 172800
     with pytest.raises(Exception, match="bad duration"):
         parse_duration("soon")
+
+
+def test_index_cli_refuses_while_gc_runs(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    store = open_store(url, create=True)
+    write_oci_layout(tmp_path / "a", [[file("x", b"x")]], tag="v")
+    lock = gc_lock(store)
+    proc = run_cli("index", f"oci:{tmp_path / 'a'}:v", "--store", url)
+    assert proc.returncode == 9 and proc.stderr.startswith("casfs: error: store")
+    assert "gc running" in proc.stderr and proc.stderr.count("\n") == 1
+    assert store_keys(store, "manifests/") == set()
+    lock.release()
+    assert run_cli("index", f"oci:{tmp_path / 'a'}:v", "--store", url).returncode == 0
+    assert store_keys(store, "locks/") == set(), "index releases its lock"
