@@ -9,12 +9,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import zlib
+from collections.abc import Callable
 from typing import IO
 
 import zstandard
 
-from casfs.errors import CorruptLayer, LayerDigestMismatch
+from casfs.errors import CorruptLayer, HostileLayer, LayerDigestMismatch
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -103,6 +105,52 @@ class _ZstdStream(io.RawIOBase):
         n = min(len(b), len(self.pending))
         b[:n] = self.pending[:n]
         self.pending = self.pending[n:]
+        return n
+
+
+DEFAULT_MAX_LAYER_BYTES = 64 << 30
+DEFAULT_MAX_EXPANSION = 1000
+EXPANSION_FREE_BYTES = 64 << 20
+
+
+def layer_limits() -> tuple[int, int]:
+    """(max uncompressed bytes of one layer, max expansion ratio), from the environment
+    (CASFS_MAX_LAYER_BYTES, CASFS_MAX_EXPANSION) or the defaults: 64 GiB and 1000x."""
+    try:
+        total = int(os.environ.get("CASFS_MAX_LAYER_BYTES", DEFAULT_MAX_LAYER_BYTES))
+        ratio = int(os.environ.get("CASFS_MAX_EXPANSION", DEFAULT_MAX_EXPANSION))
+    except ValueError:
+        raise HostileLayer("CASFS_MAX_LAYER_BYTES and CASFS_MAX_EXPANSION must be integers") from None
+    return total, ratio
+
+
+class ExpansionGuard(io.RawIOBase):
+    """Stops a decompression bomb: the uncompressed stream may not exceed max_total
+    bytes, nor (past its first 64 MiB) max_ratio times the compressed bytes read."""
+
+    def __init__(self, inner: IO[bytes], compressed: Callable[[], int], what: str,
+                 max_total: int, max_ratio: int) -> None:
+        self.inner = inner
+        self.compressed = compressed
+        self.what = what
+        self.max_total = max_total
+        self.max_ratio = max_ratio
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.inner.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        if self.count > self.max_total:
+            raise HostileLayer(f"{self.what}: expands past {self.max_total} bytes "
+                               "(CASFS_MAX_LAYER_BYTES)")
+        if self.count > EXPANSION_FREE_BYTES and self.count > self.max_ratio * max(self.compressed(), 1):
+            raise HostileLayer(f"{self.what}: decompression bomb: expands more than "
+                               f"{self.max_ratio}x (CASFS_MAX_EXPANSION)")
         return n
 
 

@@ -41,7 +41,13 @@ from casfs.store import Store
 from casfs.store.content import validate_tag
 from casfs.store.locks import index_lock
 from indexer.apply import TreeBuilder
-from indexer.decompress import READ_SIZE, HashingReader, open_decompressed
+from indexer.decompress import (
+    READ_SIZE,
+    ExpansionGuard,
+    HashingReader,
+    layer_limits,
+    open_decompressed,
+)
 from indexer.imageref import parse_image_ref
 from indexer.layer import CHUNK_SIZE, read_layer, resolve_chunks
 from indexer.registry import RegistryOptions
@@ -345,8 +351,12 @@ def _index_layer(
         hashed = None if layer.verifies_digest else HashingReader(tracked)
         raw: Any = tracked if hashed is None else hashed
         try:
+            max_total, max_ratio = layer_limits()
             stream = open_decompressed(raw, layer.compression, what)
-            diff = HashingReader(stream)
+            guarded = io.BufferedReader(
+                ExpansionGuard(stream, lambda: tracked.count, what, max_total, max_ratio), READ_SIZE
+            )
+            diff = HashingReader(guarded)
             ops = read_layer(diff, uploader, what, on_bytes)
             diff.drain()
         except (CorruptLayer, HostileLayer):

@@ -207,3 +207,27 @@ def test_regression_manifest_header_counts_overflow() -> None:
     struct.pack_into("<I", buf, 16, 0xFFFFFFFF)  # n_inodes
     with pytest.raises(ManifestError):
         Manifest(bytes(buf))
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_decompression_bomb_refused(tmp_path: Path, compression: str) -> None:
+    """200 MB of zeros compresses to well under 1 MB: past the expansion cap, refused,
+    nothing published."""
+    zeros = b"\0" * (200 << 20)
+    write_oci_layout(tmp_path / "bomb", [Layer.from_members([file("zeros", zeros)], compression=compression)],
+                     tag="v")
+    del zeros
+    url = f"file://{tmp_path / 'store'}"
+    proc = run_cli("index", f"oci:{tmp_path / 'bomb'}:v", "--store", url,
+                   env={"CASFS_MAX_EXPANSION": "100"})
+    assert proc.returncode == 6 and "decompression bomb" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    store = open_store(url)
+    assert not list(store.backend.list("manifests/")) and not list(store.backend.list("layers/"))
+
+
+def test_layer_size_cap(tmp_path: Path) -> None:
+    write_oci_layout(tmp_path / "big", [[file("f", b"x" * (3 << 20))]], tag="v")
+    proc = run_cli("index", f"oci:{tmp_path / 'big'}:v", "--store", f"file://{tmp_path / 's'}",
+                   env={"CASFS_MAX_LAYER_BYTES": str(1 << 20)})
+    assert proc.returncode == 6 and "CASFS_MAX_LAYER_BYTES" in proc.stderr
