@@ -10,12 +10,23 @@ Layout of the cache directory (format version 1, checked at open):
     mounts/               one JSON file per live mount (daemon pid, mountpoint)
     logs/                 daemon logs
 
-An insert is a transaction: the bytes go to a temp file in tmp/, are renamed
-into chunks/, and only then is the index entry written, so a kill -9 at any
+An insert is a transaction: the bytes go to a temp file in tmp/, then are renamed
+into chunks/ and indexed inside one LMDB write transaction, so a kill -9 at any
 point leaves at worst an unindexed file (removed on the next insert of that
-digest, or by `casfs cache prune`), never an indexed torn one. A chunk file is
-verified against its digest the first time each process uses it; a file that
-was truncated or altered on disk is dropped and fetched again.
+digest, or by `casfs cache prune`), never an indexed torn one.
+
+Every change to chunks/ (insert, eviction, dropping a bad file) happens inside
+a write transaction, and LMDB lets one writer in at a time across processes, so
+an eviction in one daemon never unlinks a file another daemon has just inserted
+again and indexed (the file would be gone, its entry kept, and the other daemon,
+which verified it, would keep handing out a missing path). Evictions commit the
+removal of entries before they unlink files: a reader that finds a looked-up
+file gone misses when it looks again.
+
+A chunk file is verified against its digest the first time each process uses
+it; a file that was truncated or altered on disk is dropped and fetched again.
+A file changed on disk after a process verified it is not noticed by that
+process (see invalidate()).
 
 Eviction is least-recently-used over the index, down to 90% of the cap, run by
 whichever process's insert crossed it. Last-use times are written at most once
@@ -128,7 +139,7 @@ class ChunkCache:
             return None
         size, last = _ENTRY.unpack(raw)
         path = self.chunk_path(digest)
-        if digest not in self._verified and not self._verify_file(digest, path, size):
+        if digest not in self._verified and not self._verify_file(digest, path, raw):
             self.stats.misses += 1
             return None
         self.stats.hits += 1
@@ -143,19 +154,25 @@ class ChunkCache:
         with self.env.begin() as txn:
             return [txn.get(bytes.fromhex(d)) is not None for d in digests]
 
-    def _verify_file(self, digest: str, path: Path, size: int) -> bool:
+    def _verify_file(self, digest: str, path: Path, raw: bytes) -> bool:
+        """Check a chunk file against the index entry `raw` just read for it; drop a bad one."""
+        size, _ = _ENTRY.unpack(raw)
         try:
             data = path.read_bytes()
         except OSError:
             data = None
-        if data is None or len(data) != size or hash_bytes(data) != digest:
-            log.warning("cache file for chunk %s is missing or corrupt; dropping it", digest)
+        if data is not None and len(data) == size and hash_bytes(data) == digest:
+            with self._lock:
+                self._verified.add(digest)
+            return True
+        # Only if the entry is still the one read: a file evicted by another process
+        # since (entry gone), or evicted and inserted again (new entry), is no damage.
+        if self._drop(digest, expect=raw):
+            state = "missing" if data is None else "truncated" if len(data) != size else "corrupt"
+            log.warning("cache file for chunk %s is %s; dropped it (it will be fetched again)",
+                        digest, state)
             self.stats.corrupt_dropped += 1
-            self._drop(digest)
-            return False
-        with self._lock:
-            self._verified.add(digest)
-        return True
+        return False
 
     def _touch(self, key: bytes, size: int, now: float) -> None:
         try:
@@ -172,11 +189,20 @@ class ChunkCache:
         is full or unwritable: the caller then serves the bytes without caching."""
         path = self.chunk_path(digest)
         tmp = self.root / "tmp" / f"{digest}.{uuid.uuid4().hex}"
+        key = bytes.fromhex(digest)
         try:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.rename(tmp, path)
+            now = time.time()
+            with self.env.begin(write=True) as txn:
+                # Renamed under the write lock: see the module docstring.
+                os.rename(tmp, path)
+                total = self._total(txn)
+                if txn.get(key) is None:
+                    total += len(data)
+                    txn.put(_TOTAL_KEY, struct.pack("<Q", total))
+                txn.put(key, _ENTRY.pack(len(data), now))
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self.stats.insert_failures += 1
@@ -186,16 +212,9 @@ class ChunkCache:
             else:
                 log.warning("cannot write chunk %s to cache: %s", digest, exc.strerror)
             return None
-        key = bytes.fromhex(digest)
-        now = time.time()
-        try:
-            with self.env.begin(write=True) as txn:
-                total = self._total(txn)
-                if txn.get(key) is None:
-                    total += len(data)
-                    txn.put(_TOTAL_KEY, struct.pack("<Q", total))
-                txn.put(key, _ENTRY.pack(len(data), now))
         except lmdb.Error as exc:
+            # The file may be in chunks/ without an entry: an orphan, never served.
+            tmp.unlink(missing_ok=True)
             log.warning("cannot index chunk %s in cache: %s", digest, exc)
             self.stats.insert_failures += 1
             return None
@@ -222,15 +241,27 @@ class ChunkCache:
 
     # -- eviction --------------------------------------------------------------
 
-    def _drop(self, digest: str) -> None:
+    def _drop(self, digest: str, expect: bytes | None = None) -> bool:
+        """Remove a chunk's entry and file; with `expect`, only while its entry is still
+        exactly that. Returns whether it was removed."""
         key = bytes.fromhex(digest)
         with self.env.begin(write=True) as txn:
             raw = txn.get(key)
+            if expect is not None and raw != expect:
+                return False
             if raw is not None:
                 size, _ = _ENTRY.unpack(raw)
                 txn.delete(key)
                 txn.put(_TOTAL_KEY, struct.pack("<Q", max(0, self._total(txn) - size)))
-        self.chunk_path(digest).unlink(missing_ok=True)
+            self.chunk_path(digest).unlink(missing_ok=True)
+        with self._lock:
+            self._verified.discard(digest)
+        return True
+
+    def invalidate(self, digest: str) -> None:
+        """Forget that this process verified a chunk, so that its next lookup checks the
+        file again (and drops the entry if the file is gone or damaged). For a reader
+        that could not open or fully read a path lookup() returned."""
         with self._lock:
             self._verified.discard(digest)
 
@@ -258,12 +289,16 @@ class ChunkCache:
                 victims.append(key.hex())
                 freed += size
             txn.put(_TOTAL_KEY, struct.pack("<Q", total - freed))
-        # Unlinking after the commit: another process that found the entry just
-        # before finds the file gone and treats it as a miss.
-        for digest in victims:
-            self.chunk_path(digest).unlink(missing_ok=True)
-            with self._lock:
-                self._verified.discard(digest)
+        # The entries are gone first, so a reader that looked a victim up just before and
+        # finds its file gone misses when it looks again. The files then go under the
+        # write lock, each only while still unindexed: an insert of the same digest since
+        # (rename and entry in one write transaction) keeps its file.
+        with self._lock:
+            self._verified.difference_update(victims)
+        with self.env.begin(write=True) as txn:
+            for digest in victims:
+                if txn.get(bytes.fromhex(digest)) is None:
+                    self.chunk_path(digest).unlink(missing_ok=True)
         self.stats.evictions += len(victims)
         self.stats.evicted_bytes += freed
         if victims:

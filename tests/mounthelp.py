@@ -133,6 +133,26 @@ def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     return mount_entry(mountpoint) is not None
 
 
+def mounts_under(prefix: str | os.PathLike[str]) -> list[str]:
+    """Every mountpoint at or below a directory, deepest first (from the mount table)."""
+    base = os.path.abspath(os.fspath(prefix))
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point == base or point.startswith(base + "/"):
+                found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def clear_leftovers(prefix: str | os.PathLike[str]) -> list[str]:
+    """Force every mount left below a directory away; returns what was left."""
+    left = mounts_under(prefix)
+    for point in left:
+        force_cleanup(point, None)
+    return left
+
+
 def abort_fuse(mountpoint: str | os.PathLike[str]) -> bool:
     """Abort the FUSE connection behind a mountpoint (unblocks every waiter) and detach it.
 
