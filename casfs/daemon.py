@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -138,16 +139,22 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
             except (CasfsError, OSError) as exc:
                 log.warning("could not save the boot trace: %s", exc)
 
+        if cfg.metrics_port is not None:
+            try:
+                _start_metrics(cfg.metrics_port, metrics, fs)
+            except OSError as exc:
+                raise MountError(
+                    f"cannot serve metrics on 127.0.0.1:{cfg.metrics_port}: {exc.strerror}"
+                ) from exc
         try:
             pyfuse3.init(ops, mountpoint, mount_options(cfg))
         except RuntimeError as exc:
             raise MountError(f"cannot mount {mountpoint}: {exc}") from exc
-        write_record(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint, "digest": digest,
-                                  "cache_dir": str(cache.root), "store": store.url})
-        log.info("mounted %s at %s in %.3fs", digest, mountpoint, time.monotonic() - started)
-        if cfg.metrics_port is not None:
-            _start_metrics(cfg.metrics_port, metrics, fs)
         try:
+            write_record(mountpoint, {"pid": os.getpid(), "mountpoint": mountpoint,
+                                      "digest": digest, "cache_dir": str(cache.root),
+                                      "store": store.url})
+            log.info("mounted %s at %s in %.3fs", digest, mountpoint, time.monotonic() - started)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_signals, nursery.cancel_scope)
                 if cfg.prefetch:
@@ -216,14 +223,19 @@ def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> 
     os.close(write_fd)
     deadline = time.monotonic() + timeout
     buf = b""
-    with os.fdopen(read_fd, "rb") as r:
-        while time.monotonic() < deadline:
-            chunk = r.read(64)
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([read_fd], [], [], left)
+            if not readable:
+                break
+            chunk = os.read(read_fd, 64)
             if not chunk:
                 break
             buf += chunk
             if buf.startswith(READY):
                 return proc.pid
+    finally:
+        os.close(read_fd)
     try:  # the ready pipe closed without "ready": the daemon is exiting
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:

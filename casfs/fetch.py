@@ -87,19 +87,21 @@ class Fetcher:
             return path
         if not prefetch:
             self.metrics.cache_misses += 1
-        flight = self._flights.get(digest)
-        if flight is not None:
-            if not prefetch:
+        joined = False
+        while (flight := self._flights.get(digest)) is not None:
+            if not prefetch and not joined:
                 self.metrics.fetch_joined += 1
                 if flight.prefetch:
                     self.metrics.prefetch_joined += 1
+            joined = True
             await flight.done.wait()
             if flight.error is None:
                 assert flight.path is not None
                 return flight.path
             if not flight.prefetch or prefetch:
                 raise FetchFailed(str(flight.error)) from flight.error
-            # The prefetch this read joined failed: fetch the chunk for the read.
+            # The prefetch this read joined failed: fetch the chunk for the read,
+            # unless another waiting read already started that fetch (then join it).
         flight = self._flights[digest] = _Flight(prefetch)
         try:
             flight.path = await self._fetch(digest, prefetch)
@@ -109,7 +111,8 @@ class Fetcher:
                 raise FetchFailed(str(exc)) from exc
             raise
         finally:
-            del self._flights[digest]
+            if self._flights.get(digest) is flight:
+                del self._flights[digest]
             flight.done.set()
         return flight.path
 
@@ -123,7 +126,9 @@ class Fetcher:
             data = await trio.to_thread.run_sync(verify_blob, digest, packed)
         except CasfsError as exc:
             self.metrics.fetch_errors += 1
-            log.error("fetching chunk %s from %s failed: %s", digest, self.store.url, exc)
+            # A read's failure is logged once, as EIO, by the FUSE adapter.
+            (log.warning if prefetch else log.error)(
+                "fetching chunk %s from %s failed: %s", digest, self.store.url, exc)
             raise
         self.metrics.fetch_latency.observe(time.monotonic() - start)
         if prefetch:
@@ -204,6 +209,7 @@ class Fetcher:
             for digest, flight in flights.items():
                 if flight.path is None and flight.error is None:
                     flight.error = FetchFailed("prefetch cancelled")
-                self._flights.pop(digest, None)
+                if self._flights.get(digest) is flight:
+                    del self._flights[digest]
                 flight.done.set()
         return inserted

@@ -44,9 +44,13 @@ def _read_parts(parts: list[tuple[Path | bytes, int, int]]) -> bytes:
             continue
         fd = os.open(src, os.O_RDONLY)
         try:
-            out.append(os.pread(fd, length, start))
+            data = os.pread(fd, length, start)
         finally:
             os.close(fd)
+        if len(data) != length:
+            # Truncated on disk since it was verified: never serve short (wrong) data.
+            raise FileNotFoundError(errno.ENOENT, "chunk file shorter than indexed", str(src))
+        out.append(data)
     return b"".join(out)
 
 
@@ -130,6 +134,13 @@ class ImageFS:
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.ENXIO)
 
+    def _invalidate(self, exc: FileNotFoundError, chunks: list[ChunkRef]) -> None:
+        """Make the next lookup re-check the chunk file that failed (all, if unnamed)."""
+        name = os.path.basename(exc.filename) if exc.filename else ""
+        for c in chunks:
+            if not name or c.digest == name:
+                self.cache.invalidate(c.digest)
+
     async def _get_into(self, sources: list[Path | bytes | None], i: int, digest: str) -> None:
         sources[i] = await self.fetcher.get(digest)
 
@@ -157,7 +168,8 @@ class ImageFS:
                 return None
             try:
                 return _read_parts(parts_of(list(paths)))
-            except FileNotFoundError:  # evicted between lookup and read
+            except FileNotFoundError as exc:  # evicted or damaged between lookup and read
+                self._invalidate(exc, chunks)
                 return None
 
         data = await trio.to_thread.run_sync(read_if_cached, limiter=self.fetcher.disk_limiter)
@@ -172,7 +184,8 @@ class ImageFS:
                     _read_parts, parts_of([s for s in sources if s is not None]),
                     limiter=self.fetcher.disk_limiter,
                 )
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                self._invalidate(exc, chunks)
                 attempts += 1
                 if attempts >= 3:
                     raise

@@ -822,11 +822,6 @@ def test_stats_and_prometheus_metrics(rules: dict, tmp_path: Path) -> None:
         assert notmount.returncode != 0 and "not a casfs mount" in notmount.stderr
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "casfs.daemon.serve starts the metrics server after pyfuse3.init and outside the "
-    "try/finally that unmounts: a port in use kills the daemon with a traceback and leaves a "
-    "stale mount. Fix: start metrics (and write the record) before pyfuse3.init or inside "
-    "the try, raising MountError('cannot serve metrics on 127.0.0.1:PORT: ...')"))
 def test_metrics_port_in_use_fails_cleanly(rules: dict, tmp_path: Path) -> None:
     import socket
 

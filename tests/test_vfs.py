@@ -430,11 +430,6 @@ class FailOnceBackend(CountingBackend):
         return data
 
 
-@pytest.mark.xfail(strict=False, raises=(KeyError, BaseExceptionGroup), reason=(
-    "casfs.fetch.Fetcher.get: reads that waited on a failed prefetch each start a fetch; "
-    "the second overwrites the first's _flights entry and the first's `del` removes it, so "
-    "the second's `del` raises KeyError (EIO through the adapter). Fix: loop on "
-    "_flights.get() after a failed prefetch, and delete the entry only if it is ours"))
 def test_reads_joining_a_failed_prefetch_fetch_once_more(image: Image, tmp_path: Path) -> None:
     """Several reads wait on a prefetch of their chunk; it fails; the reads then fetch the
     chunk themselves (once between them) and all get the bytes."""
@@ -533,13 +528,8 @@ def test_one_cache_shared_by_processes_stays_consistent(tmp_path: Path) -> None:
     cache.close()
 
 
-_VFS_FIX = ("casfs.vfs.ImageFS.read retries a FileNotFoundError but never tells the cache: a "
-            "chunk this process verified keeps being handed out. Fix: on FileNotFoundError call "
-            "cache.invalidate(digest) before retrying, and treat a short pread in _read_parts "
-            "as a missing file")
 
 
-@pytest.mark.xfail(strict=False, raises=FileNotFoundError, reason=_VFS_FIX)
 def test_cache_file_deleted_under_a_running_mount_is_fetched_again(env: Env) -> None:
     """A chunk file removed from disk behind the cache's back (an operator, a tmp reaper,
     a daemon killed in the middle of an eviction) while this process has already verified
@@ -551,8 +541,6 @@ def test_cache_file_deleted_under_a_running_mount_is_fetched_again(env: Env) -> 
     assert env.blob_gets(chunk.digest) == 2
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason="serves short (wrong) data: "
-                   + _VFS_FIX)
 def test_cache_file_truncated_under_a_running_mount_never_gives_short_reads(env: Env) -> None:
     assert env.read("/d/big") == BIG
     chunk = env.manifest.chunks(env.ino("/d/big"))[2]
