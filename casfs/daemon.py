@@ -27,7 +27,7 @@ from casfs.errors import CasfsError, MountError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.metrics import MountMetrics
-from casfs.mounts import prepare_mountpoint, remove_record, write_record
+from casfs.mounts import prepare_mountpoint, remove_record, tune_kernel, write_record
 from casfs.refs import resolve_ref
 from casfs.store import Store, open_store
 from casfs.vfs import ImageFS
@@ -51,6 +51,8 @@ class MountConfig:
     allow_suid: bool = True
     allow_dev: bool = True
     fetch_concurrency: int = 32
+    readahead_kb: int = 8192
+    max_background: int = 64
     prefetch: bool = True
     trace: bool = True
     trace_idle: float = 10.0
@@ -171,9 +173,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
                     nursery.start_soon(prefetcher.run)
                 if recorder is not None:
                     nursery.start_soon(recorder.watch, save)
-                if ready_fd is not None:
-                    os.write(ready_fd, READY)
-                    os.close(ready_fd)
+                nursery.start_soon(_announce_ready, mountpoint, cfg, ready_fd)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
@@ -185,6 +185,19 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
                     await trio.to_thread.run_sync(save)
 
     trio.run(main)
+
+
+async def _announce_ready(mountpoint: str, cfg: MountConfig, ready_fd: int | None) -> None:
+    """Once the mount answers a request (so the kernel's INIT is done, which resets the
+    readahead window), tune the kernel's side of the mount, then tell `casfs mount`."""
+    await trio.to_thread.run_sync(os.statvfs, mountpoint)
+    tuned = await trio.to_thread.run_sync(
+        tune_kernel, mountpoint, cfg.readahead_kb, cfg.max_background
+    )
+    log.info("kernel tuning: %s", ", ".join(tuned) or "none (not root?)")
+    if ready_fd is not None:
+        os.write(ready_fd, READY)
+        os.close(ready_fd)
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:

@@ -36,6 +36,43 @@ def mount_table() -> dict[str, str]:
     return out
 
 
+def mount_device(real_mountpoint: str) -> str | None:
+    """The "major:minor" of a mount, from /proc (never a request to the mount itself)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ")[0].split()
+            if _unescape(fields[4]) == real_mountpoint:
+                found = fields[2]  # the last (top) mount on that path wins
+    return found
+
+
+def tune_kernel(real_mountpoint: str, readahead_kb: int, max_background: int) -> list[str]:
+    """Let the kernel keep many reads in flight to the daemon: a bigger readahead
+    window on the mount's bdi, and more background requests on its FUSE connection.
+    Needs root and fusectl; does what it can and returns what it changed."""
+    dev = mount_device(real_mountpoint)
+    if dev is None:
+        return []
+    done = []
+    settings = [(f"/sys/class/bdi/{dev}/read_ahead_kb", readahead_kb)]
+    conn = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
+    if not conn.exists() and os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
+                       capture_output=True)
+    settings += [(str(conn / "max_background"), max_background),
+                 (str(conn / "congestion_threshold"), max(1, max_background * 3 // 4))]
+    for path, value in settings:
+        if value <= 0:
+            continue
+        try:
+            Path(path).write_text(f"{value}\n")
+            done.append(f"{path}={value}")
+        except OSError:
+            pass
+    return done
+
+
 def is_mounted(mountpoint: str) -> bool:
     return os.path.realpath(mountpoint) in mount_table()
 
