@@ -184,6 +184,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         foreground=args.foreground, metrics_port=args.metrics_port,
         allow_suid=not args.nosuid, allow_dev=not args.nodev,
         prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
+        readahead_kb=args.readahead_kb,
     )
     if args.foreground:
         return run_foreground(cfg, args.ready_fd)
@@ -202,7 +203,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         argv.append("--no-prefetch")
     if args.no_trace:
         argv.append("--no-trace")
-    argv += ["--trace-idle", str(args.trace_idle)]
+    argv += ["--trace-idle", str(args.trace_idle), "--readahead-kb", str(args.readahead_kb)]
     if args.verbose:
         argv.insert(0, "--verbose")
     pid = spawn_background(argv, log_path)
@@ -350,6 +351,8 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("--no-trace", action="store_true", help="do not record this boot's trace")
     sp.add_argument("--trace-idle", type=float, default=10.0, metavar="SECONDS",
                     help="the boot ends after this long with no new first access (default 10)")
+    sp.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
+                    help="kernel readahead window on the mount (default 1024; as root)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     sp = add("umount", cmd_umount, "unmount a casfs mount and stop its daemon")

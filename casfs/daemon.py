@@ -51,7 +51,7 @@ class MountConfig:
     allow_suid: bool = True
     allow_dev: bool = True
     fetch_concurrency: int = 32
-    readahead_kb: int = 8192
+    readahead_kb: int = 1024
     max_background: int = 64
     prefetch: bool = True
     trace: bool = True
