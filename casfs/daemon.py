@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from casfs.cache import ChunkCache
-from casfs.digest import hash_bytes
+from casfs.digest import hash_bytes, parse_ref
 from casfs.errors import CasfsError, MountError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
@@ -97,9 +97,15 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
     from casfs.fuse_ops import CasfsOperations
 
     started = time.monotonic()
-    store = open_store(cfg.store_url)
-    digest = resolve_ref(store, cfg.ref)
     cache = ChunkCache(cfg.cache_dir, cfg.cache_size)
+    digest = parse_ref(cfg.ref)
+    if digest is not None and (cache.root / "manifests" / digest).exists():
+        # Fast path: a digest whose manifest this node already holds needs no request
+        # before serving; the store is first asked when a chunk is missing.
+        store = open_store(cfg.store_url, probe=False)
+    else:
+        store = open_store(cfg.store_url)
+        digest = resolve_ref(store, cfg.ref)
     manifest = local_manifest(store, cache, digest)
     mountpoint = prepare_mountpoint(cfg.mountpoint)
     metrics = MountMetrics()

@@ -42,8 +42,9 @@ class _Flight:
 
 
 class Fetcher:
-    """Makes chunks available locally. `get(digest)` returns a cache path, or the
-    bytes themselves when the cache could not keep them (disk full)."""
+    """Makes chunks available locally. `get(digest)` returns a cache path for a chunk
+    already cached, else the verified bytes it just fetched (also cached, if there is
+    room)."""
 
     def __init__(
         self, store: Store, cache: ChunkCache, metrics: MountMetrics, *,
@@ -76,8 +77,11 @@ class Fetcher:
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights
 
-    async def get(self, digest: str, *, prefetch: bool = False) -> Path | bytes:
-        path = await trio.to_thread.run_sync(self.cache.lookup, digest, limiter=self.disk_limiter)
+    async def get(self, digest: str, *, prefetch: bool = False, fresh: bool = False) -> Path | bytes:
+        """The chunk: a cache path, or its bytes. `fresh` skips the cache lookup and
+        always yields bytes (for a read whose cached file keeps vanishing)."""
+        path = None if fresh else await trio.to_thread.run_sync(
+            self.cache.lookup, digest, limiter=self.disk_limiter)
         if path is not None:
             if not prefetch:
                 self.metrics.cache_hits += 1
@@ -138,10 +142,12 @@ class Fetcher:
             self.metrics.fetches += 1
             self.metrics.fetched_bytes += len(packed)
         path = await trio.to_thread.run_sync(self.cache.insert, digest, data, limiter=self.disk_limiter)
-        if prefetch:
+        if prefetch and path is not None:
             self.prefetched.add(digest)
             self.metrics.prefetch_chunks += 1
-        return path if path is not None else data
+        # The bytes, not the new file: under a small cap another insert may evict the
+        # file before the waiting reads get to it.
+        return data
 
     async def get_pack_range(
         self, pack: str, offset: int, items: Sequence[tuple[str, int, int]]
@@ -181,8 +187,8 @@ class Fetcher:
                 for digest, off, length in wanted:
                     try:
                         blob = verify_blob(digest, data[off - start : off - start + length])
-                        path = self.cache.insert(digest, blob)
-                        out.append((digest, path if path is not None else blob, None))
+                        self.cache.insert(digest, blob)
+                        out.append((digest, blob, None))
                     except CasfsError as exc:
                         out.append((digest, None, exc))
                 return out

@@ -141,8 +141,9 @@ class ImageFS:
             if not name or c.digest == name:
                 self.cache.invalidate(c.digest)
 
-    async def _get_into(self, sources: list[Path | bytes | None], i: int, digest: str) -> None:
-        sources[i] = await self.fetcher.get(digest)
+    async def _get_into(self, sources: list[Path | bytes | None], i: int, digest: str,
+                        fresh: bool) -> None:
+        sources[i] = await self.fetcher.get(digest, fresh=fresh)
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         self.metrics.reads += 1
@@ -176,9 +177,11 @@ class ImageFS:
         attempts = 0
         while data is None:
             sources: list[Path | bytes | None] = [None] * len(chunks)
+            # After a cached file vanished twice (a small cache churning), take bytes.
+            fresh = attempts >= 1
             async with trio.open_nursery() as nursery:
                 for i, c in enumerate(chunks):
-                    nursery.start_soon(self._get_into, sources, i, c.digest)
+                    nursery.start_soon(self._get_into, sources, i, c.digest, fresh)
             try:
                 data = await trio.to_thread.run_sync(
                     _read_parts, parts_of([s for s in sources if s is not None]),

@@ -9,6 +9,7 @@ gives the backend contract's no-partial-object rule for free.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,9 +94,33 @@ class S3Backend:
             retries={"max_attempts": 1, "mode": "standard"},
             s3={"addressing_style": "path"},
         )
-        session = boto3.session.Session()
-        self._client: Any = session.client("s3", config=config)
-        self.endpoint: str = self._client.meta.endpoint_url
+        self._config = config
+        self._client_ready = threading.Event()
+        self._made: Any = None
+        self._error: BaseException | None = None
+        # Building a boto3 client costs ~50-100 ms of CPU: do it in the background so it
+        # overlaps the rest of start-up; the first request waits for it.
+        threading.Thread(target=self._make_client, name="s3-client", daemon=True).start()
+
+    def _make_client(self) -> None:
+        try:
+            self._made = boto3.session.Session().client("s3", config=self._config)
+        except BaseException as exc:  # reported to the first caller
+            self._error = exc
+        finally:
+            self._client_ready.set()
+
+    @property
+    def _client(self) -> Any:
+        self._client_ready.wait()
+        if self._error is not None:
+            raise _classify(self._error, "creating the S3 client", self.url, "") from self._error
+        return self._made
+
+    @property
+    def endpoint(self) -> str:
+        self._client_ready.wait()
+        return self._made.meta.endpoint_url if self._made is not None else ""
 
     def _key(self, key: str) -> str:
         return self.prefix + key

@@ -41,9 +41,11 @@ def resolve_store_url(url: str | None) -> str:
 
 
 def open_store(url: str | None = None, *, create: bool = False,
-               retry_deadline: float | None = None) -> Store:
+               retry_deadline: float | None = None, probe: bool = True) -> Store:
     """Open the store a URL names (None: $CASFS_STORE or the default). Remote stores retry
-    transient errors for retry_deadline seconds (None: $CASFS_RETRY_DEADLINE, else 30)."""
+    transient errors for retry_deadline seconds (None: $CASFS_RETRY_DEADLINE, else 30).
+    With probe (the default) a remote store is asked for its format marker at once, so
+    that an unreachable or foreign store fails here, in seconds."""
     url = resolve_store_url(url)
     if retry_deadline is None:
         retry_deadline = default_retry_deadline()
@@ -63,6 +65,9 @@ def open_store(url: str | None = None, *, create: bool = False,
             deadline=min(retry_deadline, OPEN_RETRY_DEADLINE),
         )
         store = Store(retrying)
+        if not probe:  # the caller's own first request will tell (mount fast path)
+            retrying.deadline = retry_deadline
+            return store
         try:
             # The first request: a store that cannot be reached at all is a configuration
             # problem (wrong endpoint, server down), reported in seconds, not after the
