@@ -23,24 +23,41 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 READ_SIZE = 1 << 20
 
 
-class HashingReader(io.RawIOBase):
-    """Passes reads through and hashes them; `check()` compares at the end."""
+class PassThrough(io.RawIOBase):
+    """A readable stream over another that counts what passes and lets subclasses look
+    at each piece (`seen`) or fetch it differently (`pull`)."""
 
-    def __init__(self, inner: IO[bytes], algo: str = "sha256") -> None:
+    def __init__(self, inner: IO[bytes]) -> None:
         self.inner = inner
-        self.hash = hashlib.new(algo)
         self.count = 0
 
     def readable(self) -> bool:
         return True
 
+    def pull(self, n: int) -> bytes:
+        return self.inner.read(n)
+
+    def seen(self, data: bytes) -> None:
+        """Called with each piece read, after it is counted."""
+
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.inner.read(len(b))
+        data = self.pull(len(b))
         n = len(data)
         b[:n] = data
-        self.hash.update(data)
         self.count += n
+        self.seen(data)
         return n
+
+
+class HashingReader(PassThrough):
+    """Passes reads through and hashes them; `check()` compares at the end."""
+
+    def __init__(self, inner: IO[bytes], algo: str = "sha256") -> None:
+        super().__init__(inner)
+        self.hash = hashlib.new(algo)
+
+    def seen(self, data: bytes) -> None:
+        self.hash.update(data)
 
     def drain(self) -> None:
         while self.read(READ_SIZE):
@@ -53,24 +70,18 @@ class HashingReader(io.RawIOBase):
             raise LayerDigestMismatch(f"{what} does not match its digest {digest}")
 
 
-class _Decompressing(io.RawIOBase):
+class _Decompressing(PassThrough):
     """Wraps a decompressor so that its errors become CorruptLayer."""
 
     def __init__(self, inner: IO[bytes], what: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.what = what
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def pull(self, n: int) -> bytes:
         try:
-            data = self.inner.read(len(b))
+            return self.inner.read(n)
         except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
             raise CorruptLayer(f"{self.what}: compressed stream is corrupt or truncated ({exc})") from exc
-        n = len(data)
-        b[:n] = data
-        return n
 
 
 class _ZstdStream(io.RawIOBase):
@@ -124,34 +135,25 @@ def layer_limits() -> tuple[int, int]:
     return total, ratio
 
 
-class ExpansionGuard(io.RawIOBase):
+class ExpansionGuard(PassThrough):
     """Stops a decompression bomb: the uncompressed stream may not exceed max_total
     bytes, nor (past its first 64 MiB) max_ratio times the compressed bytes read."""
 
     def __init__(self, inner: IO[bytes], compressed: Callable[[], int], what: str,
                  max_total: int, max_ratio: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.compressed = compressed
         self.what = what
         self.max_total = max_total
         self.max_ratio = max_ratio
-        self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.count += n
+    def seen(self, data: bytes) -> None:
         if self.count > self.max_total:
             raise HostileLayer(f"{self.what}: expands past {self.max_total} bytes "
                                "(CASFS_MAX_LAYER_BYTES)")
         if self.count > EXPANSION_FREE_BYTES and self.count > self.max_ratio * max(self.compressed(), 1):
             raise HostileLayer(f"{self.what}: decompression bomb: expands more than "
                                f"{self.max_ratio}x (CASFS_MAX_EXPANSION)")
-        return n
 
 
 def open_decompressed(raw: IO[bytes], compression: str, what: str) -> IO[bytes]:

@@ -45,6 +45,7 @@ from indexer.decompress import (
     READ_SIZE,
     ExpansionGuard,
     HashingReader,
+    PassThrough,
     layer_limits,
     open_decompressed,
 )
@@ -82,29 +83,23 @@ class _Aborted(Exception):
     """Another layer failed (or the index was interrupted): stop reading this one."""
 
 
-class _Tracked(io.RawIOBase):
+class _Tracked(PassThrough):
     """A layer's stored byte stream: counts bytes onto a progress bar and stops when the
     index is aborted."""
 
     def __init__(self, inner: io.RawIOBase | io.BufferedIOBase | Any, bar: ProgressBar,
                  abort: threading.Event) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.bar = bar
         self.abort = abort
-        self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def pull(self, n: int) -> bytes:
         if self.abort.is_set():
             raise _Aborted()
-        data = self.inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.count += n
-        self.bar.advance(n)
-        return n
+        return self.inner.read(n)
+
+    def seen(self, data: bytes) -> None:
+        self.bar.advance(len(data))
 
     def close(self) -> None:
         self.inner.close()
