@@ -2,8 +2,9 @@
 
 Endpoint, region and credentials come from boto3's standard chain
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, ...), so no casfs-specific
-settings exist. The only module that imports boto3. S3 PUTs are atomic, which
-gives the backend contract's no-partial-object rule for free.
+settings exist. The only module that imports boto3 (the hot requests go through
+casfs.store.s3http, signed with botocore). S3 PUTs are atomic, which gives the
+backend contract's no-partial-object rule for free.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from casfs.errors import (
     StoreUnreachable,
     TransientStoreError,
 )
+from casfs.store.s3http import RangeNotSatisfiable, S3Http
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _UNREACHABLE = {
@@ -95,6 +97,8 @@ class S3Backend:
             s3={"addressing_style": "path"},
         )
         self._config = config
+        self._fast: S3Http | None = None
+        self._fast_lock = threading.Lock()
         self._client_ready = threading.Event()
         self._made: Any = None
         self._error: BaseException | None = None
@@ -125,45 +129,53 @@ class S3Backend:
     def _key(self, key: str) -> str:
         return self.prefix + key
 
+    @property
+    def _http(self) -> S3Http:
+        self._client_ready.wait()
+        if self._fast is None:
+            self._client  # noqa: B018 - raises the client's creation error, if any
+            with self._fast_lock:
+                if self._fast is None:
+                    self._fast = S3Http(
+                        self._made, self.bucket, self.url,
+                        max_connections=self._config.max_pool_connections,
+                        connect_timeout=self._config.connect_timeout,
+                        read_timeout=self._config.read_timeout,
+                    )
+        return self._fast
+
     def get(self, key: str) -> bytes:
-        try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return resp["Body"].read()
-        except Exception as exc:
-            raise _classify(exc, key, self.url, self.endpoint) from exc
+        http = self._http
+        resp = http.request("GET", self._key(key))
+        http.check(resp, key)
+        return resp.data
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
+        http = self._http
+        resp = http.request("GET", self._key(key),
+                            headers={"Range": f"bytes={offset}-{offset + length - 1}"})
         try:
-            resp = self._client.get_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Range=f"bytes={offset}-{offset + length - 1}",
-            )
-            return resp["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""
-            raise _classify(exc, key, self.url, self.endpoint) from exc
-        except Exception as exc:
-            raise _classify(exc, key, self.url, self.endpoint) from exc
+            http.check(resp, key)
+        except RangeNotSatisfiable:
+            return b""
+        if resp.status == 200:  # a server that ignored the range sent the whole object
+            return resp.data[offset : offset + length]
+        return resp.data
 
     def put(self, key: str, data: bytes) -> None:
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as exc:
-            raise _classify(exc, key, self.url, self.endpoint) from exc
+        http = self._http
+        http.check(http.request("PUT", self._key(key), body=bytes(data)), key)
 
     def exists(self, key: str) -> bool:
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except Exception as exc:
-            err = _classify(exc, key, self.url, self.endpoint)
-            if isinstance(err, ObjectNotFound):
-                return False
-            raise err from exc
+        http = self._http
+        resp = http.request("HEAD", self._key(key))
+        if resp.status == 404:
+            # HEAD has no body to tell a missing key from a missing bucket.
+            return False
+        http.check(resp, key)
+        return True
 
     def delete(self, key: str) -> None:
         try:

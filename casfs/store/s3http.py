@@ -1,0 +1,82 @@
+"""The S3 data path without boto3's per-request machinery: GET, ranged GET, PUT and HEAD
+as plain HTTP requests signed with botocore's SigV4 signer over a urllib3 pool.
+
+boto3 spends about 1.3 ms of CPU on each request (measured against SeaweedFS on this
+2-core machine); this path about 0.4 ms. Blob fetches and uploads are almost all
+requests, so that is the difference between a CPU-bound daemon and indexer and
+network-bound ones. Endpoint, region and credentials still come from boto3's chain
+(resolved once, through a boto3 client); listing and deleting stay on boto3.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+
+from casfs.errors import ObjectNotFound, StoreError, StoreUnreachable, TransientStoreError
+
+_CODE = re.compile(rb"<Code>([^<]+)</Code>")
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "RequestTimeTooSkewed"}
+
+
+class RangeNotSatisfiable(StoreError):
+    """A ranged GET started at or past the object's end."""
+
+
+class S3Http:
+    """Signed S3 requests for one bucket, thread-safe."""
+
+    def __init__(self, client: Any, bucket: str, url: str, *, max_connections: int,
+                 connect_timeout: float, read_timeout: float) -> None:
+        self.endpoint = client.meta.endpoint_url.rstrip("/")
+        self.region = client.meta.region_name or "us-east-1"
+        self.credentials = client._request_signer._credentials  # the chain boto3 resolved
+        self.bucket = bucket
+        self.url = url
+        self.pool = urllib3.PoolManager(
+            maxsize=max_connections, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        )
+
+    def _object_url(self, key: str) -> str:
+        return f"{self.endpoint}/{self.bucket}/{quote(key, safe='/~')}"
+
+    def request(self, method: str, key: str, *, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+        if self.credentials is None:
+            raise StoreUnreachable(f"no credentials for {self.url} (set AWS_ACCESS_KEY_ID / a profile)")
+        url = self._object_url(key)
+        req = AWSRequest(method=method, url=url, data=body, headers=dict(headers or {}))
+        S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(req)
+        try:
+            return self.pool.request(method, url, body=body or None, headers=dict(req.headers.items()),
+                                     preload_content=True, redirect=False)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransientStoreError(
+                f"cannot reach store {self.url} at {self.endpoint} ({type(exc).__name__}) on {key}"
+            ) from exc
+
+    def check(self, resp: urllib3.BaseHTTPResponse, key: str) -> None:
+        """Raise the backend contract's error for a failed response."""
+        status = resp.status
+        if status in (200, 204, 206):
+            return
+        m = _CODE.search(resp.data or b"")
+        code = m.group(1).decode(errors="replace") if m else str(status)
+        if status == 416 or code == "InvalidRange":
+            raise RangeNotSatisfiable(f"range past the end of {key}")
+        if code == "NoSuchBucket":
+            raise StoreUnreachable(f"store {self.url} refused access (NoSuchBucket)")
+        if status == 404:
+            raise ObjectNotFound(f"object {key} not found in {self.url}")
+        if status == 403:
+            raise StoreUnreachable(f"store {self.url} refused access ({code})")
+        if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+            raise TransientStoreError(f"store {self.url} failed on {key}: {code} (HTTP {status})")
+        raise StoreError(f"store {self.url} failed on {key}: {code} (HTTP {status})")
