@@ -48,7 +48,7 @@ class Fetcher:
 
     def __init__(
         self, store: Store, cache: ChunkCache, metrics: MountMetrics, *,
-        fetch_concurrency: int = 32, prefetch_concurrency: int = 16, disk_concurrency: int = 8,
+        fetch_concurrency: int = 32, prefetch_concurrency: int = 48, disk_concurrency: int = 8,
     ) -> None:
         self.store = store
         self.cache = cache

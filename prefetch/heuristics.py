@@ -6,7 +6,9 @@
 * Directory siblings: the first time a file in a directory is read, that
   directory's other small files (at most `sibling_max_size` bytes, at most
   `sibling_max_files` of them) are fetched too: Python imports a package's
-  modules one after another from the same directory.
+  modules one after another from the same directory. When that directory is a
+  package's `__pycache__`, the `__pycache__` of each of its subpackages is
+  fetched as well: the package's import goes on into them.
 
 All of it goes through the fetcher as prefetch, below every read in priority.
 """
@@ -25,13 +27,14 @@ from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
 
 log = logging.getLogger(__name__)
+PYCACHE = b"__pycache__"
 
 
 class Heuristics:
     def __init__(self, manifest: Manifest, fetcher: Fetcher, nursery: trio.Nursery, *,
                  readahead_chunks: int = 16, siblings: bool = True,
                  sibling_max_size: int = 256 * 1024, sibling_max_files: int = 128,
-                 concurrency: int = 16,
+                 concurrency: int = 48,
                  siblings_wanted: Callable[[], bool] = lambda: True) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
@@ -59,6 +62,7 @@ class Heuristics:
             if parent not in self._dirs_seen:
                 self._dirs_seen.add(parent)
                 self._fetch_siblings(parent, ino)
+                self._fetch_subpackage_caches(parent)
 
     def _readahead(self, ino: int, last: ChunkRef) -> None:
         start = max(last.offset + last.length, self._ahead.get(ino, 0))
@@ -81,6 +85,20 @@ class Heuristics:
                 count += 1
                 if count >= self.sibling_max_files:
                     break
+
+    def _fetch_subpackage_caches(self, directory: int) -> None:
+        """Reading a package's compiled modules (pkg/__pycache__/x.pyc) announces the
+        import of its subpackages next: fetch their pkg/sub/__pycache__ files too."""
+        if self.manifest.lookup(self.manifest.inode(directory).parent, PYCACHE) != directory:
+            return
+        package = self.manifest.inode(directory).parent
+        for _, _, sub in self.manifest.entries(package):
+            if sub == directory or not stat.S_ISDIR(self.manifest.inode(sub).mode):
+                continue
+            cache = self.manifest.lookup(sub, PYCACHE)
+            if cache and cache not in self._dirs_seen:
+                self._dirs_seen.add(cache)
+                self._fetch_siblings(cache, 0)
 
     def _spawn(self, digest: str) -> None:
         if self.fetcher.in_flight(digest):
