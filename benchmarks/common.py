@@ -37,6 +37,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `kill <pid>` of a benchmark still runs its finally
+    blocks (unmount, stop SeaweedFS and the proxy)."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 
@@ -177,6 +186,35 @@ def select_product(src: Path | None, rev: str | None, work: Path) -> dict[str, A
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(src) + (os.pathsep + old if old else "")
     return chosen
+
+
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``max_wait`` s) until other work leaves the CPUs mostly idle, so that a
+    scenario is not measured while something else runs; returns the last busy fraction."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    warned = False
+    while busy > threshold and time.monotonic() < deadline:
+        if not warned:
+            log(f"CPUs {busy:.0%} busy with other work: waiting up to {max_wait:.0f}s")
+            warned = True
+        time.sleep(2)
+        busy = cpu_busy()
+    return busy
 
 
 def disk_device(path: str | os.PathLike[str]) -> str | None:

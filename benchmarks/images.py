@@ -15,8 +15,10 @@ Images
 Reproducibility: pip installs pinned versions with ``--no-compile``; every installed file's
 mtime is then set to ``DEFAULT_MTIME`` and the tree is byte-compiled (timestamp pycs, so they
 record DEFAULT_MTIME and stay valid when the image is mounted or extracted), and the layer
-is written with that same mtime. The prefix layer keeps the host's mtimes, which is what
-keeps the host's stdlib pycs valid. Same inputs, same digests (tests check the toy image).
+is written with that same mtime. The pycs name their sources by their path in the image. The prefix
+layer keeps the host's file mtimes, which is what keeps the host's stdlib pycs valid
+(directories get DEFAULT_MTIME). Same inputs, same digests (tests check the toy image; the
+small image was checked by rebuilding it).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from typing import Any
 from benchmarks.common import WORK, BenchError, log
 from casfs.testing import ocibuild as ob
 
-BUILD_VERSION = 1  # bump to invalidate every cached image
+BUILD_VERSION = 2  # bump to invalidate every cached image
 TAG = "latest"
 PY_VER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 PREFIX = sys.base_prefix
@@ -82,10 +86,7 @@ class ImageSpec:
 
     def key(self) -> str:
         """Everything the built bytes depend on, hashed: the cache key."""
-        src = Path(ob.__file__).read_bytes() + Path(__file__).read_bytes()
-        d = {"spec": asdict(self), "py": sys.version, "prefix": PREFIX, "v": BUILD_VERSION,
-             "src": hashlib.sha256(src).hexdigest()}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _source_key(asdict(self), sys.version, PREFIX)
 
 
 IMAGES: dict[str, ImageSpec] = {
@@ -113,7 +114,11 @@ def prefix_members() -> list[ob.Member]:
     """The interpreter prefix with the stdlib's pycs (host mtimes, so the pycs stay valid);
     optimised (.opt-1/.opt-2) pycs left out: nothing in the workloads uses them."""
     members = ob.python_prefix_layer(PREFIX, include_pycache=True, mtime=None)
-    return [m for m in members if not m.name.endswith((".opt-1.pyc", ".opt-2.pyc"))]
+    members = [m for m in members if not m.name.endswith((".opt-1.pyc", ".opt-2.pyc"))]
+    for m in members:
+        if m.type == "dir":  # a host pip install touches bin/ and site-packages/
+            m.mtime = ob.DEFAULT_MTIME
+    return members
 
 
 def _normalize_mtimes(root: Path, mtime: int) -> None:
@@ -143,9 +148,11 @@ def pip_members(requirements: tuple[str, ...], constraints: tuple[str, ...],
             for d in target.glob("*.dist-info"))
         _normalize_mtimes(target, ob.DEFAULT_MTIME)
         log("byte-compiling the installed packages")
+        # -s/-p: the pycs name their sources by their path in the image, not by this
+        # temp dir (whose random name would otherwise end up in every code object).
         subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0",
-                        "--invalidation-mode", "timestamp", str(target)],
-                       capture_output=True, text=True)
+                        "--invalidation-mode", "timestamp", "-s", str(target), "-p", site,
+                        str(target)], capture_output=True, text=True)
         members = ob.layer_from_directory(target, site, mtime=ob.DEFAULT_MTIME)
     return ob.parent_dirs(site + "/x") + members, installed
 
@@ -220,7 +227,6 @@ def write_image(spec: ImageSpec, oci_dir: Path) -> dict[str, Any]:
     info = {
         "name": spec.name,
         "description": spec.description,
-        "key": spec.key(),
         "oci_dir": str(oci_dir),
         "tag": TAG,
         "digest": built.digest,
@@ -239,26 +245,186 @@ def write_image(spec: ImageSpec, oci_dir: Path) -> dict[str, Any]:
 
 def build_image(spec: ImageSpec, work: Path = WORK, rebuild: bool = False) -> dict[str, Any]:
     """The image for ``spec``, built once and cached under ``work/images/<name>``."""
-    base = work / "images" / spec.name
+    log_desc = f"{spec.name}: {spec.description}"
+    return _cached(work, spec.name, spec.key(), lambda oci: write_image(spec, oci), log_desc,
+                   rebuild)
+
+
+def _cached(work: Path, name: str, key: str, write: Any, desc: str,
+            rebuild: bool = False) -> dict[str, Any]:
+    base = work / "images" / name
     meta_path = base / "image.json"
-    key = spec.key()
     if not rebuild and meta_path.exists():
         with contextlib.suppress(ValueError, OSError):
             meta = json.loads(meta_path.read_text())
             if meta.get("key") == key and (Path(meta["oci_dir"]) / "index.json").exists():
-                log(f"image {spec.name}: cached ({meta['digest'][:19]}, "
+                log(f"image {name}: cached ({meta['digest'][:19]}, "
                     f"{meta['uncompressed_bytes'] / 1e6:.0f} MB uncompressed)")
                 return meta
-    log(f"building image {spec.name}: {spec.description}")
+    log(f"building image {desc}")
     base.mkdir(parents=True, exist_ok=True)
-    meta = write_image(spec, base / "oci")
+    meta = write(base / "oci")
+    meta["key"] = key
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, meta_path)
-    log(f"image {spec.name}: {meta['digest'][:19]}, {meta['files']} files, "
+    log(f"image {name}: {meta['digest'][:19]}, {meta['files']} files, "
         f"{meta['uncompressed_bytes'] / 1e6:.0f} MB uncompressed, "
         f"{meta['compressed_bytes'] / 1e6:.0f} MB compressed, built in {meta['build_seconds']}s")
     return meta
+
+
+def _source_key(*parts: object) -> str:
+    """Cache key: the inputs, the image builder's source and BUILD_VERSION (bump it when
+    this module's way of building changes)."""
+    d = {"parts": [repr(p) for p in parts], "v": BUILD_VERSION,
+         "src": hashlib.sha256(Path(ob.__file__).read_bytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- read-path images: one big incompressible file; a 100k-entry tree ---------------------
+
+BIGFILE_PATH = "data/weights.bin"
+
+
+class _XofReader:
+    """Deterministic incompressible bytes: the BLAKE3 extendable output of a seed."""
+
+    def __init__(self, seed: bytes, size: int) -> None:
+        import blake3
+
+        self.h = blake3.blake3(seed)
+        self.pos = 0
+        self.size = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self.pos if n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        out = self.h.digest(length=n, seek=self.pos)
+        self.pos += n
+        return out
+
+
+class _HashSink:
+    def __init__(self, f: Any, h: Any) -> None:
+        self.f, self.h, self.n = f, h, 0
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        if self.f is not None:
+            self.f.write(b)
+        return len(b)
+
+
+def _write_streamed_layout(oci_dir: Path, blob_tmp: Path, diff_id: str, blob_digest: str,
+                           blob_size: int, media_type: str) -> str:
+    """index.json, config and manifest around a layer blob already written to blob_tmp."""
+    blobs = oci_dir / "blobs" / "sha256"
+    os.replace(blob_tmp, blobs / blob_digest.split(":", 1)[1])
+    layer = ob.Layer(b"")  # only for make_config's shape; diff_ids replaced below
+    cfg = ob.make_config([layer])
+    cfg["rootfs"]["diff_ids"] = [diff_id]
+    cfg_bytes = ob._json(cfg)
+    cfg_digest = "sha256:" + hashlib.sha256(cfg_bytes).hexdigest()
+    (blobs / cfg_digest.split(":", 1)[1]).write_bytes(cfg_bytes)
+    manifest = {"schemaVersion": 2, "mediaType": ob.OCI_MANIFEST,
+                "config": {"mediaType": ob.OCI_CONFIG, "digest": cfg_digest,
+                           "size": len(cfg_bytes)},
+                "layers": [{"mediaType": media_type, "digest": blob_digest, "size": blob_size}]}
+    man_bytes = ob._json(manifest)
+    man_digest = "sha256:" + hashlib.sha256(man_bytes).hexdigest()
+    (blobs / man_digest.split(":", 1)[1]).write_bytes(man_bytes)
+    index = {"schemaVersion": 2, "mediaType": ob.OCI_INDEX,
+             "manifests": [{"mediaType": ob.OCI_MANIFEST, "digest": man_digest,
+                            "size": len(man_bytes),
+                            "annotations": {ob.REF_NAME_ANNOTATION: TAG}}]}
+    (oci_dir / "oci-layout").write_bytes(ob._json({"imageLayoutVersion": "1.0.0"}))
+    (oci_dir / "index.json").write_bytes(ob._json(index))
+    return man_digest
+
+
+def write_bigfile_image(oci_dir: Path, size: int, seed: bytes = b"casfs-bench") -> dict[str, Any]:
+    """One zstd layer holding ``data/weights.bin``: ``size`` incompressible bytes, streamed
+    (never all in memory)."""
+    import tarfile
+
+    import zstandard
+
+    t0 = time.perf_counter()
+    if oci_dir.exists():
+        shutil.rmtree(oci_dir)
+    (oci_dir / "blobs" / "sha256").mkdir(parents=True)
+    blob_tmp = oci_dir / "layer.tmp"
+    diff_h, blob_h = hashlib.sha256(), hashlib.sha256()
+    with open(blob_tmp, "wb") as f:
+        blob_sink = _HashSink(f, blob_h)
+        cctx = zstandard.ZstdCompressor(level=3)
+        with cctx.stream_writer(blob_sink, closefd=False) as zw:
+            tar_sink = _HashSink(zw, diff_h)
+            with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for m in ob.parent_dirs(BIGFILE_PATH):
+                    tar.addfile(m.tarinfo())
+                info = ob.file(BIGFILE_PATH).tarinfo()
+                info.size = size
+                tar.addfile(info, _XofReader(seed, size))
+    blob_digest = "sha256:" + blob_h.hexdigest()
+    media_type = ob.LAYER_MEDIA_TYPES[("oci", "zstd")]
+    digest = _write_streamed_layout(oci_dir, blob_tmp, "sha256:" + diff_h.hexdigest(),
+                                    blob_digest, blob_sink.n, media_type)
+    layer = {"name": "bigfile", "digest": blob_digest, "media_type": media_type,
+             "compressed_bytes": blob_sink.n, "uncompressed_bytes": tar_sink.n,
+             "file_bytes": size, "entries": 2, "files": 1, "dirs": 1, "symlinks": 0,
+             "hardlinks": 0, "whiteouts": 0}
+    return {"name": "bigfile", "description": f"one {size / 2**30:g} GiB incompressible file",
+            "oci_dir": str(oci_dir), "tag": TAG, "digest": digest, "layers": [layer],
+            "compressed_bytes": blob_sink.n, "uncompressed_bytes": tar_sink.n,
+            "file_bytes": size, "entries": 2, "files": 1, "path": "/" + BIGFILE_PATH,
+            "python": None, "installed": [], "build_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def build_bigfile_image(size: int, work: Path = WORK) -> dict[str, Any]:
+    name = f"bigfile-{size}"
+    return _cached(work, name, _source_key("bigfile", size), lambda oci: {
+        **write_bigfile_image(oci, size), "name": name}, f"{name}: one incompressible file")
+
+
+def tree_members(entries: int) -> list[ob.Member]:
+    """At least ``entries`` entries (100,101 for 100,000): 100 top directories of 10
+    subdirectories, each holding one symlink and empty files."""
+    per_sub = max(1, math.ceil(((entries - 1) / 100 - 1) / 10 - 2))
+    members: list[ob.Member] = [ob.directory("tree")]
+    for i in range(100):
+        members.append(ob.directory(f"tree/d{i:03d}"))
+        for j in range(10):
+            sub = f"tree/d{i:03d}/s{j:02d}"
+            members.append(ob.directory(sub))
+            members.append(ob.symlink(f"{sub}/link", "f0000"))
+            members += [ob.file(f"{sub}/f{k:04d}") for k in range(per_sub)]
+    return members
+
+
+def build_tree_image(entries: int, work: Path = WORK) -> dict[str, Any]:
+    name = f"tree-{entries}"
+
+    def write(oci: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        members = tree_members(entries)
+        layer = ob.Layer.from_members(members, "gzip")
+        if oci.exists():
+            shutil.rmtree(oci)
+        built = ob.write_oci_layout(oci, [layer], tag=TAG)
+        stats = _layer_stats("tree", layer, members)
+        return {"name": name, "description": f"{len(members):,} entries (empty files, dirs, "
+                "symlinks)", "oci_dir": str(oci), "tag": TAG, "digest": built.digest,
+                "layers": [stats], "compressed_bytes": stats["compressed_bytes"],
+                "uncompressed_bytes": stats["uncompressed_bytes"],
+                "file_bytes": 0, "entries": len(members), "files": stats["files"],
+                "python": None, "installed": [],
+                "build_seconds": round(time.perf_counter() - t0, 1)}
+
+    return _cached(work, name, _source_key("tree-v2", entries), write, f"{name}: a wide tree")
 
 
 def layer_blob_path(meta: dict[str, Any], layer: dict[str, Any]) -> Path:
@@ -302,6 +468,11 @@ def native_root(meta: dict[str, Any], work: Path = WORK) -> Path:
     done = root.with_name(root.name + ".done")
     if done.exists() and root.is_dir():
         return root
+    earlier = re.compile(re.escape(meta["name"]) + r"-[0-9a-f]{12}(\.done)?")
+    for stale in root.parent.glob(f"{meta['name']}-*"):  # earlier builds of this image
+        if earlier.fullmatch(stale.name) and not stale.name.startswith(root.name):
+            log(f"removing {stale} (an earlier build)")
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     log(f"extracting image {meta['name']} to {root}")
     if root.exists():
         shutil.rmtree(root)

@@ -42,6 +42,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ _TOTAL_KEY = b"\0total"
 _TOUCH_EVERY = 60.0
 DEFAULT_CACHE_SIZE = 10 << 30
 MAP_SIZE = 1 << 32
+FULL_WARN_EVERY = 10.0
 
 
 class CacheError(CasfsError):
@@ -97,6 +99,8 @@ class ChunkCache:
         self._verified: set[str] = set()
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._full_warned = -FULL_WARN_EVERY
+        self._full_since_warning = 0
         try:
             for sub in ("chunks", "manifests", "tmp", "mounts", "logs"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -110,8 +114,11 @@ class ChunkCache:
                     )
             else:
                 tmp = self.root / "tmp" / f"VERSION.{uuid.uuid4().hex}"
-                tmp.write_text(CACHE_FORMAT + "\n")
-                os.rename(tmp, version_file)
+                try:
+                    tmp.write_text(CACHE_FORMAT + "\n")
+                    os.rename(tmp, version_file)
+                finally:
+                    tmp.unlink(missing_ok=True)  # a full disk leaves no stray temp file
             self.env = lmdb.open(
                 str(self.root / "index.lmdb"), map_size=MAP_SIZE, max_dbs=0, sync=False,
                 metasync=False, lock=True, max_readers=1024,
@@ -167,7 +174,13 @@ class ChunkCache:
             return True
         # Only if the entry is still the one read: a file evicted by another process
         # since (entry gone), or evicted and inserted again (new entry), is no damage.
-        if self._drop(digest, expect=raw):
+        try:
+            dropped = self._drop(digest, expect=raw)
+        except lmdb.Error as exc:  # the index cannot be written (its disk full): a miss
+            log.warning("cache file for chunk %s is bad and its entry cannot be dropped: %s",
+                        digest, exc)
+            return False
+        if dropped:
             state = "missing" if data is None else "truncated" if len(data) != size else "corrupt"
             log.warning("cache file for chunk %s is %s; dropped it (it will be fetched again)",
                         digest, state)
@@ -207,14 +220,17 @@ class ChunkCache:
             tmp.unlink(missing_ok=True)
             self.stats.insert_failures += 1
             if exc.errno == errno.ENOSPC:
-                log.warning("cache disk full; evicting and serving chunk %s uncached", digest)
-                self.evict(target=int(self.total_bytes() * 0.5))
+                self._warn_full(digest)
+                self._evict_quietly(lambda: int(self.total_bytes() * 0.5))
             else:
                 log.warning("cannot write chunk %s to cache: %s", digest, exc.strerror)
             return None
         except lmdb.Error as exc:
-            # The file may be in chunks/ without an entry: an orphan, never served.
+            # The rename may have happened and the commit failed (e.g. the index could
+            # not grow on a full disk): remove the file unless an entry names it, so a
+            # full disk does not fill up further with orphans.
             tmp.unlink(missing_ok=True)
+            self._unlink_if_unindexed(key, path)
             log.warning("cannot index chunk %s in cache: %s", digest, exc)
             self.stats.insert_failures += 1
             return None
@@ -223,8 +239,39 @@ class ChunkCache:
         self._touched[digest] = now
         self.stats.inserts += 1
         if total > self.max_bytes:
-            self.evict()
+            self._evict_quietly(None)
         return path
+
+    def _warn_full(self, digest: str) -> None:
+        """One warning per FULL_WARN_EVERY seconds while the disk stays full, not one per
+        chunk (a full disk under a busy mount would flood the log)."""
+        now = time.monotonic()
+        with self._lock:
+            self._full_since_warning += 1
+            if now - self._full_warned < FULL_WARN_EVERY:
+                return
+            count, self._full_since_warning, self._full_warned = self._full_since_warning, 0, now
+        log.warning("cache disk full; evicting and serving chunks uncached (%d since the last "
+                    "warning, the latest %s)", count, digest)
+
+    def _unlink_if_unindexed(self, key: bytes, path: Path) -> None:
+        """Remove a chunk file no entry names, under the write lock (a commit with no
+        change writes nothing, so this works on a full disk). Best effort: whatever is
+        left is an orphan, never served, that `casfs cache prune` removes."""
+        try:
+            with self.env.begin(write=True) as txn:
+                if txn.get(key) is None:
+                    path.unlink(missing_ok=True)
+        except (lmdb.Error, OSError) as exc:
+            log.debug("could not remove unindexed chunk file %s: %s", path, exc)
+
+    def _evict_quietly(self, target: Callable[[], int] | None) -> None:
+        """Evict (to target(), or the default), logging instead of raising when the
+        index cannot be written: the chunk at hand is served either way."""
+        try:
+            self.evict(target=None if target is None else target())
+        except lmdb.Error as exc:
+            log.warning("cannot evict from the cache: %s", exc)
 
     @staticmethod
     def _total(txn: lmdb.Transaction) -> int:

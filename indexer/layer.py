@@ -86,6 +86,32 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+class _BadHeader(tarfile.TarError):
+    """A header that is not one (bad checksum, garbage) or is cut short, after the first."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Refuses what tarfile's stream reader would otherwise take for the end of the
+    archive: a header with a bad checksum, or one cut short, after the first member.
+    tarfile stops there silently and every later entry (files, whiteouts) would be
+    dropped; Go's archive/tar (Docker, containerd, umoci) fails the layer instead."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            raise _BadHeader(f"bad header at byte {tarfile_.offset}: {exc}") from None
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """After the first end-of-archive (zero) block: the next block is zeros too, or the
+    stream ends (as Go's archive/tar requires: a zero block then data is not an end)."""
+    after = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    if after.strip(b"\0"):
+        raise _BadHeader(f"a zero block followed by data at byte {tar.offset}")
+
+
 def read_layer(
     stream: IO[bytes],
     uploader: BlobUploader,
@@ -99,7 +125,7 @@ def read_layer(
     """
     ops: list[dict[str, Any]] = []
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+        tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2, tarinfo=_StrictTarInfo)
         for member in tar:
             if len(ops) >= MAX_ENTRIES:
                 raise HostileLayer(f"{what}: more than {MAX_ENTRIES} entries")
@@ -148,6 +174,7 @@ def read_layer(
             if path == "" and op["type"] != stat.S_IFDIR:
                 raise HostileLayer(f"{what}: the root entry is not a directory")
             ops.append(op)
+        _check_end(tar)
     except tarfile.TarError as exc:
         raise CorruptLayer(f"{what}: tar archive is corrupt or truncated ({exc})") from exc
     except EOFError as exc:

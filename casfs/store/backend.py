@@ -21,6 +21,11 @@ The contract every implementation keeps:
 * `list` yields keys under a prefix, in no promised order, each exactly once;
   `list_info` the same with each object's size and last-modified time (which
   garbage collection's grace period reads).
+* Optionally, `size(key)`: the stored object's size in bytes, None when there is
+  none (-1: present, size unknown). The content layer uses it, where a backend has
+  it, to tell a stored blob or manifest from an empty object an aborted upload left
+  (SeaweedFS keeps a zero-byte object when a PUT's connection closes right after
+  its headers); backends without it fall back to `exists`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ raises BlobCorrupt and is never returned.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 
@@ -34,8 +35,10 @@ from casfs.store.backend import ObjectBackend
 STORE_FORMAT_VERSION = 1
 STORE_MARKER = "casfs-store.json"
 MAX_BLOB_SIZE = 64 << 20
+MIN_FRAME_SIZE = 9  # the smallest zstd frame: magic, frame header, one empty block
 MAX_MANIFEST_SIZE = 1 << 30
 ZSTD_LEVEL = 3
+log = logging.getLogger(__name__)
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}$")
 
 _local = threading.local()
@@ -138,11 +141,27 @@ class Store:
         with self._known_lock:
             self._known.clear()
 
+    def _stored(self, key: str) -> bool:
+        """Whether key holds an object that can be a zstd frame. An object too small to
+        be one is what an aborted upload can leave (an empty object): it counts as
+        absent, so the next upload of that content replaces it."""
+        size_of = getattr(self.backend, "size", None)
+        if size_of is None:
+            return self.backend.exists(key)
+        size = size_of(key)
+        if size is None:
+            return False
+        if 0 <= size < MIN_FRAME_SIZE:
+            log.warning("%s in %s is a %d-byte object (an aborted upload?): writing it again",
+                        key, self.url, size)
+            return False
+        return True
+
     def has_blob(self, digest: str) -> bool:
         with self._known_lock:
             if digest in self._known:
                 return True
-        found = self.backend.exists(blob_key(digest))
+        found = self._stored(blob_key(digest))
         if found:
             with self._known_lock:
                 self._known.add(digest)
@@ -172,7 +191,7 @@ class Store:
     def put_manifest(self, data: bytes) -> str:
         digest = hash_bytes(data)
         key = manifest_key(digest)
-        if not self.backend.exists(key):
+        if not self._stored(key):
             self.backend.put(key, compress(data))
         return digest
 
@@ -212,12 +231,19 @@ class Store:
     # -- layer records -------------------------------------------------------
 
     def get_layer_record(self, layer_digest: str) -> bytes | None:
+        """A layer's record, or None when there is none, or it is damaged (e.g. an
+        aborted upload left an empty object): the layer is then indexed again and its
+        record rewritten."""
         algo, _, hex_ = layer_digest.partition(":")
         try:
             packed = self.backend.get(f"layers/{algo}/{hex_}")
         except ObjectNotFound:
             return None
-        return decompress(packed, MAX_MANIFEST_SIZE, f"layer record {layer_digest}")
+        try:
+            return decompress(packed, MAX_MANIFEST_SIZE, f"layer record {layer_digest}")
+        except BlobCorrupt as exc:
+            log.warning("%s; indexing the layer again", exc)
+            return None
 
     def put_layer_record(self, layer_digest: str, data: bytes) -> None:
         algo, _, hex_ = layer_digest.partition(":")

@@ -2,13 +2,17 @@
 
 Objects are files under the root, keyed by their relative path. A put writes a
 temporary file in `<root>/.tmp`, fsyncs it and renames it into place, so a
-reader (or a crash) never sees a partial object.
+reader (or a crash) never sees a partial object. A writer killed mid-put leaves
+its temp file; opening the store for writing removes those older than a day.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +20,9 @@ from pathlib import Path
 from casfs.errors import ObjectNotFound, StoreError, StoreUnreachable
 
 TMP_DIR = ".tmp"
+STALE_TMP_SECONDS = 24 * 3600
+"""A temp file this old belongs to a writer that died (killed mid-put): removed when
+the store is next opened for writing."""
 
 
 class FileBackend:
@@ -32,8 +39,18 @@ class FileBackend:
                 (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnreachable(f"cannot create store directory {self.root}: {exc.strerror}") from exc
+            self._sweep_tmp()
         elif not self.root.is_dir():
             raise StoreUnreachable(f"store directory {self.root} does not exist")
+
+    def _sweep_tmp(self) -> None:
+        """Remove the partial puts of writers killed long ago (a put takes seconds)."""
+        cutoff = time.time() - STALE_TMP_SECONDS
+        with contextlib.suppress(OSError), os.scandir(self.root / TMP_DIR) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/") or key.startswith(TMP_DIR):
@@ -81,6 +98,15 @@ class FileBackend:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {key} in {self.url}: {exc.strerror}") from exc
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def delete(self, key: str) -> None:
         try:

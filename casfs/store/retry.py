@@ -69,6 +69,12 @@ class RetryingBackend:
     def exists(self, key: str) -> bool:
         return self._call(lambda: self.inner.exists(key))
 
+    def size(self, key: str) -> int | None:
+        size = getattr(self.inner, "size", None)
+        if size is None:
+            return -1 if self._call(lambda: self.inner.exists(key)) else None
+        return self._call(lambda: size(key))
+
     def delete(self, key: str) -> None:
         self._call(lambda: self.inner.delete(key))
 

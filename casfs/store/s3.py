@@ -9,6 +9,8 @@ backend contract's no-partial-object rule for free.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -165,8 +167,14 @@ class S3Backend:
         return resp.data
 
     def put(self, key: str, data: bytes) -> None:
+        # Content-MD5 makes the server check the body it got: without it, SeaweedFS
+        # stores an empty object when the connection closes right after the headers (a
+        # writer killed mid-upload behind a proxy that forwards headers first).
         http = self._http
-        http.check(http.request("PUT", self._key(key), body=bytes(data)), key)
+        body = bytes(data)
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        http.check(http.request("PUT", self._key(key), body=body,
+                                headers={"Content-MD5": md5}), key)
 
     def exists(self, key: str) -> bool:
         http = self._http
@@ -176,6 +184,18 @@ class S3Backend:
             return False
         http.check(resp, key)
         return True
+
+    def size(self, key: str) -> int | None:
+        """The object's size from one HEAD, None when it does not exist."""
+        http = self._http
+        resp = http.request("HEAD", self._key(key))
+        if resp.status == 404:
+            return None
+        http.check(resp, key)
+        try:
+            return int(resp.headers.get("Content-Length", "-1"))
+        except ValueError:
+            return -1
 
     def delete(self, key: str) -> None:
         try:

@@ -1,0 +1,535 @@
+"""The cold-start benchmark: Python imports from a mounted image against the alternatives.
+
+    python -m benchmarks.coldstart [--quick] [--latency-ms 20] [--runs N] [--out DIR]
+
+One run: build (or reuse) the image, extract it to local disk, start SeaweedFS and the
+latency proxy, index the image into SeaweedFS (directly: indexing is not what is measured
+here), upload its layer blobs for the full pull, then per workload:
+
+- native cold / warm: the image's interpreter on the extracted tree;
+- full pull: every layer blob downloaded through the proxy, decompressed, extracted (GNU
+  tar), then the import, each phase timed (one pull per run serves every workload);
+- casfs first boot: empty cache dir, no trace in the store, page cache dropped, fresh
+  `casfs mount` through the proxy, then the import (casfs's defaults otherwise);
+- casfs --no-prefetch (with --no-prefetch-row): the same with prefetch and its
+  heuristics off: plain lazy loading;
+- casfs prefetched boot: one recording boot (empty cache), then boots with an empty cache
+  that replay its trace (only when `casfs mount` has --no-prefetch; else reported n/a);
+- casfs warm cache: cache dir kept from the first boots, page cache dropped, fresh mount;
+- casfs hot: one mount, page cache warm.
+
+Only the recording boot records a trace (--no-trace elsewhere), and traces are deleted
+between workloads, so each workload replays its own boot only. After each page-cache drop
+casfs's own code is re-read by a throwaway mount (unless --cold-agent): on a worker node
+the agent is resident and the image is what is cold.
+
+Writes ``<out>/<date>-coldstart[-quick].{json,md,png}`` and prints the tables and the
+brief's targets beside the measured ratios. Targets are reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.common import (
+    RESULTS,
+    WORK,
+    BenchError,
+    PageCache,
+    Services,
+    add_product_args,
+    casfs_help,
+    casfs_index,
+    casfs_mount,
+    cleanup_mounts_under,
+    disk_device,
+    disk_read_bytes,
+    exit_on_sigterm,
+    fresh_dir,
+    log,
+    machine_info,
+    now_iso,
+    s3_client,
+    select_product,
+    services,
+    stat_counters,
+    summarize,
+    today,
+    wait_for_quiet,
+)
+from benchmarks.images import (
+    IMAGES,
+    TAG,
+    ImageSpec,
+    Workload,
+    build_image,
+    decompress_blob,
+    extract_tar,
+    layer_blob_path,
+    native_root,
+    run_workload,
+    verify_workload,
+)
+
+PULL_CONCURRENCY = 3  # dockerd's default max-concurrent-downloads
+OCI_BUCKET = "oci-layers"
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A summary (median, min, max) of every numeric field the runs share."""
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k, v in r.items() if isinstance(v, int | float) and k not in keys]
+    return {k: summarize([r[k] for r in runs if isinstance(r.get(k), int | float)])
+            for k in keys}
+
+
+def ok(runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"status": "ok", "runs": runs, **summarize_runs(runs), **extra}
+
+
+def na(note: str) -> dict[str, Any]:
+    return {"status": "n/a", "note": note}
+
+
+class ColdStart:
+    """One benchmark run: the image, the services, the page cache and the results."""
+
+    def __init__(self, args: argparse.Namespace, spec: ImageSpec, meta: dict[str, Any],
+                 root: Path, svc: Services, store: str, ref: str, run_dir: Path) -> None:
+        self.args = args
+        self.spec = spec
+        self.meta = meta
+        self.root = root
+        self.svc = svc
+        self.store = store
+        self.ref = ref
+        self.run_dir = run_dir
+        self.pc = PageCache()
+        self.home = run_dir / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.mnt = run_dir / "mnt"
+        self.device = disk_device(root)
+        self.prefetch = "--no-prefetch" in casfs_help("mount")
+        # With prefetch built, only the one recording boot per workload records a trace
+        # (--no-trace everywhere else), so a prefetched boot replays exactly that boot and
+        # a first boot finds no trace at all. Every other default (readahead and sibling
+        # heuristics, replay) stays on: the rows measure the product as shipped.
+        self.quiet = ["--no-trace"] if self.prefetch else []
+        self.errors: list[str] = []
+
+    @property
+    def runs(self) -> int:
+        return self.args.runs
+
+    def workload(self, wl: Workload, root: Path) -> float:
+        return run_workload(self.meta, root, wl.code, self.home, timeout=self.args.timeout)
+
+    # -- native ---------------------------------------------------------------------
+
+    def native_cold(self, wl: Workload) -> dict[str, Any]:
+        runs = []
+        for _ in range(self.runs):
+            self.pc.drop()
+            d0 = disk_read_bytes(self.device)
+            t = self.workload(wl, self.root)
+            d1 = disk_read_bytes(self.device)
+            runs.append({"wall": t, "disk_read_bytes": None if d0 is None else d1 - d0})
+        return ok(runs)
+
+    def native_warm(self, wl: Workload) -> dict[str, Any]:
+        self.workload(wl, self.root)  # warm-up
+        return ok([{"wall": self.workload(wl, self.root)} for _ in range(self.runs)])
+
+    # -- full pull ------------------------------------------------------------------
+
+    def full_pull(self, workloads: list[Workload]) -> dict[str, dict[str, Any]]:
+        """Per run: drop caches, download, decompress, extract, then each workload's
+        import on the fresh tree. Returns a scenario result per workload."""
+        client = s3_client(self.svc.proxy.url)
+        client.list_buckets()  # connection set-up and boto3's lazy loading, untimed
+        per_wl: dict[str, list[dict[str, Any]]] = {wl.name: [] for wl in workloads}
+        layers = self.meta["layers"]
+        for i in range(self.runs):
+            dest = fresh_dir(self.run_dir / "pull")
+            blobs = dest / "blobs"
+            blobs.mkdir()
+            self.pc.drop()
+            self.svc.proxy.reset()
+            t0 = time.perf_counter()
+
+            def fetch(layer: dict[str, Any], blobs: Path = blobs) -> Path:
+                path = blobs / layer["digest"].split(":", 1)[1]
+                body = client.get_object(Bucket=OCI_BUCKET, Key=layer["digest"])["Body"]
+                with open(path, "wb") as f:
+                    while buf := body.read(1 << 20):
+                        f.write(buf)
+                return path
+
+            with concurrent.futures.ThreadPoolExecutor(PULL_CONCURRENCY) as pool:
+                paths = list(pool.map(fetch, layers))
+            t1 = time.perf_counter()
+            tars = []
+            for layer, path in zip(layers, paths, strict=True):
+                tar = path.with_suffix(".tar")
+                decompress_blob(path, layer["media_type"], tar)
+                tars.append(tar)
+            t2 = time.perf_counter()
+            root = dest / "root"
+            for layer, tar in zip(layers, tars, strict=True):
+                if layer.get("whiteouts"):
+                    raise BenchError("the full pull does not apply whiteouts")
+                extract_tar(tar, root)
+            t3 = time.perf_counter()
+            pcount = self.svc.proxy_counters()
+            phases = {"download": t1 - t0, "decompress": t2 - t1, "extract": t3 - t2}
+            log(f"  full pull run {i + 1}: download {phases['download']:.2f}s, decompress "
+                f"{phases['decompress']:.2f}s, extract {phases['extract']:.2f}s")
+            for wl in workloads:
+                t = self.workload(wl, root)
+                per_wl[wl.name].append({
+                    **phases, "import": t, "wall": sum(phases.values()) + t,
+                    "requests": pcount["requests"], "fetched_bytes": pcount["body_bytes_down"]})
+            shutil.rmtree(dest)
+        return {name: ok(runs) for name, runs in per_wl.items()}
+
+    # -- casfs ----------------------------------------------------------------------
+
+    def drop_for_boot(self) -> None:
+        """Drop the page cache, then (unless --cold-agent) bring casfs's own code back into
+        it with a throwaway mount that reads nothing (--no-prefetch, its own cache dir): on
+        a worker node the casfs agent is resident; the image's content is what is cold."""
+        self.pc.drop()
+        if self.args.cold_agent:
+            return
+        scratch = fresh_dir(self.run_dir / "cache-prewarm")
+        with casfs_mount(self.ref, self.mnt, self.store, scratch, self.svc.env_direct,
+                         ["--no-prefetch", *self.quiet]):
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def boot(self, wl: Workload, cache: Path, extra: list[str] | None = None) -> dict[str, Any]:
+        """Drop the page cache, mount fresh (cache dir as given), import, count, unmount."""
+        self.drop_for_boot()
+        self.svc.proxy.reset()
+        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy,
+                         extra or []) as m:
+            t = self.workload(wl, self.mnt)
+            pcount = self.svc.proxy_counters()
+            stats = m.stats()
+            counters = stat_counters(stats)
+            rss = m.rss()
+        return {"wall": m.seconds + t, "mount": m.seconds, "import": t,
+                "requests": pcount["requests"], "get_requests": pcount["get_requests"],
+                "fetched_bytes": pcount["body_bytes_down"],
+                # Uncompressed bytes of the chunks now on the node (the boot started empty
+                # for first/prefetched boots): comparable with read_bytes, unlike the
+                # compressed bytes on the wire.
+                "cache_bytes": int((stats.get("cache") or {}).get("bytes", 0)),
+                **{f"daemon_{k}": v for k, v in counters.items()
+                   if k not in ("read_bytes", "reads", "opens")},
+                "read_bytes": counters["read_bytes"], "reads": counters["reads"],
+                "opens": counters["opens"], "rss_bytes": rss}
+
+    def casfs_first(self, wl: Workload) -> tuple[dict[str, Any], Path]:
+        """Empty cache, no trace in the store: the first boot ever of this image."""
+        cache = self.run_dir / f"cache-{wl.name}"
+        runs = []
+        for i in range(self.runs):
+            fresh_dir(cache)
+            r = self.boot(wl, cache, self.quiet)
+            log(f"  first boot run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
+                f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
+                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE")
+            runs.append(r)
+        return ok(runs), cache  # the last run's cache is the warm cache
+
+    def casfs_noprefetch(self, wl: Workload) -> dict[str, Any]:
+        """Plain lazy loading: no replay, no heuristics (diagnostic row, --no-prefetch-row)."""
+        if not self.prefetch:
+            return na("casfs mount has no --no-prefetch flag: same as the first boot")
+        cache = self.run_dir / f"cache-np-{wl.name}"
+        runs = []
+        for i in range(self.runs):
+            fresh_dir(cache)
+            r = self.boot(wl, cache, ["--no-prefetch", *self.quiet])
+            log(f"  --no-prefetch run {i + 1}: {r['wall']:.2f}s, {r['requests']} requests")
+            runs.append(r)
+        shutil.rmtree(cache, ignore_errors=True)
+        return ok(runs)
+
+    def record_boot(self, wl: Workload, cache: Path) -> dict[str, Any]:
+        """A boot that records its trace; waits (mounted) until the daemon says it saved
+        it, so the trace and its pack are in the store before the next boot."""
+        self.drop_for_boot()
+        self.svc.proxy.reset()
+        extra = [] if self.args.trace_idle is None else ["--trace-idle", f"{self.args.trace_idle:g}"]
+        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy, extra) as m:
+            t = self.workload(wl, self.mnt)
+            pcount = self.svc.proxy_counters()
+            deadline = time.monotonic() + self.args.trace_wait
+            saved = ""
+            while time.monotonic() < deadline:
+                saved = (m.stats().get("prefetch") or {}).get("trace_saved") or ""
+                if saved:
+                    break
+                time.sleep(1.0)
+            counters = stat_counters(m.stats())
+        if not saved:
+            log(f"WARNING: the recording boot's trace was not reported saved within "
+                f"{self.args.trace_wait:.0f}s; it may be saved at unmount")
+        traces = self.list_keys("traces/m/")
+        log(f"  recording boot: {m.seconds + t:.2f}s, trace {saved or '(not reported)'}, "
+            f"{len(traces)} trace object(s) in the store")
+        return {"wall": m.seconds + t, "mount": m.seconds, "import": t,
+                "requests": pcount["requests"], "fetched_bytes": pcount["body_bytes_down"],
+                "read_bytes": counters["read_bytes"], "trace_saved": saved,
+                "traces_in_store": len(traces)}
+
+    def casfs_prefetched(self, wl: Workload) -> dict[str, Any]:
+        if not self.prefetch:
+            return na("prefetch not built yet (`casfs mount` has no --no-prefetch flag)")
+        cache = self.run_dir / f"cache-pf-{wl.name}"
+        fresh_dir(cache)
+        recording = self.record_boot(wl, cache)
+        if not recording["traces_in_store"]:
+            raise BenchError("the recording boot left no trace in the store")
+        runs = []
+        for i in range(self.runs):
+            fresh_dir(cache)
+            r = self.boot(wl, cache, self.quiet)
+            log(f"  prefetched boot run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
+                f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
+                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE")
+            runs.append(r)
+        shutil.rmtree(cache, ignore_errors=True)
+        return ok(runs, recording=recording)
+
+    def casfs_warm(self, wl: Workload, cache: Path) -> dict[str, Any]:
+        return ok([self.boot(wl, cache, self.quiet) for _ in range(self.runs)])
+
+    # -- the store's traces ---------------------------------------------------------
+
+    def list_keys(self, sub: str) -> list[str]:
+        bucket, _, prefix = self.store.removeprefix("s3://").partition("/")
+        client = s3_client(self.svc.seaweed.endpoint_url)
+        keys: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{prefix}/{sub}"):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
+
+    def clear_traces(self) -> int:
+        """Delete every trace and pack (docs/format.md: traces/, packs/), so the next
+        workload's boots see only their own recording."""
+        bucket = self.store.removeprefix("s3://").partition("/")[0]
+        client = s3_client(self.svc.seaweed.endpoint_url)
+        keys = self.list_keys("traces/") + self.list_keys("packs/")
+        for key in keys:
+            client.delete_object(Bucket=bucket, Key=key)
+        return len(keys)
+
+    def casfs_hot(self, wl: Workload, cache: Path) -> dict[str, Any]:
+        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy,
+                         self.quiet) as m:
+            verify_workload(self.meta, self.mnt, wl, self.home)  # warm-up + checks paths
+            runs = []
+            for _ in range(self.runs):
+                before = stat_counters(m.stats())
+                self.svc.proxy.reset()
+                t = self.workload(wl, self.mnt)
+                after = stat_counters(m.stats())
+                pcount = self.svc.proxy_counters()
+                runs.append({"wall": t, "import": t, "requests": pcount["requests"],
+                             "fetched_bytes": pcount["body_bytes_down"],
+                             "read_bytes": after["read_bytes"] - before["read_bytes"],
+                             "reads": after["reads"] - before["reads"], "rss_bytes": m.rss()})
+        return ok(runs)
+
+    # -- driving --------------------------------------------------------------------
+
+    def guarded(self, what: str, fn: Any, *a: Any) -> Any:
+        """Run one scenario; a failure becomes an "error" row, not the end of the run."""
+        busy = wait_for_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else None
+        load = os.getloadavg()[0]
+        log(what + (f" (CPUs {busy:.0%} busy with other work)" if busy and busy > 0.25 else ""))
+        try:
+            out = fn(*a)
+            res = out[0] if isinstance(out, tuple) else out
+            if isinstance(res, dict) and "status" in res:
+                res["loadavg_start"], res["cpu_busy_start"] = load, busy
+            return out
+        except Exception as exc:  # noqa: BLE001 - every failure is reported in the results
+            msg = f"{what}: {exc}"
+            log("ERROR " + msg)
+            if self.args.verbose:
+                traceback.print_exc()
+            self.errors.append(msg)
+            return {"status": "error", "note": str(exc)[:300]}
+
+    def run(self, workloads: list[Workload]) -> list[dict[str, Any]]:
+        scen: dict[str, dict[str, Any]] = {wl.name: {} for wl in workloads}
+        for wl in workloads:
+            verify_workload(self.meta, self.root, wl, self.home)
+            scen[wl.name]["native_cold"] = self.guarded(
+                f"[{wl.name}] native cold", self.native_cold, wl)
+            scen[wl.name]["native_warm"] = self.guarded(
+                f"[{wl.name}] native warm", self.native_warm, wl)
+        pulls = self.guarded("full pull", self.full_pull, workloads)
+        for wl in workloads:
+            scen[wl.name]["full_pull"] = (pulls.get(wl.name) if pulls.get("status") != "error"
+                                          else pulls)
+        for wl in workloads:
+            s = scen[wl.name]
+            if self.prefetch:
+                self.guarded("deleting traces and packs from the store", self.clear_traces)
+            first = self.guarded(f"[{wl.name}] casfs first boot", self.casfs_first, wl)
+            cache = None
+            if isinstance(first, tuple):
+                first, cache = first
+            s["casfs_first"] = first
+            if self.args.no_prefetch_row:
+                s["casfs_noprefetch"] = self.guarded(
+                    f"[{wl.name}] casfs --no-prefetch", self.casfs_noprefetch, wl)
+            s["casfs_prefetched"] = self.guarded(
+                f"[{wl.name}] casfs prefetched boot", self.casfs_prefetched, wl)
+            if cache is not None:
+                s["casfs_warm"] = self.guarded(
+                    f"[{wl.name}] casfs warm cache", self.casfs_warm, wl, cache)
+                s["casfs_hot"] = self.guarded(f"[{wl.name}] casfs hot", self.casfs_hot, wl, cache)
+                shutil.rmtree(cache, ignore_errors=True)
+            else:
+                s["casfs_warm"] = s["casfs_hot"] = {"status": "error",
+                                                    "note": "no cache: the first boot failed"}
+        out = []
+        for i, wl in enumerate(workloads):
+            out.append({"name": wl.name, "code": wl.code, "primary": i == 0,
+                        "scenarios": scen[wl.name],
+                        "targets": report.evaluate_targets(scen[wl.name])})
+        return out
+
+
+def upload_layers(svc: Services, meta: dict[str, Any]) -> None:
+    client = s3_client(svc.seaweed.endpoint_url)
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
+                             client.exceptions.BucketAlreadyExists):
+        client.create_bucket(Bucket=OCI_BUCKET)
+    for layer in meta["layers"]:
+        client.upload_file(str(layer_blob_path(meta, layer)), OCI_BUCKET, layer["digest"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.coldstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the small image (numpy alone), 2 runs per scenario")
+    p.add_argument("--image", choices=sorted(IMAGES), help="override the image "
+                   "(default: big, or small with --quick)")
+    p.add_argument("--latency-ms", type=float, default=20.0,
+                   help="added per request by the proxy in front of SeaweedFS (default 20)")
+    p.add_argument("--runs", type=int, help="runs per scenario (default 3, --quick 2)")
+    p.add_argument("--workloads", help="comma-separated workload names (default: all)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument("--work", type=Path, default=WORK, help="cache of built images, scratch")
+    p.add_argument("--stem", help="results file name stem (default <date>-coldstart[-quick])")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the image")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per workload run")
+    p.add_argument("--no-prefetch-row", action="store_true",
+                   help="also measure boots with --no-prefetch (plain lazy loading)")
+    p.add_argument("--quiet-wait", type=float, default=60,
+                   help="before each scenario, wait up to this many seconds for other work to "
+                   "leave the CPUs idle (0: don't)")
+    p.add_argument("--cold-agent", action="store_true",
+                   help="leave casfs's own code out of the page cache too after each drop "
+                   "(default: re-warm it with a throwaway mount, as on a node running casfs)")
+    p.add_argument("--trace-idle", type=float,
+                   help="--trace-idle for the recording boot (default: casfs's own)")
+    p.add_argument("--trace-wait", type=float, default=120,
+                   help="seconds to wait for a recording boot's trace to be saved")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_product_args(p)
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 2 if args.quick else 3
+    if args.image is None:
+        args.image = "small" if args.quick else "big"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    t_start = time.perf_counter()
+    spec = IMAGES[args.image]
+    workloads = list(spec.workloads)
+    if args.workloads:
+        names = args.workloads.split(",")
+        workloads = [w for w in workloads if w.name in names]
+        if not workloads:
+            raise SystemExit(f"no such workload in image {spec.name}: {args.workloads}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    product = select_product(args.casfs_src, args.casfs_rev, args.work)
+    log(f"casfs under test: {product['source']}")
+    runs_base = args.work / "runs"
+    cleanup_mounts_under(runs_base)
+    meta = build_image(spec, args.work, rebuild=args.rebuild)
+    root = native_root(meta, args.work)
+    run_dir = fresh_dir(runs_base / f"coldstart-{os.getpid()}")
+    machine = machine_info()
+    results: dict[str, Any] = {"benchmark": "coldstart", "date": now_iso()}
+    try:
+        with services(args.latency_ms) as svc:
+            bucket = svc.seaweed.make_bucket("casfs-bench")
+            store = f"s3://{bucket}/casfs"
+            log(f"indexing image {spec.name} into {store} (directly, not through the proxy)")
+            idx = casfs_index(Path(meta["oci_dir"]), TAG, store, svc.env_direct)
+            log(f"indexed in {idx.seconds:.1f}s: {idx.ref}")
+            upload_layers(svc, meta)
+            bench = ColdStart(args, spec, meta, root, svc, store, idx.ref, run_dir)
+            wl_results = bench.run(workloads)
+            results.update({
+                "machine": machine,
+                "revision": product["revision"],
+                "product": product,
+                "config": {"latency_ms": args.latency_ms, "runs": args.runs, "quick": args.quick,
+                           "cold_agent": args.cold_agent,
+                           "image": spec.name, "store": svc.note,
+                           "workloads": [w.name for w in workloads],
+                           "pull_concurrency": PULL_CONCURRENCY},
+                "image": {**{k: v for k, v in meta.items() if k != "oci_dir"},
+                          "manifest_ref": idx.ref, "index_seconds": idx.seconds},
+                "page_cache": bench.pc.report(),
+                "prefetch": {"supported": bench.prefetch,
+                             "note": "casfs mount has --no-prefetch: prefetched rows measured"
+                             if bench.prefetch else "not built yet (no --no-prefetch flag)"},
+                "workloads": wl_results,
+                "errors": bench.errors,
+            })
+    finally:
+        cleanup_mounts_under(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    stem = args.stem or report.unique_stem(
+        args.out, f"{today()}-coldstart" + ("-quick" if args.quick else ""))
+    paths = report.write_reports(results, args.out, stem)
+    print(report.render_console(results))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    log(f"coldstart finished in {results['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Turning a cold-start results dict into what people read: the console summary, the
+Markdown table, the JSON file and the PNG chart, plus the brief's targets evaluated
+against the measured ratios (reported, never enforced).
+
+The results dict (written as JSON verbatim) looks like::
+
+    {"benchmark": "coldstart", "date": ..., "machine": {...}, "config": {...},
+     "image": {... sizes, file counts ...}, "page_cache": {...}, "prefetch": {...},
+     "workloads": [{"name": "torch", "code": "import torch", "primary": true,
+                    "scenarios": {"native_cold": {"status": "ok", "runs": [...],
+                                                  "wall": {"median": ..}, ...}, ...},
+                    "targets": [...]}]}
+
+Every scenario has a ``status`` ("ok", "n/a" or "error") and a ``note``; ok scenarios have
+``runs`` (one dict per run) and a summary (median/min/max) for each numeric field of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SCENARIOS: list[tuple[str, str, str]] = [
+    ("native_cold", "native cold", "image extracted to local disk, page cache dropped"),
+    ("native_warm", "native warm", "local disk, page cache warm"),
+    ("full_pull", "full pull", "download every layer blob through the proxy, decompress, "
+     "extract, then import"),
+    ("casfs_first", "casfs first boot", "empty cache dir, fresh mount, page cache dropped, "
+     "no trace"),
+    ("casfs_noprefetch", "casfs --no-prefetch", "empty cache dir, fresh mount, page cache "
+     "dropped, trace replay and readahead/sibling heuristics off"),
+    ("casfs_prefetched", "casfs prefetched boot", "empty cache dir, fresh mount, page cache "
+     "dropped, trace recorded by an earlier boot"),
+    ("casfs_warm", "casfs warm cache", "cache dir kept, fresh mount, page cache dropped"),
+    ("casfs_hot", "casfs hot", "same mount, page cache warm"),
+]
+LABELS = {key: label for key, label, _ in SCENARIOS}
+
+# (description, numerator, denominator, limit); numerator/denominator are functions of a
+# workload's scenarios returning a number or None.
+Getter = Callable[[dict[str, Any]], float | None]
+
+
+def _med(scenario: str, field: str = "wall") -> Getter:
+    def get(sc: dict[str, Any]) -> float | None:
+        s = sc.get(scenario) or {}
+        if s.get("status") != "ok":
+            return None
+        return (s.get(field) or {}).get("median")
+    get.scenario, get.field = scenario, field  # type: ignore[attr-defined]
+    return get
+
+
+TARGETS: list[tuple[str, Getter, Getter, float]] = [
+    ("prefetched boot ≤ 1.25× native cold", _med("casfs_prefetched"), _med("native_cold"), 1.25),
+    ("first boot (no trace) ≤ 2.5× native cold", _med("casfs_first"), _med("native_cold"), 2.5),
+    ("warm cache ≤ 1.1× native cold", _med("casfs_warm"), _med("native_cold"), 1.1),
+    ("prefetched boot ≤ 0.25× full pull", _med("casfs_prefetched"), _med("full_pull"), 0.25),
+    ("bytes fetched on a prefetched boot ≤ 1.3× bytes the import reads",
+     _med("casfs_prefetched", "fetched_bytes"), _med("casfs_first", "read_bytes"), 1.3),
+]
+# Shown beside the targets for context; not targets of the brief.
+INFO: list[tuple[str, Getter, Getter]] = [
+    ("first boot vs full pull", _med("casfs_first"), _med("full_pull")),
+    ("chunk bytes brought to the node on a prefetched boot (uncompressed) vs bytes the "
+     "import reads", _med("casfs_prefetched", "cache_bytes"), _med("casfs_first", "read_bytes")),
+    ("bytes fetched on a first boot vs bytes the import reads",
+     _med("casfs_first", "fetched_bytes"), _med("casfs_first", "read_bytes")),
+]
+RSS_LIMIT = 150e6
+
+
+def evaluate_targets(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with its measured ratio and whether it is met (None: not measurable)."""
+    out = []
+    for desc, num, den, limit in TARGETS:
+        r = _ratio(num(scenarios), den(scenarios))
+        row = {"target": desc, "limit": limit, "measured": r,
+               "met": None if r is None else r <= limit}
+        scen = getattr(num, "scenario", None)
+        if getattr(num, "field", None) == "wall" and scen and scen.startswith("casfs"):
+            # The same ratio without the `casfs mount` start-up: the data path alone.
+            row["measured_import"] = _ratio(_med(scen, "import")(scenarios), den(scenarios))
+        out.append(row)
+    rss = [(scenarios.get(k) or {}).get("rss_bytes", {}).get("max")
+           for k in ("casfs_first", "casfs_noprefetch", "casfs_prefetched", "casfs_warm", "casfs_hot")
+           if (scenarios.get(k) or {}).get("status") == "ok"]
+    rss = [v for v in rss if v is not None]
+    peak = max(rss) if rss else None
+    out.append({"target": "daemon RSS ≤ 150 MB (image mounted, after the import)",
+                "limit": RSS_LIMIT, "measured": peak, "unit": "bytes",
+                "met": None if peak is None else peak <= RSS_LIMIT})
+    for desc, num, den in INFO:
+        r = _ratio(num(scenarios), den(scenarios))
+        out.append({"target": desc, "limit": None, "measured": r, "met": None, "info": True})
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# -- formatting -------------------------------------------------------------------------
+
+
+def fmt_s(summary: dict[str, Any] | None, digits: int = 2) -> str:
+    """'1.23 (1.20–1.31)' from a summary; one value alone when n == 1."""
+    if not summary or summary.get("median") is None:
+        return "–"
+    med, lo, hi = summary["median"], summary["min"], summary["max"]
+    if summary.get("n", 1) <= 1 or lo == hi:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_int(n: float | None) -> str:
+    return "–" if n is None else f"{n:,.0f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def _median(sc: dict[str, Any], field: str) -> float | None:
+    return (sc.get(field) or {}).get("median")
+
+
+def _target_line(t: dict[str, Any]) -> tuple[str, str, str]:
+    measured = fmt_bytes(t["measured"]) if t.get("unit") == "bytes" else fmt_ratio(t["measured"])
+    if t.get("measured_import") is not None:
+        measured += f" ({fmt_ratio(t['measured_import'])} without mount)"
+    if t.get("info"):
+        verdict = "(context, not a target)"
+    elif t["met"] is None:
+        verdict = "n/a"
+    else:
+        verdict = "met" if t["met"] else "NOT met"
+    return t["target"], measured, verdict
+
+
+def workload_table(wl: dict[str, Any], image_bytes: int | None) -> list[str]:
+    """Markdown rows for one workload."""
+    rows = [
+        "| scenario | wall s, median (min–max) | × native cold | mount s | import s | "
+        "import × native cold | requests | fetched (proxy) | FUSE read bytes | read / image "
+        "| daemon RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    scen = wl["scenarios"]
+    base = _median(scen.get("native_cold", {}), "wall")
+    for key, label, _ in SCENARIOS:
+        sc = scen.get(key)
+        if sc is None:
+            continue
+        if sc.get("status") != "ok":
+            rows.append(f"| {label} | {sc.get('status')}: {sc.get('note', '')} |" + " |" * 10)
+            continue
+        wall = _median(sc, "wall")
+        read = _median(sc, "read_bytes")
+        rows.append("| " + " | ".join([
+            label,
+            fmt_s(sc.get("wall")),
+            fmt_ratio(_ratio(wall, base)),
+            fmt_s(sc.get("mount")) if sc.get("mount") else "–",
+            fmt_s(sc.get("import")) if sc.get("mount") else "–",
+            fmt_ratio(_ratio(_median(sc, "import"), base)) if sc.get("mount") else "–",
+            fmt_int(_median(sc, "requests")),
+            fmt_bytes(_median(sc, "fetched_bytes")),
+            fmt_bytes(read),
+            f"{100 * read / image_bytes:.1f}%" if read and image_bytes else "–",
+            fmt_bytes(_median(sc, "rss_bytes")),
+        ]) + " |")
+    return rows
+
+
+def pull_table(wl: dict[str, Any]) -> list[str]:
+    sc = wl["scenarios"].get("full_pull") or {}
+    if sc.get("status") != "ok":
+        return []
+    phases = ("download", "decompress", "extract", "import")
+    rows = ["| " + " | ".join(phases) + " | total | requests | bytes downloaded |",
+            "|" + "---|" * (len(phases) + 3)]
+    rows.append("| " + " | ".join(fmt_s(sc.get(p)) for p in phases) + f" | {fmt_s(sc.get('wall'))}"
+                f" | {fmt_int(_median(sc, 'requests'))} | {fmt_bytes(_median(sc, 'fetched_bytes'))} |")
+    return rows
+
+
+def render_markdown(res: dict[str, Any], chart_name: str | None = None) -> str:
+    cfg, mach, img = res["config"], res["machine"], res["image"]
+    lines = [
+        f"# casfs cold-start benchmark, {res['date']}",
+        "",
+        f"Store: **{cfg['store']}**. Image **{img['name']}** ({img['description']}): "
+        f"{fmt_bytes(img['uncompressed_bytes'])} uncompressed, "
+        f"{fmt_bytes(img['compressed_bytes'])} compressed, {img['files']:,} files "
+        f"({img['entries']:,} entries), {len(img['layers'])} layers.",
+        "",
+        f"Machine: {mach['nproc']} CPUs ({mach.get('cpu', '')}), "
+        f"{mach['mem_bytes'] / 2**30:.0f} GiB RAM, kernel {mach['kernel']}, Python "
+        f"{mach['python']}; load average at start {_load(mach)}. casfs {res.get('revision')}. "
+        f"{cfg['runs']} run(s) per scenario{' (quick mode)' if cfg.get('quick') else ''}; "
+        f"page cache drops: {_drops(res)}. Prefetch: {res['prefetch']['note']}.",
+        "",
+        "Wall time is process start to exit of `python -c <workload>` run by the image's own "
+        "interpreter; for casfs boots (first, prefetched, warm) it also includes `casfs mount` "
+        "(shown separately); a full pull's includes download, decompression and extraction. "
+        "*requests* and *fetched* are counted by the latency proxy (so they include the "
+        "manifest and store checks at mount); *FUSE read bytes* is the daemon's `read_bytes` "
+        "counter: what the kernel asked the mount for, readahead and mmap page faults "
+        "included.",
+        "",
+        "Page cache: dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every cold "
+        "run. " + ("Before each casfs boot casfs's own code is then brought back into it by a "
+                   "throwaway mount that reads nothing: a worker node runs casfs all the time, "
+                   "the image's content is what is cold."
+                   if not cfg.get("cold_agent") else
+                   "casfs's own code is left cold too (--cold-agent)."),
+        "",
+    ]
+    for wl in res["workloads"]:
+        lines += [f"## `{wl['code']}`" + (" (primary)" if wl.get("primary") else ""), ""]
+        lines += workload_table(wl, img.get("uncompressed_bytes"))
+        pt = pull_table(wl)
+        if pt:
+            lines += ["", "Full pull, by phase (seconds):", ""] + pt
+        if wl.get("targets"):
+            lines += ["", "| target (brief) | measured | |", "|---|---|---|"]
+            lines += ["| " + " | ".join(_target_line(t)) + " |" for t in wl["targets"]]
+        lines.append("")
+    lines += ["## Image", "", "| layer | compressed | uncompressed | files | entries |",
+              "|---|---|---|---|---|"]
+    for layer in img["layers"]:
+        lines.append(f"| {layer['name']} | {fmt_bytes(layer['compressed_bytes'])} | "
+                     f"{fmt_bytes(layer['uncompressed_bytes'])} | {layer['files']:,} | "
+                     f"{layer['entries']:,} |")
+    if img.get("installed"):
+        lines += ["", "Installed: " + ", ".join(img["installed"]) + "."]
+    if chart_name:
+        lines += ["", f"![wall time per scenario]({chart_name})"]
+    if res.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in res["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def _load(mach: dict[str, Any]) -> str:
+    la = mach.get("loadavg") or ()
+    return ", ".join(f"{x:.2f}" for x in la) if la else "?"
+
+
+def _drops(res: dict[str, Any]) -> str:
+    pc = res.get("page_cache") or {}
+    if pc.get("ok", True):
+        return f"{pc.get('drops', 0)} ok"
+    return f"{pc.get('failures')} FAILED ({pc.get('error')}): cold figures are not cold"
+
+
+def render_console(res: dict[str, Any]) -> str:
+    """A compact plain-text summary for stdout."""
+    out = [f"casfs cold start, {res['date']}; store: {res['config']['store']}; "
+           f"image {res['image']['name']} ({fmt_bytes(res['image']['uncompressed_bytes'])}, "
+           f"{res['image']['files']:,} files)"]
+    for wl in res["workloads"]:
+        out.append("")
+        out.append(f"== {wl['code']}")
+        base = _median(wl["scenarios"].get("native_cold", {}), "wall")
+        for key, label, _ in SCENARIOS:
+            sc = wl["scenarios"].get(key)
+            if sc is None:
+                continue
+            if sc.get("status") != "ok":
+                out.append(f"  {label:<22} {sc.get('status')}: {sc.get('note', '')}")
+                continue
+            wall = _median(sc, "wall")
+            extra = ""
+            if _median(sc, "requests") is not None:
+                extra = (f"  {fmt_int(_median(sc, 'requests'))} req, "
+                         f"{fmt_bytes(_median(sc, 'fetched_bytes'))} fetched")
+            if _median(sc, "read_bytes"):
+                extra += f", {fmt_bytes(_median(sc, 'read_bytes'))} read via FUSE"
+            out.append(f"  {label:<22} {fmt_s(sc.get('wall')):<24} "
+                       f"{fmt_ratio(_ratio(wall, base)):>7}{extra}")
+        for t in wl.get("targets", []):
+            desc, measured, verdict = _target_line(t)
+            out.append(f"  target: {desc:<66} {measured:>30}  {verdict}")
+    return "\n".join(out)
+
+
+SEGMENT_COLORS = {"download": "#cc7a00", "decompress": "#e8a33d", "extract": "#f3c77f",
+                  "mount": "#9ec5e8", "import": "#1f6fb4", "native": "#888888"}
+
+
+def _segments(key: str, sc: dict[str, Any]) -> list[tuple[str, float]]:
+    """What a bar is made of: a full pull's phases, a boot's mount and import, or the wall."""
+    if key == "full_pull":
+        names = ["download", "decompress", "extract", "import"]
+    elif sc.get("mount"):
+        names = ["mount", "import"]
+    else:
+        return [("native" if key.startswith("native") else "import", _median(sc, "wall") or 0.0)]
+    return [(n, _median(sc, n) or 0.0) for n in names]
+
+
+def chart(res: dict[str, Any], path: Path) -> Path | None:
+    """Horizontal bars of median wall time per scenario, split into phases (a full pull's
+    download/decompress/extract/import, a boot's mount/import), whiskers min–max of the
+    total; one panel per workload. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        return None
+    wls = res["workloads"]
+    fig, axes = plt.subplots(len(wls), 1, figsize=(10, 1.4 + 2.7 * len(wls)), squeeze=False)
+    used: set[str] = set()
+    for ax, wl in zip(axes[:, 0], wls, strict=True):
+        rows = [(key, label, wl["scenarios"][key]) for key, label, _ in SCENARIOS
+                if key in wl["scenarios"]]
+        totals: list[tuple[float, float] | None] = []  # (median, max) per row
+        for y, (key, _label, sc) in enumerate(rows):
+            if sc.get("status") != "ok" or _median(sc, "wall") is None:
+                totals.append(None)
+                continue
+            left = 0.0
+            for name, value in _segments(key, sc):
+                ax.barh(y, value, left=left, color=SEGMENT_COLORS[name], height=0.7)
+                used.add(name)
+                left += value
+            w = sc["wall"]
+            ax.errorbar(w["median"], y, xerr=[[w["median"] - w["min"]], [w["max"] - w["median"]]],
+                        color="black", capsize=3, linewidth=1)
+            totals.append((w["median"], w["max"]))
+        ax.set_yticks(range(len(rows)), [label for _, label, _ in rows])
+        ax.invert_yaxis()
+        top = max([t[1] for t in totals if t] or [1.0])
+        for y, t in enumerate(totals):
+            ax.text(t[1] + top * 0.01 if t else 0, y, f" {t[0]:.2f} s" if t else " n/a",
+                    va="center", fontsize=8)
+        ax.set_xlim(0, top * 1.12)
+        ax.set_xlabel("wall time, s (median; whiskers: min–max)")
+        ax.set_title(f"{wl['code']}", fontsize=10, loc="left")
+    handles = [Patch(color=SEGMENT_COLORS[n], label=n) for n in SEGMENT_COLORS if n in used]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.suptitle(f"casfs cold start, {res['date'][:10]}: image {res['image']['name']}; store: "
+                 f"{res['config']['store']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(res: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    """``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    png = chart(res, out_dir / f"{stem}.png")
+    if png is not None:
+        paths["png"] = png
+    write_json(res, paths["json"])
+    paths["md"].write_text(render_markdown(res, png.name if png else None))
+    return paths
+
+
+def unique_stem(out_dir: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... so an earlier run's files are never replaced."""
+    n, candidate = 1, stem
+    while any(out_dir.glob(candidate + ".*")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def write_json(res: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(res, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
