@@ -74,8 +74,14 @@ def local_manifest(store: Store, cache: ChunkCache, digest: str) -> Manifest:
     # later mounts re-hash the cached copy, which proves it is this same manifest.
     Manifest(data, digest).validate()
     tmp = cache.root / "tmp" / f"manifest.{digest}.{os.getpid()}"
-    tmp.write_bytes(data)
-    os.rename(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.rename(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot keep manifest %s in the cache (%s); serving it from memory",
+                    digest, exc.strerror)
+        return Manifest(data, digest)
     return Manifest.open(path, digest)
 
 

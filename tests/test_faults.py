@@ -1263,9 +1263,6 @@ def test_tar_damaged_after_its_first_member_is_refused(damage: str) -> None:
     assert tarfile.BLOCKSIZE == 512
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.local_manifest does not catch ENOSPC writing a "
-                   "manifest into the cache (a traceback, lost with the log on the full disk); "
-                   "see docs/reliability.md, known issues")
 def test_cache_disk_full_before_a_new_manifest(tmp_path: Path) -> None:
     """The cache exists but its disk is full, and the image's manifest is not cached yet:
     the mount serves it from memory, or fails with one line that says why."""
