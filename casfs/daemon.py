@@ -240,8 +240,12 @@ def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> 
     """Run `casfs mount ... --foreground` detached; return once it serves (or fails)."""
     read_fd, write_fd = os.pipe()
     with open(log_path, "ab") as logf:
+        # Dozens of fetch threads would each get a glibc malloc arena; two keep the
+        # daemon's resident memory near what it actually holds.
+        env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
         proc = subprocess.Popen(
             [sys.executable, "-m", "casfs.cli", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            env=env,
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
             start_new_session=True,
         )

@@ -92,6 +92,8 @@ class Heuristics:
         if self.manifest.lookup(self.manifest.inode(directory).parent, PYCACHE) != directory:
             return
         package = self.manifest.inode(directory).parent
+        if not self.manifest.lookup(package, b"__init__.py"):
+            return  # not a package (the stdlib's top level, site-packages): too broad
         for _, _, sub in self.manifest.entries(package):
             if sub == directory or not stat.S_ISDIR(self.manifest.inode(sub).mode):
                 continue

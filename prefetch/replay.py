@@ -13,7 +13,7 @@ under its own limiter and a read joins a prefetch already fetching its chunk.
 
 Knobs (docs/operations.md): `--no-prefetch`; traces merged (`max_traces`, 8);
 the share of boots a chunk needs to be kept (`min_share`, 0.5); requests in
-flight (`concurrency`, 8); ranged GET size (`range_bytes`, 8 MiB); gap bridged
+flight (`concurrency`, 8); ranged GET size (`range_bytes`, 4 MiB); gap bridged
 inside a range (`max_gap`, 1 MiB).
 """
 
@@ -154,7 +154,7 @@ def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int) -> list[Gr
 
 class Prefetcher:
     def __init__(self, store: Store, manifest: Manifest, fetcher: Fetcher, *,
-                 concurrency: int = 8, range_bytes: int = 8 << 20, max_gap: int = 1 << 20,
+                 concurrency: int = 8, range_bytes: int = 4 << 20, max_gap: int = 1 << 20,
                  min_share: float = 0.5, max_traces: int = 8) -> None:
         self.store = store
         self.manifest = manifest
