@@ -414,7 +414,10 @@ def test_python_imports_numpy_from_mount(tmp_path: Path) -> None:
                                                        "reads", "fetches", "prefetch_chunks")}
             if delta["lookups"] == 0 and delta["reads"] <= few_reads:
                 break
-        assert delta["fetches"] == delta["prefetch_chunks"] == 0, delta
+        assert delta["fetches"] == 0, delta
+        # a read that does reach the daemon may set sequential readahead going (chunks
+        # ahead of it that the first run never needed): bounded by the readahead window
+        assert delta["prefetch_chunks"] <= 16 * delta["reads"], delta
         assert delta["lookups"] == delta["negative_lookups"] == delta["getattrs"] == 0, delta
         # a read or two may still reach the daemon (pages of a mapped library not touched
         # on the first run), never the whole import again
