@@ -41,7 +41,7 @@ from benchmarks.common import (
     wait_for_quiet,
 )
 from benchmarks.images import IMAGES, TAG, build_image
-from benchmarks.report import fmt_bytes, unique_stem
+from benchmarks.report import fmt_bytes, publish, unique_stem
 
 THROUGHPUT_TARGET = 100e6  # bytes/s of uncompressed layer data
 REINDEX_TARGET = 0.10  # re-index time / first index time
@@ -163,15 +163,7 @@ def main(argv: list[str] | None = None) -> int:
            "stores": stores, "targets": targets, "page_cache": pc.report(),
            "slowest_first_index_seconds": first,
            "seconds": round(time.perf_counter() - t_start, 1)}
-    from benchmarks.report import write_json
-
-    stem = args.stem or unique_stem(args.out, f"{today()}-indexing")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(res, args.out / f"{stem}.json")
-    md = render(res)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"json: {args.out / f'{stem}.json'}\nmd: {args.out / f'{stem}.md'}")
+    publish(res, args.out, args.stem or unique_stem(args.out, f"{today()}-indexing"), render)
     log(f"indexing finished in {res['seconds']:.0f}s")
     return 0
 

@@ -66,7 +66,7 @@ from benchmarks.images import (
     build_tree_image,
     native_root,
 )
-from benchmarks.report import fmt_bytes, unique_stem, write_json
+from benchmarks.report import fmt_bytes, publish, unique_stem
 
 RAW_BUCKET = "raw-objects"
 READ_SIZE = 1 << 20
@@ -580,13 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
     res["targets"] = evaluate(res)
     res["seconds"] = round(time.perf_counter() - t_start, 1)
-    stem = args.stem or unique_stem(args.out, f"{today()}-readpath")
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(res, args.out / f"{stem}.json")
-    md = render(res)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"json: {args.out / f'{stem}.json'}\nmd: {args.out / f'{stem}.md'}")
+    publish(res, args.out, args.stem or unique_stem(args.out, f"{today()}-readpath"), render)
     log(f"readpath finished in {res['seconds']:.0f}s")
     return 0
 

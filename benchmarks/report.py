@@ -387,6 +387,17 @@ def unique_stem(out_dir: Path, stem: str) -> str:
     return candidate
 
 
+def publish(res: dict[str, Any], out: Path, stem: str,
+            render: Callable[[dict[str, Any]], str]) -> None:
+    """Write <out>/<stem>.json and .md, and print the table and where they went."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(res, out / f"{stem}.json")
+    md = render(res)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"json: {out / f'{stem}.json'}\nmd: {out / f'{stem}.md'}")
+
+
 def write_json(res: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(res, indent=2, default=_json_default) + "\n")
 

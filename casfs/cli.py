@@ -45,11 +45,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace, store=None):  # noqa: ANN001, ANN202
+    """The manifest args.ref names, from args.store (or the store given)."""
     from casfs.manifest import Manifest
     from casfs.refs import resolve_ref
 
-    store = _store(args)
+    store = store or _store(args)
     digest = resolve_ref(store, args.ref)
     return Manifest(store.get_manifest(digest), digest)
 
@@ -297,13 +298,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from casfs.progress import human_bytes
-    from casfs.refs import resolve_ref
     from prefetch.replay import PrefetchStatus, load_traces
     from prefetch.trace import merge
 
-    m = _load(args)
     store = _store(args)
-    resolve_ref(store, args.ref)
+    m = _load(args, store)
     status = PrefetchStatus()
     traces = load_traces(store, m, status, max_traces=args.max_traces)
     if not traces:

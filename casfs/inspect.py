@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from dataclasses import dataclass
@@ -22,8 +23,6 @@ def ls_line(m: Manifest, path: bytes, ino: int, node: Inode) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(node.mtime_ns // 1_000_000_000))
     size = f"{node.size:>10}"
     if kind in (stat.S_IFCHR, stat.S_IFBLK):
-        import os
-
         size = f"{os.major(node.rdev):>5},{os.minor(node.rdev):>4}"
     name = path.decode(errors="replace")
     if kind == stat.S_IFLNK:
