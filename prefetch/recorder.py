@@ -3,11 +3,14 @@
 Recording is a set lookup and a list append per chunk read through the daemon
 (re-reads served by the page cache never reach it), bounded by MAX_TRACE_CHUNKS.
 
-The boot ends at whichever comes first: `idle_seconds` with no new first access
-(default 10 s), `max_seconds` after the mount (default 300 s), or the unmount.
-Then the trace is saved to the store under the manifest, with pointers under
-each of the image's layers so images sharing layers find it; and unless earlier
-traces' packs already hold nearly all of this boot's chunks, a pack is written:
+The boot ends at whichever comes first: `idle_seconds` (default 10 s) with no read
+in flight and no new first access, counted from the later of the last first access
+and the end of the last read (so a read stalled on the store holds the boot open);
+`max_seconds` after the mount (default 300 s), however busy; or the unmount. The
+daemon tells the recorder when each read starts and ends (`reading()`). Then the
+trace is saved to the store under the manifest, with pointers under each of the
+image's layers so images sharing layers find it; and unless earlier traces' packs
+already hold nearly all of this boot's chunks, a pack is written:
 the boot's chunks' stored (compressed) forms back to back in first-access order,
 so the next boot can fetch its working set in a few large ranged GETs. When no
 pack is written the trace points into the existing pack holding most of its
@@ -21,7 +24,8 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 
 import trio
 
@@ -55,7 +59,9 @@ class Recorder:
         self.max_seconds = max_seconds
         self.clock = clock
         self.started = clock()
-        self.last_new = self.started
+        self.last_new = self.started  # the last first access
+        self.in_flight = 0  # reads started and not yet finished
+        self.last_done = self.started  # when the last read finished
         self.seen: set[str] = set()
         self.order: list[tuple[str, int, int, int]] = []  # digest, length, t_ms, ino
         self.finished = False
@@ -71,10 +77,33 @@ class Recorder:
                 self.order.append((c.digest, c.length, int((now - self.started) * 1000), ino))
                 self.last_new = now
 
+    def read_started(self) -> None:
+        """A read reached the daemon; pair with read_finished (or use reading())."""
+        self.in_flight += 1
+
+    def read_finished(self) -> None:
+        """A read started with read_started returned, failed or was cancelled."""
+        self.in_flight -= 1
+        self.last_done = self.clock()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around one read: while any read is in flight the boot does not go idle.
+
+        Called on the trio thread, as ImageFS.read runs there: no lock needed."""
+        self.read_started()
+        try:
+            yield
+        finally:
+            self.read_finished()
+
     def boot_over(self) -> bool:
         now = self.clock()
-        idle = bool(self.order) and now - self.last_new >= self.idle_seconds
-        return idle or now - self.started >= self.max_seconds
+        if now - self.started >= self.max_seconds:
+            return True
+        if not self.order or self.in_flight:
+            return False
+        return now - max(self.last_new, self.last_done) >= self.idle_seconds
 
     async def watch(self, save: Callable[[], None]) -> None:
         """Wait for the boot to end, then save the trace (in a worker thread)."""

@@ -28,6 +28,8 @@ from typing import Any
 
 import blake3
 import pytest
+import trio
+import trio.testing
 
 from casfs.cache import ChunkCache
 from casfs.manifest import Manifest
@@ -378,6 +380,69 @@ def test_recorder_first_access_order_and_boot_end(unit_image: Image) -> None:
         busy.last_new = now2[0]
     now2[0] = 30.0
     assert busy.boot_over()
+
+
+def test_recorder_boot_not_idle_while_a_read_is_in_flight(unit_image: Image) -> None:
+    m = unit_image.manifest()
+    now = [0.0]
+    rec = Recorder(m, idle_seconds=2.0, max_seconds=60.0, clock=lambda: now[0])
+    a, b = m.resolve("/app/a.bin"), m.resolve("/app/b.bin")
+    rec.read_started()
+    rec.on_read(a, m.chunks(a))  # a first access, then the read waits on the store
+    now[0] += 10.0
+    assert not rec.boot_over()  # long past idle_seconds, but the read is still in flight
+    with rec.reading():  # a second, quick read while the first one is stalled
+        rec.on_read(b, m.chunks(b))
+    now[0] += 10.0
+    assert not rec.boot_over()  # the first read is still in flight
+    rec.read_finished()  # t = 20: the stalled read returns
+    now[0] += 1.9
+    assert not rec.boot_over()  # idle counts from the end of the read, not the first access
+    now[0] += 0.2
+    assert rec.boot_over()
+    # A read that fails or is cancelled ends too (reading() is a try/finally).
+    with pytest.raises(OSError), rec.reading():
+        raise OSError("EIO")
+    assert rec.in_flight == 0 and not rec.boot_over()  # and restarts the idle clock
+    # The hard limit ends the boot even while a read is in flight.
+    rec.read_started()
+    now[0] = 60.0
+    assert rec.boot_over()
+
+
+def test_recorder_watch_waits_for_a_stalled_read(unit_image: Image) -> None:
+    """watch() (the daemon's boot-end task) ends the boot idle_seconds after the stalled read
+    returns, not idle_seconds after its first access. Trio's MockClock jumps over the sleeps."""
+    m = unit_image.manifest()
+    a = m.resolve("/app/a.bin")
+    ended: list[tuple[float, int]] = []  # (seconds since start, reads in flight) at boot end
+    saves: list[bool] = []
+
+    class Probe(Recorder):
+        def boot_over(self) -> bool:  # on the trio thread, just before watch() saves
+            over = super().boot_over()
+            if over:
+                ended.append((self.clock() - self.started, self.in_flight))
+            return over
+
+    async def main() -> None:
+        rec = Probe(m, idle_seconds=2.0, max_seconds=300.0, clock=trio.current_time)
+
+        async def stalled_read() -> None:
+            with rec.reading():
+                rec.on_read(a, m.chunks(a))
+                await trio.sleep(30)  # the store answers after 30 s
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stalled_read)
+            await trio.sleep(0.1)
+            await rec.watch(lambda: saves.append(True))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert saves == [True] and len(ended) == 1
+    at, in_flight = ended[0]
+    assert in_flight == 0, f"boot ended {at:.1f} s in while a read was in flight"
+    assert 32.0 <= at <= 33.0, at  # 30 s stalled, then 2 s idle (+ watch's 0.5 s polling)
 
 
 def test_recorder_bounded(unit_image: Image, monkeypatch: pytest.MonkeyPatch) -> None:
