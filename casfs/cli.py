@@ -99,7 +99,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     saved = s.layer_bytes - s.unique_bytes
     pct = 100.0 * saved / s.layer_bytes if s.layer_bytes else 0.0
     print(f"dedup saved   {human_bytes(saved)} against the layers ({pct:.1f}%)")
-    print(f"chunk size    {meta.get('chunk_size')}")
+    print(f"chunking      {meta.get('chunking') or meta.get('chunk_size')}")
     return 0
 
 
@@ -192,22 +192,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ChunkCache(cache_dir, cfg.cache_size).close()  # fail early on a bad cache dir
     key = hashlib.sha256(os.path.realpath(args.mountpoint).encode()).hexdigest()[:12]
     log_path = Path(cache_dir) / "logs" / f"mount-{key}.log"
-    argv = ["mount", args.ref, os.path.abspath(args.mountpoint), "--store", cfg.store_url,
-            "--cache-dir", cache_dir, "--cache-size", str(cfg.cache_size)]
-    if args.metrics_port is not None:
-        argv += ["--metrics-port", str(args.metrics_port)]
-    if args.nosuid:
-        argv.append("--nosuid")
-    if args.nodev:
-        argv.append("--nodev")
-    if args.no_prefetch:
-        argv.append("--no-prefetch")
-    if args.no_trace:
-        argv.append("--no-trace")
-    argv += ["--trace-idle", str(args.trace_idle), "--readahead-kb", str(args.readahead_kb)]
-    if args.verbose:
-        argv.insert(0, "--verbose")
-    pid = spawn_background(argv, log_path)
+    cfg.mountpoint = os.path.abspath(args.mountpoint)
+    pid = spawn_background(cfg, log_path, verbose=args.verbose)
     print(f"mounted {args.ref} at {args.mountpoint} (daemon pid {pid}, log {log_path})")
     return 0
 

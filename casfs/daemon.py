@@ -13,7 +13,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,29 @@ from prefetch.replay import Prefetcher
 
 log = logging.getLogger(__name__)
 READY = b"ready\n"
+FAILED = b"error: "
+
+
+class ReadyPipe:
+    """The daemon's one message to `casfs mount`: "ready", or the error that stopped it."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def ready(self) -> None:
+        self._send(READY)
+
+    def fail(self, message: str) -> None:
+        self._send(FAILED + message.replace("\n", " ").encode()[:3800] + b"\n")
+
+    def _send(self, data: bytes) -> None:
+        fd, self.fd = self.fd, None  # one message; the fd number may be reused after
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, data)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 @dataclass
@@ -96,7 +118,7 @@ def mount_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
+def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
     import pyfuse3
 
@@ -181,11 +203,18 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
                                             siblings_wanted=no_trace_plan)
                     parts["heuristics"] = heuristics
                     fs.read_observers.append(heuristics.on_read)
-                if prefetcher is not None:
-                    nursery.start_soon(prefetcher.run)
-                if recorder is not None:
-                    nursery.start_soon(recorder.watch, save)
-                nursery.start_soon(_announce_ready, mountpoint, cfg, ready_fd)
+
+
+                async def start() -> None:
+                    # Answer `casfs mount` first: the prefetcher's first store request
+                    # builds the S3 client, CPU that would otherwise delay "ready".
+                    await _announce_ready(mountpoint, cfg, ready)
+                    if prefetcher is not None:
+                        nursery.start_soon(prefetcher.run)
+                    if recorder is not None:
+                        nursery.start_soon(recorder.watch, save)
+
+                nursery.start_soon(start)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
@@ -199,7 +228,7 @@ def serve(cfg: MountConfig, ready_fd: int | None = None) -> None:
     trio.run(main)
 
 
-async def _announce_ready(mountpoint: str, cfg: MountConfig, ready_fd: int | None) -> None:
+async def _announce_ready(mountpoint: str, cfg: MountConfig, ready: ReadyPipe | None) -> None:
     """Once the mount answers a request (so the kernel's INIT is done, which resets the
     readahead window), tune the kernel's side of the mount, then tell `casfs mount`."""
     await trio.to_thread.run_sync(os.statvfs, mountpoint)
@@ -207,9 +236,8 @@ async def _announce_ready(mountpoint: str, cfg: MountConfig, ready_fd: int | Non
         tune_kernel, mountpoint, cfg.readahead_kb, cfg.max_background
     )
     log.info("kernel tuning: %s", ", ".join(tuned) or "none (not root?)")
-    if ready_fd is not None:
-        os.write(ready_fd, READY)
-        os.close(ready_fd)
+    if ready is not None:
+        ready.ready()
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:
@@ -236,20 +264,35 @@ def _start_metrics(port: int, metrics: MountMetrics, fs: ImageFS) -> None:
     start_http_server(port, addr="127.0.0.1", registry=registry)
 
 
-def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> int:
-    """Run `casfs mount ... --foreground` detached; return once it serves (or fails)."""
+def spawn_background(cfg: MountConfig, log_path: Path, verbose: bool = False,
+                     timeout: float = 60.0) -> int:
+    """Fork the mount daemon off this process; return its pid once it serves.
+
+    Forking (rather than starting a new interpreter) saves a Python start-up and the
+    re-import of casfs: `casfs mount` returns in the time the daemon needs to open the
+    cache and manifest and answer the kernel. The daemon reports "ready", or its one-line
+    error, through a pipe; its log goes to log_path.
+    """
     read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as logf:
-        # Dozens of fetch threads would each get a glibc malloc arena; two keep the
-        # daemon's resident memory near what it actually holds.
-        env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "casfs.cli", *argv, "--foreground", "--ready-fd", str(write_fd)],
-            env=env,
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(write_fd,),
-            start_new_session=True,
-        )
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setsid()
+            _become_daemon(log_fd, verbose)
+            code = _serve_reporting(cfg, write_fd)
+        finally:
+            logging.shutdown()
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
     os.close(write_fd)
+    os.close(log_fd)
     deadline = time.monotonic() + timeout
     buf = b""
     try:
@@ -257,21 +300,79 @@ def spawn_background(argv: list[str], log_path: Path, timeout: float = 60.0) -> 
             readable, _, _ = select.select([read_fd], [], [], left)
             if not readable:
                 break
-            chunk = os.read(read_fd, 64)
+            chunk = os.read(read_fd, 4096)
             if not chunk:
                 break
             buf += chunk
             if buf.startswith(READY):
-                return proc.pid
+                return pid
     finally:
         os.close(read_fd)
-    try:  # the ready pipe closed without "ready": the daemon is exiting
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        raise MountError(f"the mount daemon did not become ready; see {log_path}") from None
+    if buf.startswith(FAILED):
+        _reap(pid, 5.0)
+        message = buf[len(FAILED):].decode(errors="replace").strip()
+        raise MountError(message or f"the mount daemon failed; see {log_path}")
+    code = _reap(pid, max(1.0, deadline - time.monotonic()))
+    if code is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        raise MountError(f"the mount daemon did not become ready; see {log_path}")
     tail = _last_error(log_path)
     raise MountError(tail or f"the mount daemon exited with status {code}; see {log_path}")
+
+
+def _become_daemon(log_fd: int, verbose: bool) -> None:
+    """In the forked child: detach stdio, log to the mount's log file, cap malloc arenas."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _limit_malloc_arenas(2)
+    logging.basicConfig(
+        force=True, level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _limit_malloc_arenas(count: int) -> None:
+    """Dozens of fetch threads would each get a glibc malloc arena; a couple keep the
+    daemon's resident memory near what it actually holds (= MALLOC_ARENA_MAX)."""
+    import ctypes
+
+    m_arena_max = -8
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, count)
+
+
+def _serve_reporting(cfg: MountConfig, ready_fd: int) -> int:
+    """Serve; an error before "ready" goes back through the pipe as well as the log."""
+    pipe = ReadyPipe(ready_fd)
+    try:
+        serve(cfg, pipe)
+    except CasfsError as exc:
+        print(f"casfs: error: {exc}", file=sys.stderr)
+        pipe.fail(str(exc))
+        return exc.exit_code
+    except BaseException as exc:
+        log.exception("the mount daemon failed")
+        pipe.fail(f"the mount daemon failed: {exc!r}")
+        return 1
+    return 0
+
+
+def _reap(pid: int, timeout: float) -> int | None:
+    """The exit status of child pid, or None if it is still running after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
 
 
 def _last_error(log_path: Path) -> str:
@@ -286,11 +387,11 @@ def _last_error(log_path: Path) -> str:
 
 
 def run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:
+    """`casfs mount --foreground`: serve attached (--ready-fd: tell a supervisor when ready)."""
+    pipe = ReadyPipe(ready_fd)
     try:
-        serve(cfg, ready_fd)
+        serve(cfg, pipe)
     except CasfsError as exc:
-        if ready_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(ready_fd)
-        raise exc
+        pipe.fail(str(exc))
+        raise
     return 0
