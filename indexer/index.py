@@ -41,6 +41,7 @@ from casfs.store import Store
 from casfs.store.content import validate_tag
 from casfs.store.locks import index_lock
 from indexer.apply import TreeBuilder
+from indexer.chunking import SCHEME as CHUNKING
 from indexer.decompress import (
     READ_SIZE,
     ExpansionGuard,
@@ -50,7 +51,7 @@ from indexer.decompress import (
     open_decompressed,
 )
 from indexer.imageref import parse_image_ref
-from indexer.layer import CHUNK_SIZE, read_layer, resolve_chunks
+from indexer.layer import read_layer, resolve_chunks
 from indexer.registry import RegistryOptions
 from indexer.source import Image, Layer, json_object, open_image
 from indexer.upload import BlobUploader, UploadStats
@@ -132,7 +133,7 @@ def _load_record(store: Store, key: str) -> list[dict[str, Any]] | None:
     except ValueError:
         log.warning("layer record %s is unreadable; indexing the layer again", key)
         return None
-    if rec.get("version") != LAYER_RECORD_VERSION or rec.get("chunk_size") != CHUNK_SIZE:
+    if rec.get("version") != LAYER_RECORD_VERSION or rec.get("chunking") != CHUNKING:
         return None
     return rec["ops"]
 
@@ -238,7 +239,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
         ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort)
         bar.finish(f"{human_bytes(downloaded)} read, {human_bytes(size)} of files, "
                    f"{len(ops)} entries")
-        record = {"version": LAYER_RECORD_VERSION, "chunk_size": CHUNK_SIZE, "ops": ops}
+        record = {"version": LAYER_RECORD_VERSION, "chunking": CHUNKING, "ops": ops}
         return _LayerDone(key, ops, size, json.dumps(record, separators=(",", ":")).encode(),
                           downloaded=downloaded)
 
@@ -289,7 +290,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             "image_manifest_digest": image.manifest_digest,
             "config": {k: json_object(image.config.get("config")).get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User")},
             "layers": layer_meta,
-            "chunk_size": CHUNK_SIZE,
+            "chunking": CHUNKING,
         }
         data = build_manifest(builder.root, meta)
         store.sync()

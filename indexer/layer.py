@@ -18,9 +18,9 @@ from decimal import Decimal, InvalidOperation
 from typing import IO, Any
 
 from casfs.errors import CorruptLayer, HostileLayer
+from indexer.chunking import chunk_size_for
 from indexer.upload import BlobUploader
 
-CHUNK_SIZE = 256 * 1024
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_ENTRIES = 10_000_000
@@ -190,8 +190,9 @@ def _read_chunks(
     assert f is not None
     chunks = []
     remaining = member.size
+    chunk_size = chunk_size_for(member.size)
     while remaining > 0:
-        data = f.read(min(CHUNK_SIZE, remaining))
+        data = f.read(min(chunk_size, remaining))
         if not data:
             raise CorruptLayer(f"entry {member.name!r} is truncated")
         chunks.append((uploader.submit(data), len(data)))

@@ -1,8 +1,8 @@
 """Guessing ahead when no trace says what comes next.
 
 * Sequential readahead: when a file's chunk i is read right after chunk i-1, the
-  next `readahead_chunks` chunks are fetched in the background (model weights,
-  shared libraries read front to back).
+  next `readahead_chunks` chunks (at most `readahead_bytes`) are fetched in the
+  background (model weights, shared libraries read front to back).
 * Directory siblings: the first time a file in a directory is read, that
   directory's other small files (at most `sibling_max_size` bytes, at most
   `sibling_max_files` of them) are fetched too: Python imports a package's
@@ -32,7 +32,8 @@ PYCACHE = b"__pycache__"
 
 class Heuristics:
     def __init__(self, manifest: Manifest, fetcher: Fetcher, nursery: trio.Nursery, *,
-                 readahead_chunks: int = 16, siblings: bool = True,
+                 readahead_chunks: int = 16, readahead_bytes: int = 32 << 20,
+                 siblings: bool = True,
                  sibling_max_size: int = 256 * 1024, sibling_max_files: int = 128,
                  concurrency: int = 48,
                  siblings_wanted: Callable[[], bool] = lambda: True) -> None:
@@ -40,6 +41,7 @@ class Heuristics:
         self.fetcher = fetcher
         self.nursery = nursery
         self.readahead_chunks = readahead_chunks
+        self.readahead_bytes = readahead_bytes
         self.siblings = siblings
         self.siblings_wanted = siblings_wanted  # false once a trace plan covers the boot
         self.sibling_max_size = sibling_max_size
@@ -66,7 +68,9 @@ class Heuristics:
 
     def _readahead(self, ino: int, last: ChunkRef) -> None:
         start = max(last.offset + last.length, self._ahead.get(ino, 0))
-        span = self.readahead_chunks * last.length
+        # Big files have big chunks (indexer.chunking): bound the window in bytes too,
+        # which bounds the memory that chunks in flight hold.
+        span = max(last.length, min(self.readahead_chunks * last.length, self.readahead_bytes))
         ahead = self.manifest.chunks_for_range(ino, start, last.offset + last.length + span - start)
         if ahead:
             self._ahead[ino] = ahead[-1].offset + ahead[-1].length

@@ -16,7 +16,7 @@ from treecheck import file_content, index, store_keys  # noqa: E402
 from casfs.store import Store, open_store  # noqa: E402
 from casfs.testing import ocibuild as ob  # noqa: E402
 from casfs.testing.ocibuild import directory, file, whiteout  # noqa: E402
-from indexer.layer import CHUNK_SIZE  # noqa: E402
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
@@ -115,3 +115,33 @@ def test_identical_content_within_an_image_stored_once(store: Store, tmp_path: P
     assert len(store_keys(store, "blobs/")) == 2
     assert m.chunks(m.resolve("/b")) == m.chunks(m.resolve("/c"))
     assert m.resolve("/a") == 0
+
+
+def test_chunk_size_grows_with_file_size(tmp_path: Path) -> None:
+    """Big files are cut into bigger chunks (fewer requests for a cold sequential read);
+    the cut points stay fixed offsets, so an edit still shares the other chunks."""
+    from indexer.chunking import GIB, MIB, chunk_size_for
+
+    assert chunk_size_for(0) == chunk_size_for(64 * MIB - 1) == CHUNK_SIZE
+    assert chunk_size_for(64 * MIB) == chunk_size_for(GIB - 1) == MIB
+    assert chunk_size_for(GIB) == chunk_size_for(100 * GIB) == 4 * MIB
+
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    block = rnd(MIB, 7)
+    weights = bytearray(b"".join(i.to_bytes(8, "little") + block[8:] for i in range(64)) + b"tail")
+    just_under = rnd(2 * CHUNK_SIZE, 8)
+    ob.write_oci_layout(tmp_path / "v1", [[file("w.bin", bytes(weights)),
+                                           file("small.bin", just_under)]], tag="t")
+    first, m1 = index(f"oci:{tmp_path / 'v1'}:t", store)
+    chunks = m1.chunks(m1.resolve("/w.bin"))
+    assert [c.length for c in chunks] == [MIB] * 64 + [4]
+    assert [c.offset for c in chunks] == [i * MIB for i in range(65)]
+    assert [c.length for c in m1.chunks(m1.resolve("/small.bin"))] == [CHUNK_SIZE] * 2
+    assert m1.meta["chunking"].startswith("tiered-1")
+    assert file_content(m1, store, m1.resolve("/w.bin")) == bytes(weights)
+
+    weights[40 * MIB + 99] ^= 0xFF
+    ob.write_oci_layout(tmp_path / "v2", [[file("w.bin", bytes(weights))]], tag="t")
+    second, m2 = index(f"oci:{tmp_path / 'v2'}:t", store)
+    assert second.upload.new_blobs == 1 and second.upload.new_bytes == MIB
+    assert file_content(m2, store, m2.resolve("/w.bin")) == bytes(weights)

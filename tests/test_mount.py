@@ -65,7 +65,7 @@ from casfs.testing.ocibuild import (  # noqa: E402
 )
 from casfs.testing.proxy import LatencyProxy  # noqa: E402
 from casfs.testing.seaweed import free_ports  # noqa: E402
-from indexer.layer import CHUNK_SIZE  # noqa: E402
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 
