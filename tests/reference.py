@@ -32,18 +32,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 try:
     import blake3 as _blake3
 except ImportError:  # pragma: no cover - blake3 is a casfs dependency
     _blake3 = None
 
-__all__ = ["UmociError", "umoci_unpack", "snapshot", "diff_snapshots", "content_hash", "FIELDS"]
+__all__ = ["UmociError", "umoci_unpack", "snapshot", "diff_snapshots", "content_hash", "FIELDS",
+           "needs_umoci", "CAP"]
+
+#: Skips a test (or, as ``pytestmark``, a module) unless umoci can run as above (as root).
+needs_umoci = pytest.mark.skipif(
+    shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root"
+)
+
+#: A v2 file capability (cap_net_bind_service, permitted) as stored in security.capability.
+CAP = bytes([1, 0, 0, 2, 0, 4, 0, 0]) + bytes(12)
 
 #: Every field a snapshot entry may have (usable in ``diff_snapshots(ignore=...)``).
 FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "target", "rdev", "xattrs",

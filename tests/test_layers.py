@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import diff_snapshots, snapshot, umoci_unpack  # noqa: E402
+from reference import CAP, diff_snapshots, needs_umoci, snapshot, umoci_unpack  # noqa: E402
 from treecheck import file_content, file_store, index, manifest_snapshot, run_cli  # noqa: E402
 
 from casfs.errors import ImageError  # noqa: E402
@@ -38,13 +38,6 @@ from casfs.testing.ocibuild import (  # noqa: E402
 )
 from indexer.layer import CHUNK_SIZE  # noqa: E402
 from indexer.source import host_platform_name  # noqa: E402
-
-needs_umoci = pytest.mark.skipif(
-    shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root"
-)
-
-# A v2 file capability (cap_net_bind_service, permitted) as stored in security.capability.
-CAP = bytes([1, 0, 0, 2, 0, 4, 0, 0]) + bytes(12)
 
 
 def reference(tmp_path: Path, layers: list[Any], name: str = "ref", **kw: Any) -> dict:

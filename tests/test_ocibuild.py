@@ -21,7 +21,14 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import UmociError, diff_snapshots, snapshot, umoci_unpack  # noqa: E402
+from reference import (  # noqa: E402
+    CAP,
+    UmociError,
+    diff_snapshots,
+    needs_umoci,
+    snapshot,
+    umoci_unpack,
+)
 
 from casfs.testing import ocibuild as ob  # noqa: E402
 from casfs.testing.ocibuild import (  # noqa: E402
@@ -35,12 +42,7 @@ from casfs.testing.ocibuild import (  # noqa: E402
     whiteout,
 )
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("umoci") is None or os.geteuid() != 0, reason="needs umoci and root"
-)
-
-# A v2 file capability (cap_net_bind_service, permitted) as stored in security.capability.
-CAP = bytes([1, 0, 0, 2, 0, 4, 0, 0]) + bytes(12)
+pytestmark = needs_umoci
 
 ZSTD_SKIP = ("Debian 12's umoci 0.4.7 rejects application/vnd.oci.image.layer.v1.tar+zstd "
              "('blob is not correct mediatype'); the layer is checked via skopeo instead")

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -266,7 +266,43 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+class _LocalHTTPServer:
+    """An http.server on 127.0.0.1:<free port>, served from a daemon thread; a context
+    manager. A subclass's start() builds its handler class and passes it to _serve()."""
+
+    def __init__(self) -> None:
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> Self:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class TokenServer(_LocalHTTPServer):
     """The registry's token service (docker's token auth spec), on 127.0.0.1:<free port>.
 
     ``users`` may pull and push anywhere; anonymous requests get pull on repositories
@@ -277,6 +313,7 @@ class TokenServer:
 
     def __init__(self, workdir: Path, users: dict[str, str], public: tuple[str, ...] = (),
                  service: str = "casfs-registry", issuer: str = "casfs-token-issuer") -> None:
+        super().__init__()
         self.workdir = Path(workdir)
         self.users = users
         self.public = public
@@ -288,9 +325,6 @@ class TokenServer:
         self._x5c = base64.b64encode(der).decode()
         self.key_name = "token"
         self.requests: list[dict[str, Any]] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -324,10 +358,7 @@ class TokenServer:
     def start(self) -> TokenServer:
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
@@ -362,24 +393,7 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._serve(Handler)
 
 
 # --- a fault-injecting proxy ---------------------------------------------------------------
@@ -399,7 +413,7 @@ class ProxyFault:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class FaultProxy:
+class FaultProxy(_LocalHTTPServer):
     """An HTTP/1.1 proxy to ``upstream`` (host:port, plain http) that can break things.
 
     Knobs, settable while it runs: ``corrupt`` (blob digests whose bytes get one byte
@@ -415,6 +429,7 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream = upstream
         self.corrupt: set[str] = set()
         self.cut_after: int | None = None
@@ -428,8 +443,6 @@ class FaultProxy:
         self._inflight = 0
         self._cut_done: set[str] = set()
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self.port = 0
 
     @property
     def host(self) -> str:
@@ -442,11 +455,8 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(_QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
 
             def do_GET(self) -> None:  # noqa: N802
                 owner._handle(self, "GET")
@@ -454,23 +464,7 @@ class FaultProxy:
             def do_HEAD(self) -> None:  # noqa: N802
                 owner._handle(self, "HEAD")
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._serve(Handler)
 
     def _fault_for(self, path: str) -> ProxyFault | None:
         with self._lock:
