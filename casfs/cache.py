@@ -28,6 +28,12 @@ it; a file that was truncated or altered on disk is dropped and fetched again.
 A file changed on disk after a process verified it is not noticed by that
 process (see invalidate()).
 
+Each process keeps the files of the chunks it verified or inserted most recently open
+(at most OPEN_FILES_MAX files and OPEN_BYTES_MAX bytes), so that a read whose bytes are
+already in the page cache is served by read_nowait() on the caller's own thread, with a
+non-blocking preadv (RWF_NOWAIT) and no index lookup: content is immutable and was
+verified, so an open file gives the right bytes even after another process evicted it.
+
 Eviction is least-recently-used over the index, down to 90% of the cap, run by
 whichever process's insert crossed it. Last-use times are written at most once
 a minute per chunk per process, to keep reads off the LMDB write lock.
@@ -42,7 +48,8 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +67,8 @@ _TOUCH_EVERY = 60.0
 DEFAULT_CACHE_SIZE = 10 << 30
 MAP_SIZE = 1 << 32
 FULL_WARN_EVERY = 10.0
+OPEN_FILES_MAX = 4096
+OPEN_BYTES_MAX = 1 << 30
 
 
 class CacheError(CasfsError):
@@ -99,6 +108,8 @@ class ChunkCache:
         self._verified: set[str] = set()
         self._touched: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest -> (fd, size)
+        self._open_bytes = 0
         self._full_warned = -FULL_WARN_EVERY
         self._full_since_warning = 0
         try:
@@ -129,6 +140,11 @@ class ChunkCache:
             raise CacheError(f"cannot open cache index in {self.root}: {exc}") from exc
 
     def close(self) -> None:
+        with self._lock:
+            for fd, _size in self._open.values():
+                os.close(fd)
+            self._open.clear()
+            self._open_bytes = 0
         self.env.close()
 
     def chunk_path(self, digest: str) -> Path:
@@ -136,25 +152,80 @@ class ChunkCache:
 
     # -- lookups ---------------------------------------------------------------
 
-    def lookup(self, digest: str) -> Path | None:
-        """The path of a cached, verified chunk, or None (a miss)."""
+    def lookup(self, digest: str, *, count: bool = True) -> Path | None:
+        """The path of a cached, verified chunk, or None (a miss). count=False: a
+        look ahead (prefetch warming a chunk), not a read, so not a hit or miss."""
         key = bytes.fromhex(digest)
         with self.env.begin() as txn:
             raw = txn.get(key)
         if raw is None:
-            self.stats.misses += 1
+            self.stats.misses += count
             return None
         size, last = _ENTRY.unpack(raw)
         path = self.chunk_path(digest)
         if digest not in self._verified and not self._verify_file(digest, path, raw):
-            self.stats.misses += 1
+            self.stats.misses += count
             return None
-        self.stats.hits += 1
+        self.stats.hits += count
         now = time.time()
         if now - self._touched.get(digest, last) >= _TOUCH_EVERY:
             self._touch(key, size, now)
             self._touched[digest] = now
+        else:
+            self._touched.setdefault(digest, last)
+        if digest not in self._open:
+            self._keep_open(digest, path, size)
         return path
+
+    def read_nowait(self, parts: Sequence[tuple[str, int, int]]) -> bytes | bytearray | None:
+        """The bytes of (digest, offset, length) ranges of chunks, or None. Never blocks:
+        served only from files this process holds open (verified), when every byte is
+        in the page cache and no last-use time is due for an update; anything else is
+        None, and the caller takes the blocking path (lookup() in a thread)."""
+        now = time.time()
+        out: list[bytearray] = []
+        with self._lock:
+            for digest, start, length in parts:
+                entry = self._open.get(digest)
+                if entry is None or now - self._touched.get(digest, 0.0) >= _TOUCH_EVERY:
+                    return None
+                buf = bytearray(length)
+                try:
+                    n = os.preadv(entry[0], [buf], start, os.RWF_NOWAIT)
+                except OSError:  # EAGAIN: not (all) in the page cache
+                    return None
+                if n != length:
+                    return None
+                out.append(buf)
+                self._open.move_to_end(digest)
+        self.stats.hits += len(out)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _keep_open(self, digest: str, path: Path, size: int) -> None:
+        """Hold a verified chunk's file open for read_nowait (LRU, bounded)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        with self._lock:
+            if digest in self._open:
+                os.close(fd)
+                return
+            self._open[digest] = (fd, size)
+            self._open_bytes += size
+            while self._open and (len(self._open) > OPEN_FILES_MAX
+                                  or self._open_bytes > OPEN_BYTES_MAX):
+                _, (old_fd, old_size) = self._open.popitem(last=False)
+                os.close(old_fd)
+                self._open_bytes -= old_size
+
+    def _close_open(self, digests: Sequence[str]) -> None:
+        """Stop serving chunks from held-open files (caller holds self._lock)."""
+        for digest in digests:
+            entry = self._open.pop(digest, None)
+            if entry is not None:
+                os.close(entry[0])
+                self._open_bytes -= entry[1]
 
     def contains_many(self, digests: list[str]) -> list[bool]:
         """Whether each digest has an index entry (no verification: a hint for prefetch)."""
@@ -237,6 +308,7 @@ class ChunkCache:
         with self._lock:
             self._verified.add(digest)
         self._touched[digest] = now
+        self._keep_open(digest, path, len(data))
         self.stats.inserts += 1
         if total > self.max_bytes:
             self._evict_quietly(None)
@@ -303,6 +375,7 @@ class ChunkCache:
             self.chunk_path(digest).unlink(missing_ok=True)
         with self._lock:
             self._verified.discard(digest)
+            self._close_open([digest])
         return True
 
     def invalidate(self, digest: str) -> None:
@@ -311,6 +384,7 @@ class ChunkCache:
         that could not open or fully read a path lookup() returned."""
         with self._lock:
             self._verified.discard(digest)
+            self._close_open([digest])
 
     def evict(self, target: int | None = None) -> int:
         """Remove least-recently-used chunks until at most target bytes remain
@@ -342,6 +416,7 @@ class ChunkCache:
         # (rename and entry in one write transaction) keeps its file.
         with self._lock:
             self._verified.difference_update(victims)
+            self._close_open(victims)
         with self.env.begin(write=True) as txn:
             for digest in victims:
                 if txn.get(bytes.fromhex(digest)) is None:

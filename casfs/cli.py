@@ -335,7 +335,8 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
                     help="do not replay earlier boots' traces nor guess ahead")
     sp.add_argument("--no-trace", action="store_true", help="do not record this boot's trace")
     sp.add_argument("--trace-idle", type=float, default=10.0, metavar="SECONDS",
-                    help="the boot ends after this long with no new first access (default 10)")
+                    help="the boot ends after this long with no new first access and no read "
+                    "in flight (default 10)")
     sp.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
                     help="kernel readahead window on the mount (default 1024; as root)")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -125,6 +125,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
     from casfs.fuse_ops import CasfsOperations
 
     started = time.monotonic()
+    _raise_open_files_limit(8192)  # the cache holds up to OPEN_FILES_MAX chunk files open
     cache = ChunkCache(cfg.cache_dir, cfg.cache_size)
     digest = parse_ref(cfg.ref)
     if digest is not None and (cache.root / "manifests" / digest).exists():
@@ -164,6 +165,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
         prefetcher = Prefetcher(store, manifest, fetcher) if cfg.prefetch else None
         if recorder is not None:
             fs.read_observers.append(recorder.on_read)
+            fs.read_trackers.append(recorder.reading)
         parts["recorder"], parts["prefetcher"] = recorder, prefetcher
 
         def save() -> None:
@@ -335,6 +337,16 @@ def _become_daemon(log_fd: int, verbose: bool) -> None:
         force=True, level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+
+
+def _raise_open_files_limit(want: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _limit_malloc_arenas(count: int) -> None:

@@ -67,12 +67,16 @@ class Fetcher:
             if path is None:
                 return None
             paths.append(path)
-        self.metrics.cache_hits += len(paths)
+        self.note_hits(digests)
+        return paths
+
+    def note_hits(self, digests: list[str]) -> None:
+        """Count reads served from the cache (and which of them prefetch brought)."""
+        self.metrics.cache_hits += len(digests)
         for digest in digests:
             if digest in self.prefetched:
                 self.prefetched.discard(digest)
                 self.metrics.prefetch_hits += 1
-        return paths
 
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights

@@ -118,7 +118,7 @@ class CasfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         return await self.fs.read(fh, off, size)
 
     async def release(self, fh: int) -> None:

@@ -36,7 +36,7 @@ from casfs.testing.ocibuild import (  # noqa: E402
     symlink,
     whiteout,
 )
-from indexer.layer import CHUNK_SIZE  # noqa: E402
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
 from indexer.source import host_platform_name  # noqa: E402
 
 

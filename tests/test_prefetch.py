@@ -649,6 +649,19 @@ def test_record_then_prefetch(fuse: None, store_url: str, tmp_path: Path) -> Non
     traces = stored_traces(image)
     assert len(traces) == 2 and traces[1].chunks[-1].path == "/app/unread.bin"
 
+    # Boot 3, on boot 2's cache: nothing to fetch; the planned chunks already on disk
+    # are verified ahead of the process (warmed), and its reads find them ready.
+    with mounted(image.ref, tmp_path / "mnt3", store_url, tmp_path / "cache2",
+                 "--no-trace") as mnt:
+        st = prefetch_done(mnt)
+        pf, mt = st["prefetch"], st["metrics"]
+        assert pf["local_chunks"] == pf["planned_chunks"] == pf["warmed_chunks"] >= 6, pf
+        assert pf["done_chunks"] == 0 and mt["prefetch_requests"] == 0
+        assert st["cache"]["hits"] == 0 and mt["reads"] == 0  # warming is not reading
+        read_checked(mnt, image, BOOT)
+        mt = mnt.stats()["metrics"]
+        assert mt["fetches"] == 0 and mt["cache_misses"] == 0 and mt["cache_hits"] >= 6, mt
+
 
 def test_reads_join_or_overtake_prefetch(fuse: None, seaweed: Any, s3_bucket_url: str,
                                          tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ from casfs.store.local import FileBackend
 from casfs.testing import ocibuild as ob
 from casfs.testing.ocibuild import Member, directory, file, hardlink, symlink
 from casfs.vfs import STATS_XATTR, FsError, ImageFS
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE
 from indexer.index import index_image
-from indexer.layer import CHUNK_SIZE
 
 BIG = random.Random(7).randbytes(CHUNK_SIZE * 3 + 12345)
 SMALL = b"hello, casfs\n"
@@ -537,8 +537,15 @@ def test_cache_file_deleted_under_a_running_mount_is_fetched_again(env: Env) -> 
     assert env.read("/d/big") == BIG
     chunk = env.manifest.chunks(env.ino("/d/big"))[1]
     env.cache.chunk_path(chunk.digest).unlink()
+    # The process still holds the verified file open: the same (immutable) bytes.
+    assert env.read("/d/big", CHUNK_SIZE, 100) == BIG[CHUNK_SIZE : CHUNK_SIZE + 100]
+    assert env.blob_gets(chunk.digest) == 1
+    # Once it lets go of it (LRU, or a failed read), the path is looked up: gone, so the
+    # entry is dropped and the chunk fetched again.
+    env.cache.invalidate(chunk.digest)
     assert env.read("/d/big", CHUNK_SIZE, 100) == BIG[CHUNK_SIZE : CHUNK_SIZE + 100]
     assert env.blob_gets(chunk.digest) == 2
+    assert env.cache.chunk_path(chunk.digest).exists()
 
 
 def test_cache_file_truncated_under_a_running_mount_never_gives_short_reads(env: Env) -> None:
@@ -547,3 +554,18 @@ def test_cache_file_truncated_under_a_running_mount_never_gives_short_reads(env:
     with open(env.cache.chunk_path(chunk.digest), "r+b") as f:
         f.truncate(1000)
     assert env.read("/d/big", 2 * CHUNK_SIZE, 5000) == BIG[2 * CHUNK_SIZE : 2 * CHUNK_SIZE + 5000]
+
+
+def test_read_nowait_serves_only_verified_held_files(env: Env) -> None:
+    """The non-blocking hot path: bytes of chunks this process verified (held open, in
+    the page cache); None for anything it would have to wait for or re-check."""
+    chunks = env.manifest.chunks(env.ino("/d/big"))
+    assert env.cache.read_nowait([(chunks[0].digest, 0, 10)]) is None  # never read yet
+    assert env.read("/d/big") == BIG
+    got = env.cache.read_nowait([(chunks[0].digest, 5, 10), (chunks[1].digest, 0, 7)])
+    assert got == BIG[5:15] + BIG[CHUNK_SIZE : CHUNK_SIZE + 7]
+    os.truncate(env.cache.chunk_path(chunks[2].digest), 100)
+    assert env.cache.read_nowait([(chunks[2].digest, 0, 200)]) is None  # short: re-check
+    assert env.read("/d/big", 2 * CHUNK_SIZE, 200) == BIG[2 * CHUNK_SIZE : 2 * CHUNK_SIZE + 200]
+    env.cache.invalidate(chunks[0].digest)
+    assert env.cache.read_nowait([(chunks[0].digest, 0, 10)]) is None
