@@ -25,6 +25,7 @@ from casfs.errors import (
 
 if TYPE_CHECKING:
     from casfs.store.s3http import S3Http
+    from casfs.store.sigv4 import S3Settings
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _UNREACHABLE = {
@@ -152,16 +153,28 @@ class S3Backend:
         if self._fast is None:
             from casfs.store.s3http import S3Http
 
-            client = self._client  # raises the client's creation error, if any
+            settings = self._settings()
             with self._fast_lock:
                 if self._fast is None:
                     self._fast = S3Http(
-                        client, self.bucket, self.url,
+                        settings, self.bucket, self.url,
                         max_connections=self.max_connections,
                         connect_timeout=self.connect_timeout,
                         read_timeout=self.read_timeout,
                     )
         return self._fast
+
+    def _settings(self) -> S3Settings:
+        """Endpoint, region and credentials: the environment's when complete (no boto3
+        needed), else what boto3's chain resolved (raises the client's creation error)."""
+        from casfs.store.sigv4 import S3Settings, from_environment
+
+        env = from_environment()
+        if env is not None:
+            return env
+        client = self._client
+        return S3Settings(client.meta.endpoint_url, client.meta.region_name or "us-east-1",
+                          client._request_signer._credentials)
 
     def get(self, key: str) -> bytes:
         http = self._http
