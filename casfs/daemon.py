@@ -176,6 +176,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                 save_trace(recorder, store, cache, known)
             except (CasfsError, OSError) as exc:
                 log.warning("could not save the boot trace: %s", exc)
+            release_free_memory()  # the pack was built in memory
 
         if cfg.metrics_port is not None:
             try:
@@ -212,7 +213,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                     # builds the S3 client, CPU that would otherwise delay "ready".
                     await _announce_ready(mountpoint, cfg, ready)
                     if prefetcher is not None:
-                        nursery.start_soon(prefetcher.run)
+                        nursery.start_soon(_prefetch_then_trim, prefetcher)
                     if recorder is not None:
                         nursery.start_soon(recorder.watch, save)
 
@@ -240,6 +241,20 @@ async def _announce_ready(mountpoint: str, cfg: MountConfig, ready: ReadyPipe | 
     log.info("kernel tuning: %s", ", ".join(tuned) or "none (not root?)")
     if ready is not None:
         ready.ready()
+
+
+async def _prefetch_then_trim(prefetcher: Prefetcher) -> None:
+    await prefetcher.run()
+    # Prefetch's buffers (ranges in flight, decompressed chunks) are freed by now, but
+    # glibc keeps freed heap mapped; hand it back so the daemon's RSS is what it holds.
+    await trio.to_thread.run_sync(release_free_memory)
+
+
+def release_free_memory() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:

@@ -29,6 +29,25 @@ from casfs.store.content import verify_blob
 log = logging.getLogger(__name__)
 
 
+UNPACK_BYTES = 512 << 10
+
+
+def _pieces(items: Sequence[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    """items (digest, offset, stored length) cut into runs of about `size` stored bytes."""
+    out: list[list[tuple[str, int, int]]] = []
+    run: list[tuple[str, int, int]] = []
+    held = 0
+    for item in items:
+        run.append(item)
+        held += item[2]
+        if held >= size:
+            out.append(run)
+            run, held = [], 0
+    if run:
+        out.append(run)
+    return out
+
+
 class FetchFailed(CasfsError):
     """A chunk could not be fetched from the store."""
 
@@ -186,9 +205,11 @@ class Fetcher:
             if len(data) != end - start:
                 raise FetchFailed(f"pack {pack}: short read ({len(data)} of {end - start} bytes)")
 
-            def unpack_and_store() -> list[tuple[str, Path | bytes | None, BaseException | None]]:
+            def unpack_and_store(
+                batch: Sequence[tuple[str, int, int]],
+            ) -> list[tuple[str, Path | bytes | None, BaseException | None]]:
                 out: list[tuple[str, Path | bytes | None, BaseException | None]] = []
-                for digest, off, length in wanted:
+                for digest, off, length in batch:
                     try:
                         blob = verify_blob(digest, data[off - start : off - start + length])
                         self.cache.insert(digest, blob)
@@ -197,16 +218,23 @@ class Fetcher:
                         out.append((digest, None, exc))
                 return out
 
-            results = await trio.to_thread.run_sync(unpack_and_store, limiter=self.disk_limiter)
-            for digest, path, error in results:
-                flight = flights[digest]
-                flight.path, flight.error = path, error
-                if error is None:
-                    inserted += 1
-                    self.prefetched.add(digest)
-                    self.metrics.prefetch_chunks += 1
-                else:
-                    log.warning("pack %s: chunk %s rejected: %s", pack, digest, error)
+            # In pieces of about UNPACK_BYTES, in pack (= first-access) order, each piece's
+            # waiting reads released as soon as it is stored, not when the whole range is.
+            for batch in _pieces(wanted, UNPACK_BYTES):
+                results = await trio.to_thread.run_sync(unpack_and_store, batch,
+                                                        limiter=self.disk_limiter)
+                for digest, path, error in results:
+                    flight = flights[digest]
+                    flight.path, flight.error = path, error
+                    flight.done.set()
+                    if self._flights.get(digest) is flight:
+                        del self._flights[digest]
+                    if error is None:
+                        inserted += 1
+                        self.prefetched.add(digest)
+                        self.metrics.prefetch_chunks += 1
+                    else:
+                        log.warning("pack %s: chunk %s rejected: %s", pack, digest, error)
         except BaseException as exc:
             for flight in flights.values():
                 if flight.path is None and flight.error is None:

@@ -569,3 +569,13 @@ def test_read_nowait_serves_only_verified_held_files(env: Env) -> None:
     assert env.read("/d/big", 2 * CHUNK_SIZE, 200) == BIG[2 * CHUNK_SIZE : 2 * CHUNK_SIZE + 200]
     env.cache.invalidate(chunks[0].digest)
     assert env.cache.read_nowait([(chunks[0].digest, 0, 10)]) is None
+
+
+def test_pack_pieces_cut_by_stored_bytes() -> None:
+    from casfs.fetch import _pieces
+
+    items = [(f"d{i}", i * 100, 100) for i in range(7)]
+    assert [[d for d, _, _ in run] for run in _pieces(items, 250)] == [
+        ["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
+    assert _pieces([], 250) == []
+    assert _pieces(items, 1 << 30) == [items]
