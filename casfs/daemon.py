@@ -206,6 +206,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                                             siblings_wanted=no_trace_plan)
                     parts["heuristics"] = heuristics
                     fs.read_observers.append(heuristics.on_read)
+                    fs.list_observers.append(heuristics.on_list)
 
 
                 async def start() -> None:

@@ -29,6 +29,7 @@ STATS_XATTR = b"user.casfs.stats"
 
 ReadObserver = Callable[[int, list[ChunkRef]], None]
 ReadTracker = Callable[[], contextlib.AbstractContextManager[object]]
+ListObserver = Callable[[int], None]
 
 
 class FsError(Exception):
@@ -67,6 +68,7 @@ class ImageFS:
         self.metrics = metrics
         self.read_observers: list[ReadObserver] = []
         self.read_trackers: list[ReadTracker] = []  # entered for the span of each read
+        self.list_observers: list[ListObserver] = []  # told of each directory listing
         self.extra_stats = extra_stats
 
     # -- metadata --------------------------------------------------------------
@@ -94,6 +96,9 @@ class ImageFS:
         self.metrics.readdirs += 1
         if not stat.S_ISDIR(self.manifest.inode(ino).mode):
             raise FsError(errno.ENOTDIR)
+        if start == 0:
+            for observe in self.list_observers:
+                observe(ino)
         for index, name, child in self.manifest.entries(ino, start):
             yield index, name, child, self.manifest.inode(child)
 

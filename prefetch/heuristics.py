@@ -9,6 +9,13 @@
   modules one after another from the same directory. When that directory is a
   package's `__pycache__`, the `__pycache__` of each of its subpackages is
   fetched as well: the package's import goes on into them.
+* Directory listings: Python lists a package directory when it first looks for a
+  module in it, just before it opens that module's compiled file; the listing of a
+  directory that has a `__pycache__` fetches that `__pycache__`'s small files at once,
+  so the first module of each package is not a wait either.
+* Shared libraries: the first read of a file named like one (`*.so`, `*.so.*`) of at
+  most `library_max_size` bytes fetches all of it: the dynamic loader and the page
+  faults that follow touch it all over, a miss each.
 
 All of it goes through the fetcher as prefetch, below every read in priority.
 """
@@ -35,7 +42,7 @@ class Heuristics:
                  readahead_chunks: int = 16, readahead_bytes: int = 32 << 20,
                  siblings: bool = True,
                  sibling_max_size: int = 256 * 1024, sibling_max_files: int = 128,
-                 concurrency: int = 48,
+                 concurrency: int = 48, library_max_size: int = 64 << 20,
                  siblings_wanted: Callable[[], bool] = lambda: True) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
@@ -46,6 +53,8 @@ class Heuristics:
         self.siblings_wanted = siblings_wanted  # false once a trace plan covers the boot
         self.sibling_max_size = sibling_max_size
         self.sibling_max_files = sibling_max_files
+        self.library_max_size = library_max_size
+        self._files_seen: set[int] = set()
         self.slots = trio.CapacityLimiter(concurrency)
         self._last_chunk: dict[int, int] = {}  # ino -> offset of the last chunk read
         self._ahead: dict[int, int] = {}  # ino -> offset up to which readahead was asked
@@ -59,12 +68,38 @@ class Heuristics:
         if self.readahead_chunks and prev is not None and first.offset <= prev + last.length \
                 and first.offset >= prev:
             self._readahead(ino, last)
-        if self.siblings and self.siblings_wanted():
+        if not self.siblings_wanted():
+            return
+        if ino not in self._files_seen:
+            self._files_seen.add(ino)
+            self._fetch_library(ino, chunks)
+        if self.siblings:
             parent = self.manifest.inode(ino).parent
             if parent not in self._dirs_seen:
                 self._dirs_seen.add(parent)
                 self._fetch_siblings(parent, ino)
                 self._fetch_subpackage_caches(parent)
+
+    def on_list(self, directory: int) -> None:
+        """A directory is being listed: fetch its `__pycache__`, whose modules come next."""
+        if not self.siblings or not self.siblings_wanted():
+            return
+        cache = self.manifest.lookup(directory, PYCACHE)
+        if cache and cache not in self._dirs_seen and \
+                stat.S_ISDIR(self.manifest.inode(cache).mode):
+            self._dirs_seen.add(cache)
+            self._fetch_siblings(cache, 0)
+
+    def _fetch_library(self, ino: int, reading: list[ChunkRef]) -> None:
+        node = self.manifest.inode(ino)
+        if node.count <= len(reading) or node.size > self.library_max_size:
+            return  # what is being read is all of it, or too big to take whole
+        if not _looks_like_library(self.manifest, ino):
+            return
+        skip = {c.digest for c in reading}
+        for c in self.manifest.chunks(ino):
+            if c.digest not in skip:
+                self._spawn(c.digest)
 
     def _readahead(self, ino: int, last: ChunkRef) -> None:
         start = max(last.offset + last.length, self._ahead.get(ino, 0))
@@ -118,3 +153,11 @@ class Heuristics:
                 await self.fetcher.get(digest, prefetch=True)
             except CasfsError as exc:
                 log.debug("heuristic prefetch of %s failed: %s", digest, exc)
+
+
+def _looks_like_library(manifest: Manifest, ino: int) -> bool:
+    """Named like a shared library: lib.so, lib.so.1.2, mod.cpython-311-x86_64-linux-gnu.so."""
+    for _, name, child in manifest.entries(manifest.inode(ino).parent):
+        if child == ino:
+            return name.endswith(b".so") or b".so." in name
+    return False

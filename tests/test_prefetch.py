@@ -827,3 +827,65 @@ def test_no_prefetch_and_no_trace(fuse: None, tmp_path: Path) -> None:
     with mounted(image.ref, tmp_path / "m4", url, tmp_path / "c4", "--no-trace") as mnt:
         st = prefetch_done(mnt)
         assert st["metrics"]["prefetch_chunks"] == len(boot_chunks)
+
+
+HEURISTIC_FILES = {
+    "site/pkg/__init__.py": b"x = 1\n",
+    "site/pkg/mod.py": b"y = 2\n",
+    "site/pkg/__pycache__/__init__.cpython-311.pyc": b"pyc-init" * 100,
+    "site/pkg/__pycache__/mod.cpython-311.pyc": b"pyc-mod" * 100,
+    "site/pkg/_ext.cpython-311-x86_64-linux-gnu.so": random.Random(3).randbytes(700_000),
+    "site/pkg/data.bin": random.Random(4).randbytes(700_000),
+    "site/other/__init__.py": b"",
+}
+
+
+def test_heuristics_listing_and_libraries(tmp_path: Path) -> None:
+    """Without a trace: listing a package directory fetches its __pycache__; the first
+    read of a multi-chunk shared library fetches all of it, of other files only the
+    sequential readahead does. (The fetcher is a recorder: this is the guessing logic.)"""
+    from prefetch.heuristics import Heuristics
+
+    image = make_image(tmp_path, "h", [files_layer(HEURISTIC_FILES)], f"file://{tmp_path}/store")
+    m = image.manifest()
+
+    class Recording:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+
+        def in_flight(self, digest: str) -> bool:
+            return False
+
+        async def get(self, digest: str, prefetch: bool = False) -> None:
+            assert prefetch
+            self.got.append(digest)
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        fetcher = Recording()
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery)  # type: ignore[arg-type]
+            h.on_list(m.resolve("/site/pkg"))
+            await trio.testing.wait_all_tasks_blocked()
+            listed = list(fetcher.got)
+            fetcher.got.clear()
+            h.on_list(m.resolve("/site/other"))  # no __pycache__: nothing
+            h.on_list(m.resolve("/site/pkg"))  # seen already: nothing again
+            so = m.resolve("/site/pkg/_ext.cpython-311-x86_64-linux-gnu.so")
+            h.on_read(so, m.chunks(so)[:1])
+            await trio.testing.wait_all_tasks_blocked()
+            library = list(fetcher.got)
+            fetcher.got.clear()
+            data = m.resolve("/site/pkg/data.bin")
+            h.on_read(data, m.chunks(data)[:1])
+            await trio.testing.wait_all_tasks_blocked()
+            return listed, library, list(fetcher.got)
+
+    listed, library, data = trio.run(scenario)
+    assert sorted(listed) == sorted(chunks_of(m, "/site/pkg/__pycache__/" + n)[0]
+                                    for n in ("__init__.cpython-311.pyc", "mod.cpython-311.pyc"))
+    so_chunks = chunks_of(m, "/site/pkg/_ext.cpython-311-x86_64-linux-gnu.so")
+    assert len(so_chunks) == 3
+    assert sorted(d for d in library if d in so_chunks) == sorted(so_chunks[1:])  # the rest
+    siblings = {chunks_of(m, "/site/pkg/" + n)[0] for n in ("__init__.py", "mod.py")}
+    assert set(library) == set(so_chunks[1:]) | siblings  # and the directory's small files
+    assert data == []  # one read of a plain file: no readahead yet, not a library
