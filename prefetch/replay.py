@@ -157,7 +157,8 @@ def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int) -> list[Gr
 class Prefetcher:
     def __init__(self, store: Store, manifest: Manifest, fetcher: Fetcher, *,
                  concurrency: int = 8, range_bytes: int = 4 << 20, max_gap: int = 1 << 20,
-                 min_share: float = 0.5, max_traces: int = 8, warm_batch: int = 8) -> None:
+                 min_share: float = 0.5, max_traces: int = 8, warm_batch: int = 8,
+                 warm_concurrency: int = 3) -> None:
         self.store = store
         self.manifest = manifest
         self.fetcher = fetcher
@@ -167,6 +168,7 @@ class Prefetcher:
         self.min_share = min_share
         self.max_traces = max_traces
         self.warm_batch = warm_batch
+        self.warm_concurrency = warm_concurrency
         self.status = PrefetchStatus()
 
     async def run(self) -> None:
@@ -210,9 +212,21 @@ class Prefetcher:
         def verify(batch: list[str]) -> int:
             return sum(1 for d in batch if cache.lookup(d, count=False) is not None)
 
-        for i in range(0, len(digests), self.warm_batch):
-            self.status.warmed_chunks += await trio.to_thread.run_sync(
-                verify, digests[i : i + self.warm_batch])
+        batches = [digests[i : i + self.warm_batch]
+                   for i in range(0, len(digests), self.warm_batch)]
+        slots = trio.Semaphore(self.warm_concurrency)  # a few disk reads in flight
+
+        async def one(batch: list[str]) -> None:
+            try:
+                n = await trio.to_thread.run_sync(verify, batch)
+                self.status.warmed_chunks += n
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:  # started in first-access order
+                await slots.acquire()
+                nursery.start_soon(one, batch)
 
     def _room_left(self) -> bool:
         cache = self.fetcher.cache
