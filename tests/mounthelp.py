@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,3 +357,17 @@ def drop_file_cache(path: str | os.PathLike[str]) -> None:
 
 def errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))
+
+
+def wait_stats(m: Mount, pred: Callable[[dict], bool], what: str, timeout: float = 30.0,
+               interval: float = 0.05) -> dict:
+    """The mount's stats once pred holds; an AssertionError with its log after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = m.stats()
+        if pred(st):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; stats prefetch "
+                                 f"{st.get('prefetch')}\nlog:\n{m.log()[-3000:]}")
+        time.sleep(interval)

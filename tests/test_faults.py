@@ -53,6 +53,7 @@ from tests.mounthelp import (
     start_mount,
     unmount_checked,
     wait_gone,
+    wait_stats,
 )
 
 CHUNK = 256 * 1024
@@ -231,18 +232,6 @@ def image_jobs(m: Mount, image: SourceImage, names: list[str] | None = None) -> 
 
 def assert_no_wrong_bytes(res: dict[str, Any], where: str) -> None:
     assert res["wrong"] == [], f"{where}: WRONG BYTES served: {res['wrong'][:10]}"
-
-
-def wait_stats(m: Mount, pred: Any, what: str, timeout: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = m.stats()
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {st.get('prefetch')}\n"
-                                 f"{m.log()[-3000:]}")
-        time.sleep(0.05)
 
 
 # == store and cache consistency ===============================================================

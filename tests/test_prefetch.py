@@ -21,7 +21,6 @@ import random
 import struct
 import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from tests.mounthelp import (
     mounted,
     read_in_subprocess,
     require_fuse,
+    wait_stats,
 )
 
 IDLE = "1"  # --trace-idle for the recording mounts
@@ -122,19 +122,6 @@ def read_checked(m: Mount, image: Image, names: list[str]) -> None:
     for name, res in zip(names, out, strict=True):
         assert res["ok"], f"reading {name}: errno {res.get('errno')}\n{m.log()[-2000:]}"
         assert res["hash"] == b3(image.files[name]), f"wrong bytes read from {name}"
-
-
-def wait_stats(m: Mount, pred: Callable[[dict], bool], what: str, timeout: float = 20.0,
-               interval: float = 0.05) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = m.stats()
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; stats prefetch "
-                                 f"{st.get('prefetch')}\nlog:\n{m.log()[-3000:]}")
-        time.sleep(interval)
 
 
 def prefetch_done(m: Mount) -> dict:
