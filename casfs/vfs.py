@@ -163,7 +163,7 @@ class ImageFS:
         end = min(offset + size, self.manifest.inode(ino).size)
         # The hot path, on this thread: chunks this process verified, bytes in the page
         # cache (after a prefetch, or re-reads the kernel dropped). Never blocks.
-        ranges = []
+        ranges = []  # (digest, offset in the chunk, length) of each chunk's part
         for c in chunks:
             lo = max(offset, c.offset) - c.offset
             ranges.append((c.digest, lo, min(end, c.offset + c.length) - c.offset - lo))
@@ -175,20 +175,17 @@ class ImageFS:
         with contextlib.ExitStack() as stack:
             for track in self.read_trackers:
                 stack.enter_context(track())
-            data = await self._read_blocking(ino, chunks, offset, end)
+            data = await self._read_blocking(chunks, ranges)
         self.metrics.read_bytes += len(data)
         return data
 
-    async def _read_blocking(self, ino: int, chunks: list[ChunkRef], offset: int,
-                             end: int) -> bytes:
+    async def _read_blocking(self, chunks: list[ChunkRef],
+                             ranges: list[tuple[str, int, int]]) -> bytes:
+        """The same ranges, from cache files (one thread hop) or fetched."""
 
         def parts_of(sources: list[Path | bytes]) -> list[tuple[Path | bytes, int, int]]:
-            parts = []
-            for c, src in zip(chunks, sources, strict=True):
-                lo = max(offset, c.offset) - c.offset
-                hi = min(end, c.offset + c.length) - c.offset
-                parts.append((src, lo, hi - lo))
-            return parts
+            return [(src, lo, length)
+                    for (_, lo, length), src in zip(ranges, sources, strict=True)]
 
         def read_if_cached() -> bytes | None:
             # The common warm case in one thread hop: every chunk on disk.
