@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from casfs.errors import CasfsError, UsageError
 
 Handler = Callable[[argparse.Namespace], int]
+DAEMON_LOG_FORMAT = "%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 def _store(args: argparse.Namespace, create: bool = False):  # noqa: ANN202
@@ -378,8 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon = getattr(args, "foreground", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if daemon else logging.WARNING,
-        format="%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s"
-        if daemon else "casfs: %(levelname)s: %(message)s",
+        format=DAEMON_LOG_FORMAT if daemon else "casfs: %(levelname)s: %(message)s",
     )
     try:
         return args.handler(args)

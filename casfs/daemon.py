@@ -208,7 +208,6 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                     fs.read_observers.append(heuristics.on_read)
                     fs.list_observers.append(heuristics.on_list)
 
-
                 async def start() -> None:
                     # Answer `casfs mount` first: the prefetcher's first store request
                     # builds the S3 client, CPU that would otherwise delay "ready".
@@ -349,10 +348,10 @@ def _become_daemon(log_fd: int, verbose: bool) -> None:
     os.close(log_fd)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _limit_malloc_arenas(2)
-    logging.basicConfig(
-        force=True, level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+    from casfs.cli import DAEMON_LOG_FORMAT
+
+    logging.basicConfig(force=True, level=logging.DEBUG if verbose else logging.INFO,
+                        format=DAEMON_LOG_FORMAT)
 
 
 def _raise_open_files_limit(want: int) -> None:
