@@ -208,16 +208,14 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                     fs.read_observers.append(heuristics.on_read)
                     fs.list_observers.append(heuristics.on_list)
 
-                async def start() -> None:
-                    # Answer `casfs mount` first: the prefetcher's first store request
-                    # builds the S3 client, CPU that would otherwise delay "ready".
-                    await _announce_ready(mountpoint, cfg, ready)
-                    if prefetcher is not None:
-                        nursery.start_soon(_prefetch_then_trim, prefetcher)
-                    if recorder is not None:
-                        nursery.start_soon(recorder.watch, save)
-
-                nursery.start_soon(start)
+                # The trace is loaded while the mount gets ready: a boot's first reads
+                # (the interpreter, libpython) come right after "ready", and each one
+                # the plan is not yet there for is a GET of its own, in series.
+                if prefetcher is not None:
+                    nursery.start_soon(_prefetch_then_trim, prefetcher)
+                if recorder is not None:
+                    nursery.start_soon(recorder.watch, save)
+                nursery.start_soon(_announce_ready, mountpoint, cfg, ready)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
