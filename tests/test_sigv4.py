@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from casfs.store.sigv4 import FrozenCredentials, Signer, from_environment
+from casfs.store.sigv4 import FrozenCredentials, Signer, from_environment, query_string
 
 NOW = datetime.datetime(2026, 11, 21, 13, 45, 7, tzinfo=datetime.UTC)
 
 
 @pytest.mark.parametrize(("method", "body", "headers", "token"), [
     ("GET", b"", {}, None),
+    ("LIST", b"", {}, None),
     ("GET", b"", {"Range": "bytes=10-99"}, "session-token/xyz"),
     ("HEAD", b"", {}, None),
     ("PUT", b"\x00chunk bytes" * 100, {"Content-MD5": "abc=="}, None),
@@ -27,6 +28,10 @@ def test_signature_matches_botocore(monkeypatch: pytest.MonkeyPatch, method: str
 
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: NOW.replace(tzinfo=None))
     url = "http://127.0.0.1:8333/bucket/casfs/blobs/ab/ab%2Bcd~x"
+    if method == "LIST":  # a bucket request with a query string (ListObjectsV2)
+        method = "GET"
+        url = "http://127.0.0.1:8333/bucket?" + query_string(
+            {"list-type": "2", "prefix": "casfs/traces/m/ab+c d/", "continuation-token": "x/y=="})
     req = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
     botocore.auth.S3SigV4Auth(Credentials("AKID", "secret/key", token), "s3", "eu-west-3") \
         .add_auth(req)

@@ -307,6 +307,29 @@ def test_missing_bucket(seaweed: object, s3_bucket_url: str) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.s3
+def test_s3_listing_pages_and_odd_keys(s3_bucket_url: str) -> None:
+    """ListObjectsV2 comes in pages of 1,000: a listing follows the continuation token,
+    and keys needing percent-encoding (space, plus, unicode) list and delete as written."""
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_store(s3_bucket_url, create=True)
+    keys = [f"many/{i:05d}" for i in range(1234)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: store.backend.put(k, b"x"), keys))
+    assert sorted(store.backend.list("many/")) == keys
+    odd = ["odd/a b+c", "odd/ü=&?", "odd/x~y"]
+    for k in odd:
+        store.backend.put(k, k.encode())
+    info = list(store.backend.list_info("odd/"))
+    assert sorted(k for k, _, _ in info) == sorted(odd)
+    assert all(size == len(k.encode()) and abs(mtime - _time.time()) < 600
+               for k, size, mtime in info)
+    store.backend.delete("odd/a b+c")
+    assert sorted(store.backend.list("odd/")) == sorted(odd[1:])
+
+
 def test_s3_prefix_isolation(s3_bucket_url: str) -> None:
     """Two prefixes of one bucket are two stores."""
     a = open_store(s3_bucket_url, create=True)

@@ -1,9 +1,11 @@
 """The S3-compatible backend (`s3://bucket/prefix`): AWS S3, R2, SeaweedFS, MinIO.
 
-Endpoint, region and credentials come from boto3's standard chain
+Endpoint, region and credentials come from the standard AWS settings
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, ...), so no casfs-specific
-settings exist. The only module that imports boto3 (the hot requests go through
-casfs.store.s3http, signed with botocore). S3 PUTs are atomic, which gives the
+settings exist: read from the environment when it says everything, else resolved once
+through boto3's chain (the only use of boto3, and the only module that imports it).
+Every request (GET, ranged GET, HEAD, PUT, DELETE, list) goes through
+casfs.store.s3http, signed by casfs.store.sigv4. S3 PUTs are atomic, which gives the
 backend contract's no-partial-object rule for free.
 """
 
@@ -230,26 +232,18 @@ class S3Backend:
             return -1
 
     def delete(self, key: str) -> None:
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            err = _classify(exc, key, self.url, self.endpoint)
-            if not isinstance(err, ObjectNotFound):
-                raise err from exc
+        http = self._http
+        resp = http.request("DELETE", self._key(key))
+        if resp.status != 404:  # deleting what is gone is done (S3 itself answers 204)
+            http.check(resp, key)
 
     def list(self, prefix: str) -> Iterator[str]:
         for key, _size, _mtime in self.list_info(prefix):
             yield key
 
     def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
-        paginator = self._client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                for obj in page.get("Contents", []):
-                    yield (obj["Key"][len(self.prefix) :], int(obj.get("Size", 0)),
-                           obj["LastModified"].timestamp())
-        except Exception as exc:
-            raise _classify(exc, f"list {prefix}", self.url, self.endpoint) from exc
+        for key, size, mtime in self._http.list(self._key(prefix)):
+            yield key[len(self.prefix) :], size, mtime
 
     def sync(self) -> None:
         """S3 puts are durable when they return."""

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -92,10 +92,9 @@ class Signer:
                 now: datetime.datetime | None = None) -> dict[str, str]:
         """The request's headers with Host, X-Amz-Date, X-Amz-Content-Sha256, the
         session token (if any) and Authorization added. url must be already encoded
-        (it is the canonical URI as sent) and carry no query string."""
+        (its path is the canonical URI as sent); a query string must be the one
+        query_string() made."""
         parts = urlsplit(url)
-        if parts.query:
-            raise ValueError("query strings are not signed by this signer")
         now = now or datetime.datetime.now(datetime.UTC)
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         day = amz_date[:8]
@@ -110,7 +109,7 @@ class Signer:
         names = sorted(canonical)
         signed = ";".join(names)
         request = "\n".join([
-            method, parts.path or "/", "",
+            method, parts.path or "/", parts.query,
             "".join(f"{n}:{canonical[n]}\n" for n in names), signed, payload,
         ])
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
@@ -121,6 +120,13 @@ class Signer:
         out["Authorization"] = (f"{ALGORITHM} Credential={creds.access_key}/{scope}, "
                                 f"SignedHeaders={signed}, Signature={signature}")
         return out
+
+
+def query_string(params: dict[str, str]) -> str:
+    """A query string in SigV4's canonical form (sorted, every byte but unreserved ones
+    percent-encoded), to be sent exactly as signed."""
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                    for k, v in sorted(params.items()))
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
