@@ -479,16 +479,20 @@ class FaultProxy(_LocalHTTPServer):
         rng = h.headers.get("Range")
         with self._lock:
             self.client_auth.append((path, "Authorization" in h.headers))
+        # Each request is logged before its answer goes out: a client that has its answer
+        # (and a test that then reads the log) must find it there.
         if self.redirect_blobs and method == "GET" and _BLOB_RE.match(urlsplit(path).path):
+            with self._lock:
+                self.log.append((method, path, rng, 307))
             h.send_response(307)
             h.send_header("Location", f"http://{self.redirect_blobs}{path}")
             h.send_header("Content-Length", "0")
             h.end_headers()
-            with self._lock:
-                self.log.append((method, path, rng, 307))
             return
         fault = self._fault_for(path)
         if fault is not None:
+            with self._lock:
+                self.log.append((method, path, rng, fault.status))
             body = json.dumps({"errors": [{"code": "INJECTED", "message": "injected by FaultProxy"}]}).encode()
             h.send_response(fault.status)
             for k, v in fault.headers.items():
@@ -498,8 +502,6 @@ class FaultProxy(_LocalHTTPServer):
             h.end_headers()
             if method != "HEAD":
                 h.wfile.write(body)
-            with self._lock:
-                self.log.append((method, path, rng, fault.status))
             return
         conn = http.client.HTTPConnection(self.upstream, timeout=60)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
