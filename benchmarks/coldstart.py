@@ -244,15 +244,20 @@ class ColdStart:
     def casfs_first(self, wl: Workload) -> tuple[dict[str, Any], Path]:
         """Empty cache, no trace in the store: the first boot ever of this image."""
         cache = self.run_dir / f"cache-{wl.name}"
+        runs = self.empty_cache_boots("first boot", wl, cache)
+        return ok(runs), cache  # the last run's cache is the warm cache
+
+    def empty_cache_boots(self, label: str, wl: Workload, cache: Path) -> list[dict[str, Any]]:
+        """self.runs boots of wl, each on an emptied cache dir, logged as they go."""
         runs = []
         for i in range(self.runs):
             fresh_dir(cache)
             r = self.boot(wl, cache, self.quiet)
-            log(f"  first boot run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
+            log(f"  {label} run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
                 f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
                 f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE")
             runs.append(r)
-        return ok(runs), cache  # the last run's cache is the warm cache
+        return runs
 
     def casfs_noprefetch(self, wl: Workload) -> dict[str, Any]:
         """Plain lazy loading: no replay, no heuristics (diagnostic row, --no-prefetch-row)."""
@@ -304,14 +309,7 @@ class ColdStart:
         recording = self.record_boot(wl, cache)
         if not recording["traces_in_store"]:
             raise BenchError("the recording boot left no trace in the store")
-        runs = []
-        for i in range(self.runs):
-            fresh_dir(cache)
-            r = self.boot(wl, cache, self.quiet)
-            log(f"  prefetched boot run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
-                f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
-                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE")
-            runs.append(r)
+        runs = self.empty_cache_boots("prefetched boot", wl, cache)
         shutil.rmtree(cache, ignore_errors=True)
         return ok(runs, recording=recording)
 
