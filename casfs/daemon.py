@@ -27,6 +27,7 @@ from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.metrics import MountMetrics
 from casfs.mounts import prepare_mountpoint, remove_record, tune_kernel, write_record
+from casfs.packindex import PackIndex
 from casfs.refs import resolve_ref
 from casfs.store import Store, open_store
 from casfs.vfs import ImageFS
@@ -150,6 +151,9 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
             prefetch["state"] = "off"
         if parts.get("heuristics") is not None:
             prefetch["heuristic_requests"] = parts["heuristics"].requested
+            prefetch["heuristic_ranges"] = parts["heuristics"].ranged
+        if parts.get("packs") is not None:
+            prefetch["dir_packs"] = parts["packs"].as_dict()
         rec = parts.get("recorder")
         if rec is not None:
             prefetch["recorded_chunks"] = len(rec.order)
@@ -162,11 +166,12 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
         fs = ImageFS(manifest, fetcher, cache, metrics, extra_stats)
         ops = CasfsOperations(fs)
         recorder = Recorder(manifest, idle_seconds=cfg.trace_idle) if cfg.trace else None
-        prefetcher = Prefetcher(store, manifest, fetcher) if cfg.prefetch else None
+        packs = PackIndex() if cfg.prefetch else None
+        prefetcher = Prefetcher(store, manifest, fetcher, packs=packs) if cfg.prefetch else None
         if recorder is not None:
             fs.read_observers.append(recorder.on_read)
             fs.read_trackers.append(recorder.reading)
-        parts["recorder"], parts["prefetcher"] = recorder, prefetcher
+        parts["recorder"], parts["prefetcher"], parts["packs"] = recorder, prefetcher, packs
 
         def save() -> None:
             if recorder is None:
@@ -203,7 +208,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                                               and st.planned_chunks == 0)
 
                     heuristics = Heuristics(manifest, fetcher, nursery,
-                                            siblings_wanted=no_trace_plan)
+                                            siblings_wanted=no_trace_plan, packs=packs)
                     parts["heuristics"] = heuristics
                     fs.read_observers.append(heuristics.on_read)
                     fs.list_observers.append(heuristics.on_list)

@@ -3,9 +3,10 @@
 Live roots are every tag's manifest and every manifest younger than the grace
 period (an index that has not tagged yet). From a live manifest: its chunks'
 blobs, its layers' records (and their chunks: a kept record must never name a
-swept blob, or a re-index would reuse it), its traces, and the packs those
-traces locate. Everything else older than the grace period is swept: blobs,
-manifests, layer records, traces and their layer pointers, packs.
+swept blob, or a re-index would reuse it) and pack indexes (and their directory
+packs), its traces, and the packs those traces locate. Everything else older than
+the grace period is swept: blobs, manifests, layer records, pack indexes, traces
+and their layer pointers, packs.
 
 Runs under the store's gc lock (casfs.store.locks); listings of index locks are
 checked before marking and again before sweeping.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from casfs import packindex
 from casfs.errors import CasfsError, StoreBusy
 from casfs.manifest import Manifest
 from casfs.store.content import MAX_MANIFEST_SIZE, Store, decompress
@@ -83,6 +85,20 @@ def collect(store: Store, *, grace: float = 6 * 3600, dry_run: bool = False,
                 for op in (json.loads(record).get("ops", []) if record else []):
                     for chunk in op.get("chunks") or []:
                         live_blobs.add(chunk[0])
+        progress("marking directory packs")
+        for key, _s, mtime in store.backend.list_info("packidx/"):
+            algo, _, hex_ = key[len("packidx/"):].partition("/")
+            if f"{algo}:{hex_}" not in layer_digests and not young(mtime):
+                continue
+            live_keys.add(key)
+            try:
+                raw = store.get_pack_index(f"{algo}:{hex_}", packindex.MAX_INDEX_BYTES)
+                located = packindex.parse(raw or b"", key)
+            except CasfsError as exc:
+                log.warning("gc: pack index %s is unreadable (%s); it will be swept", key, exc)
+                live_keys.discard(key)
+                continue
+            live_keys.update(f"packs/{pack}" for pack, _o, _l in located.values())
         progress("marking traces and packs")
         for key, _s, mtime in store.backend.list_info("traces/m/"):
             manifest = key.split("/")[2]
@@ -106,7 +122,8 @@ def collect(store: Store, *, grace: float = 6 * 3600, dry_run: bool = False,
             raise StoreBusy(f"store {store.url}: an index started during gc; nothing was deleted")
         progress("sweeping")
         doomed: list[tuple[str, int]] = []
-        for prefix in ("blobs/", "manifests/", "layers/", "traces/m/", "traces/l/", "packs/"):
+        for prefix in ("blobs/", "manifests/", "layers/", "packidx/", "traces/m/", "traces/l/",
+                       "packs/"):
             for key, size, mtime in store.backend.list_info(prefix):
                 kind = _kind(key)
                 alive = (key.rsplit("/", 1)[1] in live_blobs) if prefix == "blobs/" else key in live_keys

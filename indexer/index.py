@@ -50,6 +50,7 @@ from indexer.decompress import (
     layer_limits,
     open_decompressed,
 )
+from indexer.dirpack import DirPacker, PackStats
 from indexer.imageref import parse_image_ref
 from indexer.layer import read_layer, resolve_chunks
 from indexer.registry import RegistryOptions
@@ -74,6 +75,7 @@ class IndexResult:
     seconds: float = 0.0
     manifest_bytes: int = 0
     downloaded_bytes: int = 0  # stored (compressed) layer bytes read for indexing
+    packs: PackStats = field(default_factory=PackStats)  # directory packs written
 
     @property
     def ref(self) -> str:
@@ -144,6 +146,7 @@ class _LayerDone:
     ops: list[dict[str, Any]]
     size: int  # uncompressed bytes of the layer's files
     record: bytes | None = None  # a new layer record to write (None: reused)
+    pack_index: bytes = b""  # with a new record: the layer's directory pack index
     owner: int | None = None  # the same layer appears earlier: its index in the image
     downloaded: int = 0
 
@@ -191,7 +194,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     # manifest built: a failing image (a hostile or corrupt layer, a hardlink to a name
     # no layer has, a layer whose bytes do not match its digest) leaves no record
     # behind, only unreferenced blobs.
-    new_records: list[tuple[str, bytes]] = []
+    new_records: list[tuple[str, bytes, bytes]] = []  # (key, record, pack index)
     uploader = BlobUploader(store)
     layers = image.layers
     if layer_workers is None:
@@ -226,6 +229,11 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                 bar.finish(f"same as layer {owner + 1}")
             return _LayerDone(key, [], 0, owner=owner)
         ops = _load_record(store, key) if reuse_layers else None
+        if ops is not None and not store.has_pack_index(key):
+            # Indexed before directory packs existed: read it again to pack it.
+            progress.note(f"{label} {key[7:19]}: indexed without directory packs; "
+                          "indexing it again")
+            ops = None
         if ops is not None:
             size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
             if bar is not None:
@@ -236,12 +244,23 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
         if bar is None:
             bar = progress.bar(f"{label} {key[7:19]}", layer.size)
         bar.set_phase("indexing", layer.size)
-        ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort)
+        packer = DirPacker(store)
+        try:
+            ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort,
+                                                 packer)
+            bar.set_note("(writing directory packs)")
+            pack_index = packer.finish()
+        finally:
+            packer.close()
+        with claims_lock:
+            result.packs.files += packer.stats.files
+            result.packs.packs += packer.stats.packs
+            result.packs.bytes += packer.stats.bytes
         bar.finish(f"{human_bytes(downloaded)} read, {human_bytes(size)} of files, "
                    f"{len(ops)} entries")
         record = {"version": LAYER_RECORD_VERSION, "chunking": CHUNKING, "ops": ops}
         return _LayerDone(key, ops, size, json.dumps(record, separators=(",", ":")).encode(),
-                          downloaded=downloaded)
+                          pack_index=pack_index, downloaded=downloaded)
 
     pool = ThreadPoolExecutor(max_workers=max(1, layer_workers), thread_name_prefix="layer")
     futures: list[Future[_LayerDone]] = [
@@ -258,7 +277,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                 if res.owner is not None or res.record is None:
                     result.layers_reused += 1
                 else:
-                    new_records.append((res.key, res.record))
+                    new_records.append((res.key, res.record, res.pack_index))
                 result.uncompressed_bytes += size
                 result.downloaded_bytes += res.downloaded
                 layer_meta.append({"digest": res.key, "media_type": layers[i].media_type,
@@ -297,7 +316,9 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     finally:
         if deferred:
             store.backend.deferred_sync = was_deferred
-    for key, raw in new_records:
+    for key, raw, pack_index in new_records:
+        # The pack index first: a layer record without one is indexed again.
+        store.put_pack_index(key, pack_index)
         store.put_layer_record(key, raw)
     result.digest = store.put_manifest(data)
     result.manifest_bytes = len(data)
@@ -307,7 +328,8 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     progress.done(
         f"indexed {len(image.layers)} layers, {human_bytes(result.uncompressed_bytes)} "
         f"in {result.seconds:.1f}s; {result.upload.new_blobs} new blobs "
-        f"({human_bytes(result.upload.uploaded_bytes)} stored)"
+        f"({human_bytes(result.upload.uploaded_bytes)} stored), "
+        f"{result.packs.files} small files in {result.packs.packs} directory packs"
     )
     return result
 
@@ -330,7 +352,7 @@ def _blame_digest(raw: Any, layer: Layer) -> None:
 
 def _index_layer(
     layer: Layer, key: str, uploader: BlobUploader, label: str, bar: ProgressBar,
-    abort: threading.Event,
+    abort: threading.Event, packer: DirPacker,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """(ops, uncompressed file bytes, stored bytes read) of one layer."""
     done = 0
@@ -353,7 +375,7 @@ def _index_layer(
                 ExpansionGuard(stream, lambda: tracked.count, what, max_total, max_ratio), READ_SIZE
             )
             diff = HashingReader(guarded)
-            ops = read_layer(diff, uploader, what, on_bytes)
+            ops = read_layer(diff, uploader, what, on_bytes, packer)
             diff.drain()
         except (CorruptLayer, HostileLayer):
             if layer.verifies_digest:

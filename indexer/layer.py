@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from casfs.errors import CorruptLayer, HostileLayer
 from indexer.chunking import chunk_size_for
+from indexer.dirpack import DirPacker
 from indexer.upload import BlobUploader
 
 WHITEOUT = ".wh."
@@ -117,11 +118,12 @@ def read_layer(
     uploader: BlobUploader,
     what: str,
     on_bytes: Callable[[int], None] = lambda n: None,
+    packer: DirPacker | None = None,
 ) -> list[dict[str, Any]]:
     """The operations of the layer whose uncompressed tar stream is given.
 
-    File chunks go to the uploader; the returned ops hold futures in their
-    "chunks" lists until resolve_chunks() is called.
+    File chunks go to the uploader (small files also to the packer); the returned ops
+    hold futures in their "chunks" lists until resolve_chunks() is called.
     """
     ops: list[dict[str, Any]] = []
     try:
@@ -159,7 +161,9 @@ def read_layer(
             if member.isreg():
                 op["type"] = stat.S_IFREG
                 op["size"] = member.size
-                op["chunks"] = _read_chunks(tar, member, uploader, on_bytes)
+                op["chunks"] = _read_chunks(tar, member, uploader, on_bytes,
+                                            packer if packer and packer.wants(member.size)
+                                            else None, path)
             elif member.type in _TYPE_BITS:
                 op["type"] = _TYPE_BITS[member.type]
                 if member.issym():
@@ -184,9 +188,13 @@ def read_layer(
 
 def _read_chunks(
     tar: tarfile.TarFile, member: tarfile.TarInfo, uploader: BlobUploader,
-    on_bytes: Callable[[int], None],
+    on_bytes: Callable[[int], None], packer: DirPacker | None, path: str,
 ) -> list[tuple[Future[str], int]]:
     f = tar.extractfile(member)
+    on_stored = None
+    if packer is not None:
+        def on_stored(digest: str, stored: bytes) -> None:
+            packer.add(path, digest, stored)
     assert f is not None
     chunks = []
     remaining = member.size
@@ -195,7 +203,7 @@ def _read_chunks(
         data = f.read(min(chunk_size, remaining))
         if not data:
             raise CorruptLayer(f"entry {member.name!r} is truncated")
-        chunks.append((uploader.submit(data), len(data)))
+        chunks.append((uploader.submit(data, on_stored), len(data)))
         remaining -= len(data)
         on_bytes(len(data))
     return chunks

@@ -8,11 +8,16 @@ here, so indexing uses both cores and many uploads overlap their latency.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from casfs.digest import hash_bytes
 from casfs.store import Store
+from casfs.store.content import compress
+
+# Told (digest, stored form) of a chunk, on the upload thread (indexer.dirpack).
+StoredHook = Callable[[str, bytes], None]
 
 
 @dataclass
@@ -35,11 +40,12 @@ class BlobUploader:
         self._lock = threading.Lock()
         self._seen: set[str] = set()
 
-    def submit(self, data: bytes) -> Future[str]:
+    def submit(self, data: bytes, on_stored: StoredHook | None = None) -> Future[str]:
+        """Upload a chunk unless the store has it; `on_stored` also gets its stored form."""
         units = max(1, len(data) >> 16)
         for _ in range(units):
             self._room.acquire()
-        fut = self._pool.submit(self._store_chunk, data)
+        fut = self._pool.submit(self._store_chunk, data, on_stored)
         fut.add_done_callback(lambda _f: self._release(units))
         return fut
 
@@ -47,15 +53,19 @@ class BlobUploader:
         for _ in range(units):
             self._room.release()
 
-    def _store_chunk(self, data: bytes) -> str:
+    def _store_chunk(self, data: bytes, on_stored: StoredHook | None) -> str:
         digest = hash_bytes(data)
+        packed = None
+        if on_stored is not None:
+            packed = compress(data)
+            on_stored(digest, packed)
         with self._lock:
             self.stats.chunks += 1
             self.stats.bytes += len(data)
             if digest in self._seen:
                 return digest
             self._seen.add(digest)
-        _, uploaded = self.store.put_blob(data, digest)
+        _, uploaded = self.store.put_blob(data, digest, packed)
         if uploaded:
             with self._lock:
                 self.stats.new_blobs += 1

@@ -5,7 +5,8 @@
   background (model weights, shared libraries read front to back).
 * Directory siblings: the first time a file in a directory is read, that
   directory's other small files (at most `sibling_max_size` bytes, at most
-  `sibling_max_files` of them) are fetched too: Python imports a package's
+  `sibling_max_files` of them; not the `.py` sources of a directory that has a
+  `__pycache__`) are fetched too: Python imports a package's
   modules one after another from the same directory. When that directory is a
   package's `__pycache__`, the `__pycache__` of each of its subpackages is
   fetched as well: the package's import goes on into them.
@@ -17,7 +18,10 @@
   most `library_max_size` bytes fetches all of it: the dynamic loader and the page
   faults that follow touch it all over, a miss each.
 
-All of it goes through the fetcher as prefetch, below every read in priority.
+All of it goes through the fetcher as prefetch, below every read in priority. Chunks
+that the image's directory packs hold (casfs.packindex: `casfs index` packs each
+layer's small files by directory) come in ranged GETs, a directory at a time; the
+others one GET each.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from casfs.errors import CasfsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
+from casfs.packindex import PackIndex, Range
 
 log = logging.getLogger(__name__)
 PYCACHE = b"__pycache__"
@@ -41,10 +46,12 @@ class Heuristics:
     def __init__(self, manifest: Manifest, fetcher: Fetcher, nursery: trio.Nursery, *,
                  readahead_chunks: int = 16, readahead_bytes: int = 32 << 20,
                  siblings: bool = True,
-                 sibling_max_size: int = 256 * 1024, sibling_max_files: int = 128,
+                 sibling_max_size: int = 256 * 1024, sibling_max_files: int = 512,
                  concurrency: int = 48, library_max_size: int = 64 << 20,
-                 siblings_wanted: Callable[[], bool] = lambda: True) -> None:
+                 siblings_wanted: Callable[[], bool] = lambda: True,
+                 packs: PackIndex | None = None) -> None:
         self.manifest = manifest
+        self.packs = packs if packs is not None else PackIndex()  # filled by the prefetcher once loaded
         self.fetcher = fetcher
         self.nursery = nursery
         self.readahead_chunks = readahead_chunks
@@ -58,8 +65,10 @@ class Heuristics:
         self.slots = trio.CapacityLimiter(concurrency)
         self._last_chunk: dict[int, int] = {}  # ino -> offset of the last chunk read
         self._ahead: dict[int, int] = {}  # ino -> offset up to which readahead was asked
-        self._dirs_seen: set[int] = set()
-        self.requested = 0
+        self._dirs_seen: set[int] = set()  # directories whose files were fetched
+        self._packages_seen: set[int] = set()  # packages whose subpackages were
+        self.requested = 0  # requests started: single GETs and pack ranges
+        self.ranged = 0  # of those, ranged GETs of directory packs
 
     def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         first, last = chunks[0], chunks[-1]
@@ -75,10 +84,17 @@ class Heuristics:
             self._fetch_library(ino, chunks)
         if self.siblings:
             parent = self.manifest.inode(ino).parent
+            wanted: list[str] = []
             if parent not in self._dirs_seen:
                 self._dirs_seen.add(parent)
-                self._fetch_siblings(parent, ino)
-                self._fetch_subpackage_caches(parent)
+                wanted = self._siblings(parent, ino)
+            if parent not in self._packages_seen:
+                # Apart from the above: a `__pycache__` fetched whole as a subpackage's
+                # has not had its own subpackages fetched yet.
+                self._packages_seen.add(parent)
+                wanted += self._subpackage_caches(parent)
+            if wanted:
+                self._fetch(wanted)
 
     def on_list(self, directory: int) -> None:
         """A directory is being listed: fetch its `__pycache__`, whose modules come next."""
@@ -88,7 +104,7 @@ class Heuristics:
         if cache and cache not in self._dirs_seen and \
                 stat.S_ISDIR(self.manifest.inode(cache).mode):
             self._dirs_seen.add(cache)
-            self._fetch_siblings(cache, 0)
+            self._fetch(self._siblings(cache, 0))
 
     def _fetch_library(self, ino: int, reading: list[ChunkRef]) -> None:
         node = self.manifest.inode(ino)
@@ -112,40 +128,63 @@ class Heuristics:
             for c in ahead:
                 self._spawn(c.digest)
 
-    def _fetch_siblings(self, parent: int, ino: int) -> None:
+    def _siblings(self, parent: int, ino: int) -> list[str]:
+        """Digests of a directory's small files, but `ino`'s."""
+        out: list[str] = []
         count = 0
-        for _, _, child in self.manifest.entries(parent):
-            if child == ino:
+        # Python reads a package's compiled modules, not its sources: where a
+        # `__pycache__` sits beside them, the `.py` files are only stat'ed.
+        compiled = bool(self.manifest.lookup(parent, PYCACHE))
+        for _, name, child in self.manifest.entries(parent):
+            if child == ino or (compiled and name.endswith(b".py")):
                 continue
             node = self.manifest.inode(child)
             if stat.S_ISREG(node.mode) and 0 < node.size <= self.sibling_max_size:
-                for c in self.manifest.chunks(child)[:1]:
-                    self._spawn(c.digest)
+                out.extend(c.digest for c in self.manifest.chunks(child)[:1])
                 count += 1
                 if count >= self.sibling_max_files:
                     break
+        return out
 
-    def _fetch_subpackage_caches(self, directory: int) -> None:
+    def _subpackage_caches(self, directory: int) -> list[str]:
         """Reading a package's compiled modules (pkg/__pycache__/x.pyc) announces the
-        import of its subpackages next: fetch their pkg/sub/__pycache__ files too."""
+        import of its subpackages next: their pkg/sub/__pycache__ files too."""
+        out: list[str] = []
         if self.manifest.lookup(self.manifest.inode(directory).parent, PYCACHE) != directory:
-            return
+            return out
         package = self.manifest.inode(directory).parent
         if not self.manifest.lookup(package, b"__init__.py"):
-            return  # not a package (the stdlib's top level, site-packages): too broad
+            return out  # not a package (the stdlib's top level, site-packages): too broad
         for _, _, sub in self.manifest.entries(package):
             if sub == directory or not stat.S_ISDIR(self.manifest.inode(sub).mode):
                 continue
             cache = self.manifest.lookup(sub, PYCACHE)
             if cache and cache not in self._dirs_seen:
                 self._dirs_seen.add(cache)
-                self._fetch_siblings(cache, 0)
+                out.extend(self._siblings(cache, 0))
+        return out
+
+    def _fetch(self, digests: list[str]) -> None:
+        """Fetch these chunks: a ranged GET per run of them in a directory pack, a GET
+        for each of the others."""
+        ranges, loose = self.packs.ranges(
+            d for d in digests if not self.fetcher.in_flight(d))
+        for r in ranges:
+            self.requested += 1
+            self.ranged += 1
+            self.nursery.start_soon(self._get_range, r)
+        for digest in loose:
+            self._spawn(digest)
 
     def _spawn(self, digest: str) -> None:
         if self.fetcher.in_flight(digest):
             return
         self.requested += 1
         self.nursery.start_soon(self._get, digest)
+
+    async def _get_range(self, r: Range) -> None:
+        async with self.slots:
+            await self.fetcher.get_pack_range(r.pack, r.items[0][1], r.items)
 
     async def _get(self, digest: str) -> None:
         async with self.slots:

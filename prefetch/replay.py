@@ -28,6 +28,7 @@ import trio
 from casfs.errors import CasfsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
+from casfs.packindex import PackIndex
 from casfs.store import Store
 from prefetch.trace import MAX_TRACE_BYTES, PlanItem, Trace, TraceError, merge
 
@@ -134,14 +135,21 @@ class Group:
     items: list[tuple[str, int, int]]  # (digest, pack offset, stored length)
 
 
-def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int) -> list[Group]:
+def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int,
+                packed: dict[str, tuple[str, int, int]] | None = None) -> list[Group]:
+    """The plan as requests, in its order: runs of chunks in one pack become ranged
+    GETs. A chunk no trace packed is taken from its directory pack (`packed`) if any."""
     groups: list[Group] = []
     current: Group | None = None
     for item in plan:
-        if not item.locations:
+        if item.locations:
+            location = item.locations[-1]  # the newest boot's pack
+        elif packed and item.digest in packed:
+            location = packed[item.digest]
+        else:
             groups.append(Group(None, [(item.digest, 0, 0)]))
             continue
-        pack, off, length = item.locations[-1]  # the newest boot's pack
+        pack, off, length = location
         if current is not None and current.pack == pack:
             _, last_off, last_len = current.items[-1]
             first_off = current.items[0][1]
@@ -156,12 +164,14 @@ def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int) -> list[Gr
 
 class Prefetcher:
     def __init__(self, store: Store, manifest: Manifest, fetcher: Fetcher, *,
+                 packs: PackIndex | None = None,
                  concurrency: int = 8, range_bytes: int = 4 << 20, max_gap: int = 1 << 20,
                  min_share: float = 0.5, max_traces: int = 8, warm_batch: int = 8,
                  warm_concurrency: int = 3) -> None:
         self.store = store
         self.manifest = manifest
         self.fetcher = fetcher
+        self.packs = packs  # loaded here, shared with the heuristics
         self.concurrency = concurrency
         self.range_bytes = range_bytes
         self.max_gap = max_gap
@@ -174,9 +184,18 @@ class Prefetcher:
     async def run(self) -> None:
         self.status.state = "loading"
         try:
-            traces = await trio.to_thread.run_sync(
-                load_traces, self.store, self.manifest, self.status, self.max_traces
-            )
+            traces: list[Trace] = []
+
+            async def get_traces() -> None:
+                nonlocal traces
+                traces = await trio.to_thread.run_sync(
+                    load_traces, self.store, self.manifest, self.status, self.max_traces
+                )
+
+            async with trio.open_nursery() as nursery:  # both before the first reads
+                nursery.start_soon(get_traces)
+                if self.packs is not None:
+                    nursery.start_soon(self._load_packs)
             self.status.traces = len(traces)
             self.status.packed_digests = packed_locations(traces)
             plan = merge(traces, self.min_share)
@@ -197,11 +216,20 @@ class Prefetcher:
             async with trio.open_nursery() as nursery:
                 if local:
                     nursery.start_soon(self._warm, local)
-                await self._fetch_all(plan_groups(remote, self.range_bytes, self.max_gap))
+                packed = self.packs.locations if self.packs is not None else None
+                await self._fetch_all(plan_groups(remote, self.range_bytes, self.max_gap,
+                                                  packed))
             self.status.state = "done"
         except (CasfsError, OSError) as exc:
             self.status.state = "failed"
             log.warning("prefetch stopped: %s", exc)
+
+    async def _load_packs(self) -> None:
+        assert self.packs is not None
+        layers = [layer["digest"] for layer in self.manifest.meta.get("layers", [])
+                  if isinstance(layer, dict) and isinstance(layer.get("digest"), str)]
+        await trio.to_thread.run_sync(self.packs.load, self.store, layers,
+                                      self.manifest.n_chunks)
 
     async def _warm(self, digests: list[str]) -> None:
         """Chunks of the plan already on local disk: verify them (a read and a hash,

@@ -998,7 +998,10 @@ def test_boots_and_index_survive_a_faulty_store(name: str, index_through_faults:
     image, clean_ref = boot_image
     out = boot_under_faults(seaweed, image, clean_ref, tmp_path, FAULT_PROFILES[name],
                             boots=boots, seed=boots, index=index_through_faults)
-    assert out["boots"][0]["requests"] >= 300, out  # several hundred requests per first boot
+    # A first boot of 304 files: ~50 requests (directory packs: a ranged GET per
+    # directory, single GETs for the rest), all of them through the faults.
+    assert out["boots"][0]["requests"] >= 40, out
+    assert out["boots"][0]["injected_errors"] + out["boots"][0]["injected_resets"] > 0, out
     print(f"\n{name}: {json.dumps(out)}")
 
 

@@ -488,6 +488,7 @@ def test_pack_stays_in_use_after_many_boots(tmp_path: Path) -> None:
     fill_cache(cache, store, want)
     first = save_trace(record(m, order), store, cache, set())
     assert first
+    packs = set(store.backend.list("packs/"))  # the index's directory pack and this one
     pack = Trace.parse(store.get_trace(m.digest, first, MAX_TRACE_BYTES)).pack
     assert pack and store.list_layer_traces(m.meta["layers"][0]["digest"])
     for boot in range(9):  # each boot learns the packed locations from the newest traces
@@ -498,7 +499,8 @@ def test_pack_stays_in_use_after_many_boots(tmp_path: Path) -> None:
         time.sleep(0.002)  # distinct trace ids (milliseconds)
         save_trace(record(m, list(reversed(order))), store, cache, known)
     assert len(store.list_traces(m.digest)) == 10
-    assert list(store.backend.list("packs/")) == [f"packs/{pack}"]  # no second pack
+    assert f"packs/{pack}" in packs
+    assert set(store.backend.list("packs/")) == packs  # no other boot wrote one
     traces = load_traces(store, m, PrefetchStatus(), max_traces=4)
     assert first not in [t.trace_id for t in traces]
     groups = plan_groups(merge(traces), 8 << 20, 1 << 20)
@@ -665,6 +667,10 @@ def test_reads_join_or_overtake_prefetch(fuse: None, seaweed: Any, s3_bucket_url
     # rest had left its cache), so the plan is one ranged GET then 112 blob GETs: at
     # 8 in flight and 200 ms each, at least 2.8 s.
     rec = record(m, ["/" + p for p in order])
+    # Without directory packs (as an image indexed before them), or the plan's other
+    # chunks would come in one more ranged GET.
+    layer_hex = m.meta["layers"][0]["digest"].partition(":")[2]
+    store.backend.delete(f"packidx/sha256/{layer_hex}")
     cache = ChunkCache(tmp_path / "reccache", 1 << 30)
     fill_cache(cache, store, [d for p in order[:16] for d in chunks_of(m, "/" + p)])
     save_trace(rec, store, cache, set())
@@ -873,6 +879,6 @@ def test_heuristics_listing_and_libraries(tmp_path: Path) -> None:
     so_chunks = chunks_of(m, "/site/pkg/_ext.cpython-311-x86_64-linux-gnu.so")
     assert len(so_chunks) == 3
     assert sorted(d for d in library if d in so_chunks) == sorted(so_chunks[1:])  # the rest
-    siblings = {chunks_of(m, "/site/pkg/" + n)[0] for n in ("__init__.py", "mod.py")}
-    assert set(library) == set(so_chunks[1:]) | siblings  # and the directory's small files
+    # Not the directory's .py files: beside a __pycache__ they are only stat'ed.
+    assert set(library) == set(so_chunks[1:])
     assert data == []  # one read of a plain file: no readahead yet, not a library

@@ -11,9 +11,11 @@ Object keys (the store format, docs/format.md):
     traces/m/<manifest>/<id>  a boot trace of a manifest, zstd-compressed JSON (prefetch/)
     traces/l/<layer hex>/<manifest>.<id>
                               an empty pointer: a trace of an image holding that layer
-    packs/<hex>               blobs laid out in boot order: concatenated zstd frames,
-                              each the stored form of one blob; <hex> is the BLAKE3 of
-                              the pack bytes; located by the trace that wrote it
+    packs/<hex>               blobs back to back: concatenated zstd frames, each the
+                              stored form of one blob; <hex> is the BLAKE3 of the pack
+                              bytes; located by the trace that wrote it (boot order) or
+                              by a pack index (a layer's small files, by directory)
+    packidx/<algo>/<hex>      a layer's pack index (casfs.packindex), zstd-compressed
 
 Every read is verified: a blob or manifest whose bytes do not hash to its name
 raises BlobCorrupt and is never returned.
@@ -167,12 +169,14 @@ class Store:
                 self._known.add(digest)
         return found
 
-    def put_blob(self, data: bytes | memoryview, digest: str | None = None) -> tuple[str, int]:
-        """Store a blob unless present. Returns (digest, compressed bytes uploaded, 0 if skipped)."""
+    def put_blob(self, data: bytes | memoryview, digest: str | None = None,
+                 packed: bytes | None = None) -> tuple[str, int]:
+        """Store a blob unless present (`packed`: its stored form, when already made).
+        Returns (digest, compressed bytes uploaded, 0 if skipped)."""
         digest = digest or hash_bytes(data)
         if self.has_blob(digest):
             return digest, 0
-        packed = compress(data)
+        packed = packed if packed is not None else compress(data)
         self.backend.put(blob_key(digest), packed)
         with self._known_lock:
             self._known.add(digest)
@@ -285,6 +289,25 @@ class Store:
 
     def get_pack_range(self, pack: str, offset: int, length: int) -> bytes:
         return self.backend.get_range(f"packs/{pack}", offset, length)
+
+    # -- pack indexes (a layer's directory packs: casfs.packindex) ------------
+
+    def put_pack_index(self, layer_digest: str, data: bytes) -> None:
+        algo, _, hex_ = layer_digest.partition(":")
+        self.backend.put(f"packidx/{algo}/{hex_}", compress(data))
+
+    def has_pack_index(self, layer_digest: str) -> bool:
+        algo, _, hex_ = layer_digest.partition(":")
+        return self.backend.exists(f"packidx/{algo}/{hex_}")
+
+    def get_pack_index(self, layer_digest: str, limit: int) -> bytes | None:
+        """A layer's pack index (decompressed, unparsed), or None when it has none."""
+        algo, _, hex_ = layer_digest.partition(":")
+        try:
+            packed = self.backend.get(f"packidx/{algo}/{hex_}")
+        except ObjectNotFound:
+            return None
+        return decompress(packed, limit, f"pack index of layer {layer_digest}")
 
 
 def verify_blob(digest: str, packed: bytes) -> bytes:
