@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -80,6 +81,7 @@ from benchmarks.images import (
     run_workload,
     verify_workload,
 )
+from casfs.store.content import decompress
 
 PULL_CONCURRENCY = 3  # dockerd's default max-concurrent-downloads
 OCI_BUCKET = "oci-layers"
@@ -328,12 +330,18 @@ class ColdStart:
         return keys
 
     def clear_traces(self) -> int:
-        """Delete every trace and pack (docs/format.md: traces/, packs/), so the next
-        workload's boots see only their own recording."""
-        bucket = self.store.removeprefix("s3://").partition("/")[0]
+        """Delete every trace and the packs traces wrote (docs/format.md: traces/,
+        packs/), so the next workload's boots see only their own recording. The
+        directory packs `casfs index` wrote stay: they are part of the indexed image."""
+        bucket, _, prefix = self.store.removeprefix("s3://").partition("/")
         client = s3_client(self.svc.seaweed.endpoint_url)
-        keys = self.list_keys("traces/") + self.list_keys("packs/")
-        for key in keys:
+        keys = self.list_keys("traces/")
+        for key in self.list_keys("traces/m/"):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            pack = json.loads(decompress(body, 1 << 30, key)).get("pack")
+            if isinstance(pack, str):
+                keys.append(f"{prefix}/packs/{pack}")
+        for key in dict.fromkeys(keys):
             client.delete_object(Bucket=bucket, Key=key)
         return len(keys)
 

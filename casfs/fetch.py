@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from casfs.cache import ChunkCache
-from casfs.errors import CasfsError
+from casfs.errors import CasfsError, ObjectNotFound
 from casfs.metrics import MountMetrics
 from casfs.store import Store
 from casfs.store.content import verify_blob
@@ -77,6 +77,7 @@ class Fetcher:
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._flights: dict[str, _Flight] = {}
         self.prefetched: set[str] = set()  # inserted by prefetch, not yet read
+        self.missing_packs: set[str] = set()  # packs the store answered 404 for
 
     def cached_paths(self, digests: list[str]) -> list[Path] | None:
         """Paths of all the chunks when every one is in the cache, else None. Blocking."""
@@ -179,7 +180,9 @@ class Fetcher:
 
         items are (digest, offset in the pack, stored length), in pack order.
         Chunks already cached or in flight are left out of the range where they
-        sit at its ends. Returns how many chunks were inserted.
+        sit at its ends. A pack the store does not have (deleted, or never written)
+        is remembered, and its chunks fetched one by one instead. Returns how many
+        chunks were inserted.
         """
         present = await trio.to_thread.run_sync(
             self.cache.contains_many, [d for d, _, _ in items], limiter=self.disk_limiter
@@ -188,6 +191,8 @@ class Fetcher:
                   if not have and it[0] not in self._flights]
         if not wanted:
             return 0
+        if pack in self.missing_packs:
+            return await self._get_singly([d for d, _, _ in wanted])
         start = wanted[0][1]
         end = wanted[-1][1] + wanted[-1][2]
         flights = {}
@@ -242,7 +247,12 @@ class Fetcher:
             if not isinstance(exc, CasfsError):
                 raise
             self.metrics.fetch_errors += 1
-            log.warning("prefetch from pack %s failed: %s", pack, exc)
+            if isinstance(exc, ObjectNotFound):
+                log.warning("pack %s is missing from %s; its chunks are fetched one by one",
+                            pack, self.store.url)
+                self.missing_packs.add(pack)
+            else:
+                log.warning("prefetch from pack %s failed: %s", pack, exc)
         finally:
             for digest, flight in flights.items():
                 if flight.path is None and flight.error is None:
@@ -250,4 +260,24 @@ class Fetcher:
                 if self._flights.get(digest) is flight:
                     del self._flights[digest]
                 flight.done.set()
+        if pack in self.missing_packs:
+            inserted += await self._get_singly(
+                [d for d, f in flights.items() if f.path is None])
         return inserted
+
+    async def _get_singly(self, digests: list[str]) -> int:
+        """Prefetch these chunks one GET each (prefetch's limiter bounds them)."""
+        done = 0
+
+        async def one(digest: str) -> None:
+            nonlocal done
+            try:
+                await self.get(digest, prefetch=True)
+                done += 1
+            except CasfsError:
+                pass  # logged by _fetch; a read that wants it fetches it again
+
+        async with trio.open_nursery() as nursery:
+            for digest in digests:
+                nursery.start_soon(one, digest)
+        return done

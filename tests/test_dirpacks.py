@@ -268,3 +268,23 @@ def test_damaged_pack_index_never_serves_wrong_bytes(damage: str, tmp_path: Path
             time.sleep(0.2)
             assert "rejected" in mnt.log() or "does not match" in mnt.log()
 
+
+
+def test_missing_pack_falls_back_to_single_gets(store_url: str, tmp_path: Path) -> None:
+    """Packs deleted from the store (a pack index outliving them): one failed ranged GET,
+    a log line, then the directory's files are prefetched one GET each; bytes right."""
+    require_fuse()
+    store = open_store(store_url, create=True)
+    _, m = index(layout(tmp_path / "img", FILES), store, tag="t")
+    for key in store_keys(store, "packs/"):
+        store.backend.delete(key)
+    names = sorted(SMALL)
+    with mounted(m.digest, tmp_path / "mnt", store_url, tmp_path / "cache", "--no-trace") as mnt:
+        wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "pack indexes to load")
+        _read_all(mnt, names[:1])
+        st = wait_stats(mnt, lambda s: s["metrics"]["prefetch_chunks"] >= len(names) - 1,
+                        "the directory's other files to arrive one by one")
+        assert "is missing" in mnt.log()
+        assert st["metrics"]["prefetch_requests"] == len(names) - 1  # the singles
+        _read_all(mnt, names + sorted(OTHER))
+        assert mnt.stats()["metrics"]["io_errors"] == 0
