@@ -16,7 +16,9 @@
   so the first module of each package is not a wait either.
 * Shared libraries: the first read of a file named like one (`*.so`, `*.so.*`) of at
   most `library_max_size` bytes fetches all of it: the dynamic loader and the page
-  faults that follow touch it all over, a miss each.
+  faults that follow touch it all over, a miss each. Of a bigger one, what the loader
+  reads before any code runs (prefetch.elf: the writable segments, the dynamic section
+  and the symbol, string, hash and relocation tables), found from its ELF headers.
 
 All of it goes through the fetcher as prefetch, below every read in priority. Chunks
 that the image's directory packs hold (casfs.packindex: `casfs index` packs each
@@ -27,8 +29,10 @@ others one GET each.
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -37,6 +41,7 @@ from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
 from casfs.packindex import PackIndex, Range
+from prefetch.elf import parse_headers
 
 log = logging.getLogger(__name__)
 PYCACHE = b"__pycache__"
@@ -108,14 +113,51 @@ class Heuristics:
 
     def _fetch_library(self, ino: int, reading: list[ChunkRef]) -> None:
         node = self.manifest.inode(ino)
-        if node.count <= len(reading) or node.size > self.library_max_size:
-            return  # what is being read is all of it, or too big to take whole
+        if node.count <= len(reading):
+            return  # what is being read is all of it
         if not _looks_like_library(self.manifest, ino):
+            return
+        if node.size > self.library_max_size:  # too big to take whole
+            if reading[0].offset == 0:  # the loader reading the headers
+                self.nursery.start_soon(self._fetch_loader_parts, ino)
             return
         skip = {c.digest for c in reading}
         for c in self.manifest.chunks(ino):
             if c.digest not in skip:
                 self._spawn(c.digest)
+
+    async def _fetch_loader_parts(self, ino: int) -> None:
+        """What the dynamic loader reads of a big library, from its ELF headers."""
+        size = self.manifest.inode(ino).size
+        try:
+            layout = parse_headers(await self._file_bytes(ino, 0, 4096), size)
+            if layout is None:
+                return
+            for offset, length in layout.writable():
+                self._fetch_range(ino, offset, length)
+            if layout.dynamic is not None:
+                tables = layout.tables(await self._file_bytes(ino, *layout.dynamic))
+                if tables is not None:
+                    self._fetch_range(ino, *tables)
+        except (CasfsError, OSError) as exc:
+            log.debug("no loader prefetch for inode %d: %s", ino, exc)
+
+    def _fetch_range(self, ino: int, offset: int, length: int) -> None:
+        for c in self.manifest.chunks_for_range(ino, offset, length):
+            self._spawn(c.digest)
+
+    async def _file_bytes(self, ino: int, offset: int, length: int) -> bytes:
+        """Bytes of a file, its chunks fetched as prefetch (joining a read's fetch)."""
+        out = bytearray()
+        for c in self.manifest.chunks_for_range(ino, offset, length):
+            source = await self.fetcher.get(c.digest, prefetch=True)
+            lo = max(offset, c.offset) - c.offset
+            hi = min(offset + length, c.offset + c.length) - c.offset
+            if isinstance(source, Path):
+                out += await trio.to_thread.run_sync(_pread, source, lo, hi - lo)
+            else:
+                out += source[lo:hi]
+        return bytes(out)
 
     def _readahead(self, ino: int, last: ChunkRef) -> None:
         start = max(last.offset + last.length, self._ahead.get(ino, 0))
@@ -192,6 +234,11 @@ class Heuristics:
                 await self.fetcher.get(digest, prefetch=True)
             except CasfsError as exc:
                 log.debug("heuristic prefetch of %s failed: %s", digest, exc)
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
 
 
 def _looks_like_library(manifest: Manifest, ino: int) -> bool:
