@@ -1,8 +1,9 @@
 """Guessing ahead when no trace says what comes next.
 
-* Sequential readahead: when a file's chunk i is read right after chunk i-1, the
-  next `readahead_chunks` chunks (at most `readahead_bytes`) are fetched in the
-  background (model weights, shared libraries read front to back).
+* Sequential readahead: when a file's chunk i is read soon after chunk i-1 (one of
+  the file's last `STREAMS` chunks read: page faults walk several regions of a big
+  library at once), the next `readahead_chunks` chunks (at most `readahead_bytes`)
+  are fetched in the background (model weights, shared libraries read front to back).
 * Directory siblings: the first time a file in a directory is read, that
   directory's other small files (at most `sibling_max_size` bytes, at most
   `sibling_max_files` of them; not the `.py` sources of a directory that has a
@@ -45,6 +46,7 @@ from prefetch.elf import parse_headers
 
 log = logging.getLogger(__name__)
 PYCACHE = b"__pycache__"
+STREAMS = 8  # sequential runs told apart in one file
 
 
 class Heuristics:
@@ -68,8 +70,10 @@ class Heuristics:
         self.library_max_size = library_max_size
         self._files_seen: set[int] = set()
         self.slots = trio.CapacityLimiter(concurrency)
-        self._last_chunk: dict[int, int] = {}  # ino -> offset of the last chunk read
-        self._ahead: dict[int, int] = {}  # ino -> offset up to which readahead was asked
+        # ino -> the offsets of the last STREAMS chunks read, oldest first
+        self._recent: dict[int, list[int]] = {}
+        # ino -> the byte ranges readahead has asked for, newest last
+        self._ahead: dict[int, list[tuple[int, int]]] = {}
         self._dirs_seen: set[int] = set()  # directories whose files were fetched
         self._packages_seen: set[int] = set()  # packages whose subpackages were
         self.requested = 0  # requests started: single GETs and pack ranges
@@ -77,10 +81,12 @@ class Heuristics:
 
     def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         first, last = chunks[0], chunks[-1]
-        prev = self._last_chunk.get(ino)
-        self._last_chunk[ino] = last.offset
-        if self.readahead_chunks and prev is not None and first.offset <= prev + last.length \
-                and first.offset >= prev:
+        recent = self._recent.setdefault(ino, [])
+        sequential = any(prev <= first.offset <= prev + last.length for prev in recent)
+        if last.offset not in recent:
+            recent.append(last.offset)
+            del recent[:-STREAMS]
+        if self.readahead_chunks and sequential:
             self._readahead(ino, last)
         if not self.siblings_wanted():
             return
@@ -160,13 +166,24 @@ class Heuristics:
         return bytes(out)
 
     def _readahead(self, ino: int, last: ChunkRef) -> None:
-        start = max(last.offset + last.length, self._ahead.get(ino, 0))
+        end = last.offset + last.length
         # Big files have big chunks (indexer.chunking): bound the window in bytes too,
         # which bounds the memory that chunks in flight hold.
         span = max(last.length, min(self.readahead_chunks * last.length, self.readahead_bytes))
-        ahead = self.manifest.chunks_for_range(ino, start, last.offset + last.length + span - start)
+        windows = self._ahead.setdefault(ino, [])
+        start = end
+        moved = True
+        while moved:  # past what this stream (or another) already asked for
+            moved = False
+            for lo, hi in windows:
+                if lo <= start < hi:
+                    start, moved = hi, True
+        if start >= end + span:
+            return
+        ahead = self.manifest.chunks_for_range(ino, start, end + span - start)
         if ahead:
-            self._ahead[ino] = ahead[-1].offset + ahead[-1].length
+            windows.append((start, ahead[-1].offset + ahead[-1].length))
+            del windows[:-2 * STREAMS]
             for c in ahead:
                 self._spawn(c.digest)
 

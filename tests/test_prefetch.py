@@ -882,3 +882,46 @@ def test_heuristics_listing_and_libraries(tmp_path: Path) -> None:
     # Not the directory's .py files: beside a __pycache__ they are only stat'ed.
     assert set(library) == set(so_chunks[1:])
     assert data == []  # one read of a plain file: no readahead yet, not a library
+
+
+def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
+    """Page faults walk several regions of a big file at once: each run read in order
+    gets its own readahead window, and none is asked for twice."""
+    from indexer.chunking import SMALL_CHUNK
+    from prefetch.heuristics import Heuristics
+
+    files = {"lib/big.dat": random.Random(7).randbytes(80 * SMALL_CHUNK)}
+    image = make_image(tmp_path, "ra", [files_layer(files)], f"file://{tmp_path}/store")
+    m = image.manifest()
+    ino = m.resolve("/lib/big.dat")
+    chunks = m.chunks(ino)
+
+    class Recording:
+        def __init__(self) -> None:
+            self.got: list[str] = []
+
+        def in_flight(self, digest: str) -> bool:
+            return False
+
+        async def get(self, digest: str, prefetch: bool = False) -> None:
+            self.got.append(digest)
+
+    fetcher = Recording()
+
+    async def scenario() -> list[list[str]]:
+        steps = []
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery, readahead_chunks=4, siblings=False)  # type: ignore[arg-type]
+            for i in (10, 40, 11, 41, 12, 42):
+                h.on_read(ino, [chunks[i]])
+                await trio.testing.wait_all_tasks_blocked()
+                steps.append(list(fetcher.got))
+                fetcher.got.clear()
+        return steps
+
+    steps = trio.run(scenario)
+    d = [c.digest for c in chunks]
+    assert steps[0] == steps[1] == []  # two unrelated first reads
+    assert steps[2] == d[12:16]  # 11 follows 10: the next 4 chunks
+    assert steps[3] == d[42:46]  # 41 follows 40: its own window, not after 16
+    assert steps[4] == d[16:17] and steps[5] == d[46:47]  # each slides one chunk on
