@@ -207,8 +207,11 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
                         return st is None or (st.state in ("done", "failed")
                                               and st.planned_chunks == 0)
 
-                    heuristics = Heuristics(manifest, fetcher, nursery,
-                                            siblings_wanted=no_trace_plan, packs=packs)
+                    def planned(digest: str) -> bool:
+                        return prefetcher is not None and digest in prefetcher.planned
+
+                    heuristics = Heuristics(manifest, fetcher, nursery, packs=packs,
+                                            siblings_wanted=no_trace_plan, planned=planned)
                     parts["heuristics"] = heuristics
                     fs.read_observers.append(heuristics.on_read)
                     fs.list_observers.append(heuristics.on_list)

@@ -101,6 +101,15 @@ class Fetcher:
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights
 
+    async def prefetch(self, digest: str) -> None:
+        """Bring a chunk to the node unless the cache already has it. Not verified here
+        (reading a cached file to hash it is what a guess should not cost): the read
+        that uses it verifies it."""
+        present = await trio.to_thread.run_sync(
+            self.cache.contains_many, [digest], limiter=self.disk_limiter)
+        if not present[0]:
+            await self.get(digest, prefetch=True)
+
     async def get(self, digest: str, *, prefetch: bool = False, fresh: bool = False) -> Path | bytes:
         """The chunk: a cache path, or its bytes. `fresh` skips the cache lookup and
         always yields bytes (for a read whose cached file keeps vanishing)."""

@@ -21,7 +21,8 @@
   reads before any code runs (prefetch.elf: the writable segments, the dynamic section
   and the symbol, string, hash and relocation tables), found from its ELF headers.
 
-All of it goes through the fetcher as prefetch, below every read in priority. Chunks
+With a trace plan, only readahead runs, and only past what the plan fetches (model
+weights the recorded boot did not read). All of it goes through the fetcher as prefetch, below every read in priority. Chunks
 that the image's directory packs hold (casfs.packindex: `casfs index` packs each
 layer's small files by directory) come in ranged GETs, a directory at a time; the
 others one GET each.
@@ -56,6 +57,7 @@ class Heuristics:
                  sibling_max_size: int = 256 * 1024, sibling_max_files: int = 512,
                  concurrency: int = 48, library_max_size: int = 64 << 20,
                  siblings_wanted: Callable[[], bool] = lambda: True,
+                 planned: Callable[[str], bool] = lambda digest: False,
                  packs: PackIndex | None = None) -> None:
         self.manifest = manifest
         self.packs = packs if packs is not None else PackIndex()  # filled by the prefetcher once loaded
@@ -65,6 +67,7 @@ class Heuristics:
         self.readahead_bytes = readahead_bytes
         self.siblings = siblings
         self.siblings_wanted = siblings_wanted  # false once a trace plan covers the boot
+        self.planned = planned  # a chunk the trace plan fetches: no readahead from it
         self.sibling_max_size = sibling_max_size
         self.sibling_max_files = sibling_max_files
         self.library_max_size = library_max_size
@@ -86,7 +89,7 @@ class Heuristics:
         if last.offset not in recent:
             recent.append(last.offset)
             del recent[:-STREAMS]
-        if self.readahead_chunks and sequential:
+        if self.readahead_chunks and sequential and not self.planned(last.digest):
             self._readahead(ino, last)
         if not self.siblings_wanted():
             return
@@ -248,7 +251,7 @@ class Heuristics:
     async def _get(self, digest: str) -> None:
         async with self.slots:
             try:
-                await self.fetcher.get(digest, prefetch=True)
+                await self.fetcher.prefetch(digest)
             except CasfsError as exc:
                 log.debug("heuristic prefetch of %s failed: %s", digest, exc)
 

@@ -180,6 +180,7 @@ class Prefetcher:
         self.warm_batch = warm_batch
         self.warm_concurrency = warm_concurrency
         self.status = PrefetchStatus()
+        self.planned: set[str] = set()  # every chunk of the plan (read by the heuristics)
 
     async def run(self) -> None:
         self.status.state = "loading"
@@ -202,6 +203,7 @@ class Prefetcher:
             if self.status.source != "manifest" and plan:
                 ours = await trio.to_thread.run_sync(self.manifest.chunk_digests)
                 plan = [it for it in plan if it.digest in ours]
+            self.planned = {it.digest for it in plan}
             self.status.planned_chunks = len(plan)
             self.status.planned_bytes = sum(it.length for it in plan)
             if not plan:

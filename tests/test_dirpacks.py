@@ -181,6 +181,9 @@ def test_heuristics_fetch_a_directory_in_one_range(tmp_path: Path) -> None:
         def in_flight(self, digest: str) -> bool:
             return False
 
+        async def prefetch(self, digest: str) -> None:
+            await self.get(digest, prefetch=True)
+
         async def get(self, digest: str, prefetch: bool = False) -> None:
             self.singles.append(digest)
 

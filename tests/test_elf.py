@@ -103,6 +103,9 @@ def test_heuristic_fetches_loader_parts_of_a_big_library(tmp_path: Path) -> None
         def in_flight(self, digest: str) -> bool:
             return False
 
+        async def prefetch(self, digest: str) -> None:
+            await self.get(digest, prefetch=True)
+
         async def get(self, digest: str, prefetch: bool = False) -> bytes:
             assert prefetch
             self.got.append(digest)

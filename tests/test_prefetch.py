@@ -849,6 +849,9 @@ def test_heuristics_listing_and_libraries(tmp_path: Path) -> None:
         def in_flight(self, digest: str) -> bool:
             return False
 
+        async def prefetch(self, digest: str) -> None:
+            await self.get(digest, prefetch=True)
+
         async def get(self, digest: str, prefetch: bool = False) -> None:
             assert prefetch
             self.got.append(digest)
@@ -903,6 +906,9 @@ def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
         def in_flight(self, digest: str) -> bool:
             return False
 
+        async def prefetch(self, digest: str) -> None:
+            await self.get(digest, prefetch=True)
+
         async def get(self, digest: str, prefetch: bool = False) -> None:
             self.got.append(digest)
 
@@ -926,3 +932,15 @@ def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
     assert got[2] == sorted(d[12:16])  # 11 follows 10: the next 4 chunks
     assert got[3] == sorted(d[42:46])  # 41 follows 40: its own window, not after 16
     assert got[4] == d[16:17] and got[5] == d[46:47]  # each slides one chunk on
+
+    async def planned_boot() -> list[str]:
+        """With a trace plan holding the chunks read: the plan, not readahead, decides."""
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery, readahead_chunks=4,  # type: ignore[arg-type]
+                           siblings=False, planned=lambda digest: digest in d[:30])
+            for i in (10, 11, 12, 40, 41):
+                h.on_read(ino, [chunks[i]])
+            await trio.testing.wait_all_tasks_blocked()
+        return list(fetcher.got)
+
+    assert sorted(trio.run(planned_boot)) == sorted(d[42:46])  # only past the plan
