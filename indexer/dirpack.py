@@ -54,11 +54,11 @@ class DirPacker:
     def add(self, path: str, digest: str, stored: bytes) -> None:
         """A small file's blob in stored form (called on upload threads)."""
         directory, _, name = path.rpartition("/")
-        with self._lock:
+        with self._lock:  # only the place is taken under the lock, not the write
             offset = self._size
-            os.pwrite(self._spill.fileno(), stored, offset)
             self._size += len(stored)
             self._files.append((directory, name, digest, offset, len(stored)))
+        os.pwrite(self._spill.fileno(), stored, offset)
 
     def finish(self) -> bytes:
         """Write the packs; returns the layer's pack index (uncompressed)."""
