@@ -23,6 +23,7 @@ from casfs.store import Store, open_store
 from casfs.store.content import verify_blob
 from casfs.testing.ocibuild import file, write_oci_layout
 from indexer.dirpack import PACKED_FILE_MAX
+from tests.fakes import RecordingFetcher
 from tests.mounthelp import Mount, mounted, read_in_subprocess, require_fuse, wait_stats
 
 PYC = "usr/lib/pkg/__pycache__"
@@ -173,25 +174,7 @@ def test_heuristics_fetch_a_directory_in_one_range(tmp_path: Path) -> None:
     packs = PackIndex()
     packs.add(locations(store, m))
 
-    class Recording:
-        def __init__(self) -> None:
-            self.singles: list[str] = []
-            self.ranges: list[list[str]] = []
-
-        def in_flight(self, digest: str) -> bool:
-            return False
-
-        async def prefetch(self, digest: str) -> None:
-            await self.get(digest, prefetch=True)
-
-        async def get(self, digest: str, prefetch: bool = False) -> None:
-            self.singles.append(digest)
-
-        async def get_pack_range(self, pack: str, offset: int, items: list) -> int:
-            self.ranges.append([d for d, _, _ in items])
-            return len(items)
-
-    fetcher = Recording()
+    fetcher = RecordingFetcher()
     first = sorted(SMALL)[0]
 
     async def scenario() -> None:
@@ -203,7 +186,7 @@ def test_heuristics_fetch_a_directory_in_one_range(tmp_path: Path) -> None:
             assert h.ranged == 1
 
     trio.run(scenario)
-    assert fetcher.singles == []
+    assert fetcher.got == []
     assert fetcher.ranges == [[digest_of(m, p) for p in sorted(SMALL)[1:]]]
 
 
@@ -221,16 +204,22 @@ def _read_all(mnt: Mount, names: list[str]) -> None:
         assert res["hash"] == blake3.blake3(FILES[name]).hexdigest(), f"wrong bytes: {name}"
 
 
+def read_first_then_wait_for_siblings(mnt: Mount, names: list[str]) -> dict:
+    """Once the pack indexes are loaded, read the first file of the directory; the
+    mount's stats once the directory's other files have been prefetched."""
+    wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "pack indexes to load")
+    _read_all(mnt, names[:1])
+    return wait_stats(mnt, lambda s: s["metrics"]["prefetch_chunks"] >= len(names) - 1,
+                      "the directory's other files to arrive")
+
+
 def test_first_boot_fetches_a_directory_with_one_request(store_url: str, tmp_path: Path) -> None:
     require_fuse()
     store = open_store(store_url, create=True)
     _, m = index(layout(tmp_path / "img", FILES), store, tag="t")
     names = sorted(SMALL)
     with mounted(m.digest, tmp_path / "mnt", store_url, tmp_path / "cache", "--no-trace") as mnt:
-        wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "pack indexes to load")
-        _read_all(mnt, names[:1])
-        st = wait_stats(mnt, lambda s: s["metrics"]["prefetch_chunks"] >= len(names) - 1,
-                        "the directory's other files to arrive")
+        st = read_first_then_wait_for_siblings(mnt, names)
         assert st["prefetch"]["dir_packs"] == {"layers": 1, "blobs": len(SMALL) + len(OTHER),
                                                "layers_without": 0, "rejected": 0}
         assert st["prefetch"]["heuristic_ranges"] == 1
@@ -283,10 +272,7 @@ def test_missing_pack_falls_back_to_single_gets(store_url: str, tmp_path: Path) 
         store.backend.delete(key)
     names = sorted(SMALL)
     with mounted(m.digest, tmp_path / "mnt", store_url, tmp_path / "cache", "--no-trace") as mnt:
-        wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "pack indexes to load")
-        _read_all(mnt, names[:1])
-        st = wait_stats(mnt, lambda s: s["metrics"]["prefetch_chunks"] >= len(names) - 1,
-                        "the directory's other files to arrive one by one")
+        st = read_first_then_wait_for_siblings(mnt, names)
         assert "is missing" in mnt.log()
         assert st["metrics"]["prefetch_requests"] == len(names) - 1  # the singles
         _read_all(mnt, names + sorted(OTHER))

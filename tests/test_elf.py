@@ -14,6 +14,7 @@ from treecheck import index
 from casfs.store import open_store
 from casfs.testing.ocibuild import file, write_oci_layout
 from prefetch.elf import DYN, EHDR, PHDR, parse_headers
+from tests.fakes import RecordingFetcher
 
 MIB = 1 << 20
 RW_OFF, RW_LEN = 9 * MIB + 100, 300_000  # the writable segment
@@ -96,22 +97,7 @@ def test_heuristic_fetches_loader_parts_of_a_big_library(tmp_path: Path) -> None
     ino = m.resolve("/lib/libbig.so")
     chunks = m.chunks(ino)
 
-    class Fetching:
-        def __init__(self) -> None:
-            self.got: list[str] = []
-
-        def in_flight(self, digest: str) -> bool:
-            return False
-
-        async def prefetch(self, digest: str) -> None:
-            await self.get(digest, prefetch=True)
-
-        async def get(self, digest: str, prefetch: bool = False) -> bytes:
-            assert prefetch
-            self.got.append(digest)
-            return store.get_blob(digest)
-
-    fetcher = Fetching()
+    fetcher = RecordingFetcher(store)
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:

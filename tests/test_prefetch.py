@@ -38,6 +38,7 @@ from casfs.testing import ocibuild as ob
 from prefetch.recorder import Recorder, save_trace
 from prefetch.replay import PrefetchStatus, load_traces, packed_locations, plan_groups
 from prefetch.trace import MAX_TRACE_BYTES, PlanItem, Trace, TraceChunk, TraceError, merge
+from tests.fakes import RecordingFetcher
 from tests.mounthelp import (
     Mount,
     build_and_index,
@@ -842,22 +843,8 @@ def test_heuristics_listing_and_libraries(tmp_path: Path) -> None:
     image = make_image(tmp_path, "h", [files_layer(HEURISTIC_FILES)], f"file://{tmp_path}/store")
     m = image.manifest()
 
-    class Recording:
-        def __init__(self) -> None:
-            self.got: list[str] = []
-
-        def in_flight(self, digest: str) -> bool:
-            return False
-
-        async def prefetch(self, digest: str) -> None:
-            await self.get(digest, prefetch=True)
-
-        async def get(self, digest: str, prefetch: bool = False) -> None:
-            assert prefetch
-            self.got.append(digest)
-
     async def scenario() -> tuple[list[str], list[str], list[str]]:
-        fetcher = Recording()
+        fetcher = RecordingFetcher()
         async with trio.open_nursery() as nursery:
             h = Heuristics(m, fetcher, nursery)  # type: ignore[arg-type]
             h.on_list(m.resolve("/site/pkg"))
@@ -899,20 +886,7 @@ def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
     ino = m.resolve("/lib/big.dat")
     chunks = m.chunks(ino)
 
-    class Recording:
-        def __init__(self) -> None:
-            self.got: list[str] = []
-
-        def in_flight(self, digest: str) -> bool:
-            return False
-
-        async def prefetch(self, digest: str) -> None:
-            await self.get(digest, prefetch=True)
-
-        async def get(self, digest: str, prefetch: bool = False) -> None:
-            self.got.append(digest)
-
-    fetcher = Recording()
+    fetcher = RecordingFetcher()
 
     async def scenario() -> list[list[str]]:
         steps = []

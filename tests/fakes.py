@@ -1,0 +1,30 @@
+"""Stand-ins for unit tests of the guessing logic (prefetch.heuristics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RecordingFetcher:
+    """Takes the place of casfs.fetch.Fetcher: records every chunk and pack range the
+    heuristics ask for; `get` returns the blob from `store` when one is given."""
+
+    def __init__(self, store: Any = None) -> None:
+        self.store = store
+        self.got: list[str] = []  # chunks asked for one by one, in order
+        self.ranges: list[list[str]] = []  # chunks asked for as pack ranges
+
+    def in_flight(self, digest: str) -> bool:
+        return False
+
+    async def prefetch(self, digest: str) -> None:
+        await self.get(digest, prefetch=True)
+
+    async def get(self, digest: str, prefetch: bool = False) -> bytes | None:
+        assert prefetch, "heuristics only ever prefetch"
+        self.got.append(digest)
+        return self.store.get_blob(digest) if self.store is not None else None
+
+    async def get_pack_range(self, pack: str, offset: int, items: list) -> int:
+        self.ranges.append([d for d, _, _ in items])
+        return len(items)
