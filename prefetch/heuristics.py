@@ -11,6 +11,9 @@
   modules one after another from the same directory. When that directory is a
   package's `__pycache__`, the `__pycache__` of each of its subpackages is
   fetched as well: the package's import goes on into them.
+* Distribution metadata: the first read of a file in a `*.dist-info` (or `.egg-info`)
+  directory fetches the file of that name in every such directory beside it: an
+  entry-point scan reads `entry_points.txt` of each installed distribution in turn.
 * Directory listings: Python lists a package directory when it first looks for a
   module in it, just before it opens that module's compiled file; the listing of a
   directory that has a `__pycache__` fetches that `__pycache__`'s small files at once,
@@ -48,6 +51,7 @@ from prefetch.elf import parse_headers
 log = logging.getLogger(__name__)
 PYCACHE = b"__pycache__"
 STREAMS = 8  # sequential runs told apart in one file
+METADATA_DIRS = (b".dist-info", b".egg-info")
 
 
 class Heuristics:
@@ -79,6 +83,7 @@ class Heuristics:
         self._ahead: dict[int, list[tuple[int, int]]] = {}
         self._dirs_seen: set[int] = set()  # directories whose files were fetched
         self._packages_seen: set[int] = set()  # packages whose subpackages were
+        self._metadata_seen: set[tuple[int, bytes]] = set()  # (site dir, file name)
         self.requested = 0  # requests started: single GETs and pack ranges
         self.ranged = 0  # of those, ranged GETs of directory packs
 
@@ -101,7 +106,7 @@ class Heuristics:
             wanted: list[str] = []
             if parent not in self._dirs_seen:
                 self._dirs_seen.add(parent)
-                wanted = self._siblings(parent, ino)
+                wanted = self._siblings(parent, ino) + self._package_metadata(ino)
             if parent not in self._packages_seen:
                 # Apart from the above: a `__pycache__` fetched whole as a subpackage's
                 # has not had its own subpackages fetched yet.
@@ -109,6 +114,28 @@ class Heuristics:
                 wanted += self._subpackage_caches(parent)
             if wanted:
                 self._fetch(wanted)
+
+    def _package_metadata(self, ino: int) -> list[str]:
+        """A file of one installed distribution's metadata (`x.dist-info/entry_points.txt`)
+        being read means a scan of them all (importlib.metadata, pkg_resources): the file
+        of that name in every `*.dist-info` / `*.egg-info` directory beside it."""
+        parent = self.manifest.inode(ino).parent
+        site = self.manifest.inode(parent).parent
+        name = _name_of(self.manifest, parent, ino)
+        if name is None or (site, name) in self._metadata_seen or \
+                not (_name_of(self.manifest, site, parent) or b"").endswith(METADATA_DIRS):
+            return []
+        self._metadata_seen.add((site, name))
+        out: list[str] = []
+        for _, dirname, child in self.manifest.entries(site):
+            if child == parent or not dirname.endswith(METADATA_DIRS):
+                continue
+            found = self.manifest.lookup(child, name)
+            node = self.manifest.inode(found) if found else None
+            if node is not None and stat.S_ISREG(node.mode) and \
+                    0 < node.size <= self.sibling_max_size:
+                out.extend(c.digest for c in self.manifest.chunks(found)[:1])
+        return out
 
     def on_list(self, directory: int) -> None:
         """A directory is being listed: fetch its `__pycache__`, whose modules come next."""
@@ -261,9 +288,14 @@ def _pread(path: Path, offset: int, length: int) -> bytes:
         return os.pread(f.fileno(), length, offset)
 
 
+def _name_of(manifest: Manifest, directory: int, ino: int) -> bytes | None:
+    for _, name, child in manifest.entries(directory):
+        if child == ino:
+            return name
+    return None
+
+
 def _looks_like_library(manifest: Manifest, ino: int) -> bool:
     """Named like a shared library: lib.so, lib.so.1.2, mod.cpython-311-x86_64-linux-gnu.so."""
-    for _, name, child in manifest.entries(manifest.inode(ino).parent):
-        if child == ino:
-            return name.endswith(b".so") or b".so." in name
-    return False
+    name = _name_of(manifest, manifest.inode(ino).parent, ino) or b""
+    return name.endswith(b".so") or b".so." in name

@@ -918,3 +918,32 @@ def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
         return list(fetcher.got)
 
     assert sorted(trio.run(planned_boot)) == sorted(d[42:46])  # only past the plan
+
+
+def test_metadata_scan_fetches_every_distribution(tmp_path: Path) -> None:
+    """Reading one distribution's entry_points.txt fetches every other one's too (an
+    entry-point scan reads them all in turn), besides its own directory's files."""
+    from prefetch.heuristics import Heuristics
+
+    files = {"site/a-1.dist-info/entry_points.txt": b"[console_scripts]\na = a:main\n",
+             "site/a-1.dist-info/METADATA": b"Name: a\n",
+             "site/b-2.dist-info/entry_points.txt": b"[x]\nb = b\n",
+             "site/b-2.dist-info/METADATA": b"Name: b\n",
+             "site/c.egg-info/entry_points.txt": b"[y]\nc = c\n",
+             "site/notmeta/entry_points.txt": b"not a distribution\n"}
+    image = make_image(tmp_path, "md", [files_layer(files)], f"file://{tmp_path}/store")
+    m = image.manifest()
+    fetcher = RecordingFetcher()
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery)  # type: ignore[arg-type]
+            ino = m.resolve("/site/a-1.dist-info/entry_points.txt")
+            h.on_read(ino, m.chunks(ino))
+            await trio.testing.wait_all_tasks_blocked()
+
+    trio.run(scenario)
+    want = {chunks_of(m, "/" + p)[0] for p in ("site/a-1.dist-info/METADATA",
+                                               "site/b-2.dist-info/entry_points.txt",
+                                               "site/c.egg-info/entry_points.txt")}
+    assert set(fetcher.got) == want
