@@ -81,13 +81,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from casfs.inspect import summarize
+    from casfs.inspect import pack_summary, summarize
     from casfs.progress import human_bytes
 
-    m = _load(args)
+    store = _store(args)
+    m = _load(args, store)
     s = summarize(m)
+    packs = pack_summary(store, m)
     if args.json:
-        print(json.dumps({"digest": m.digest, "meta": m.meta, **s.as_dict()}, indent=2))
+        print(json.dumps({"digest": m.digest, "meta": m.meta, **s.as_dict(),
+                          "dir_packs": packs}, indent=2))
         return 0
     meta = m.meta
     print(f"manifest      blake3:{m.digest}")
@@ -101,6 +104,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     pct = 100.0 * saved / s.layer_bytes if s.layer_bytes else 0.0
     print(f"dedup saved   {human_bytes(saved)} against the layers ({pct:.1f}%)")
     print(f"chunking      {meta.get('chunking') or meta.get('chunk_size')}")
+    print(f"dir packs     {packs['chunks']} small-file blobs in {packs['packs']} packs "
+          f"({human_bytes(packs['stored_bytes'])} stored), {packs['layers_packed']} of "
+          f"{packs['layers']} layers packed"
+          + (f", {packs['rejected']} pack indexes damaged" if packs["rejected"] else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What `casfs ls` and `casfs inspect` show: a manifest's listing and its totals."""
+"""What `casfs ls` and `casfs inspect` show: a manifest's listing, its totals and its
+directory packs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 from casfs.manifest import Manifest
 from casfs.manifest.reader import Inode
+from casfs.packindex import PackIndex
+from casfs.store import Store
 
 _TYPE_CHAR = {
     stat.S_IFDIR: "d", stat.S_IFREG: "-", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
@@ -62,3 +65,16 @@ def summarize(m: Manifest) -> Summary:
                 unique[c.digest] = c.length
     layer_bytes = sum(int(layer.get("size", 0)) for layer in m.meta.get("layers", []))
     return Summary(entries, by_type, file_bytes, chunks, len(unique), sum(unique.values()), layer_bytes)
+
+
+def pack_summary(store: Store, m: Manifest) -> dict[str, int]:
+    """The image's directory packs: layers with a pack index, and how many of the
+    image's chunks they hold, in how many packs, of how many stored bytes."""
+    layers = [layer["digest"] for layer in m.meta.get("layers", []) if layer.get("digest")]
+    index = PackIndex()
+    index.load(store, layers, m.n_chunks)
+    ours = m.chunk_digests()
+    held = {d: loc for d, loc in index.locations.items() if d in ours}
+    return {"layers": len(layers), "layers_packed": index.layers, "rejected": index.rejected,
+            "chunks": len(held), "packs": len({loc[0] for loc in held.values()}),
+            "stored_bytes": sum(loc[2] for loc in held.values())}

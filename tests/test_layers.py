@@ -462,3 +462,7 @@ def test_cli_index_ls_inspect(tmp_path: Path) -> None:
     assert info["digest"] == digest and info["entries"] == 9
     assert info["chunks"] == 5  # f (with its link h), new, and big's 768000 bytes in 3
     assert info["by_type"] == {"d": 2, "-": 4, "l": 1, "c": 1, "p": 1}
+    # f and new are small (packed); big (768000 bytes, 3 chunks) is not.
+    packs = info["dir_packs"]
+    assert packs["layers_packed"] == packs["layers"] and packs["chunks"] == 2, packs
+    assert re.search(r"dir packs\s+2 small-file blobs in \d+ packs", insp.stdout), insp.stdout
