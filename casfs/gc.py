@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from casfs import packindex
-from casfs.errors import CasfsError, StoreBusy
+from casfs.errors import BlobCorrupt, CasfsError, StoreBusy
 from casfs.manifest import Manifest
 from casfs.store.content import MAX_MANIFEST_SIZE, Store, decompress
 from casfs.store.locks import fresh_locks, gc_lock
@@ -94,10 +94,15 @@ def collect(store: Store, *, grace: float = 6 * 3600, dry_run: bool = False,
             try:
                 raw = store.get_pack_index(f"{algo}:{hex_}", packindex.MAX_INDEX_BYTES)
                 located = packindex.parse(raw or b"", key)
-            except CasfsError as exc:
+            except (packindex.PackIndexError, BlobCorrupt) as exc:
+                # Damaged: its layer is packed again by the next index of an image
+                # holding it (indexer.index checks the pack index it reuses).
                 log.warning("gc: pack index %s is unreadable (%s); it will be swept", key, exc)
                 live_keys.discard(key)
                 continue
+            except CasfsError as exc:  # the store failing: never a reason to delete
+                raise CasfsError(f"gc stopped: cannot read pack index {key} ({exc}); "
+                                 "nothing was deleted") from exc
             live_keys.update(f"packs/{pack}" for pack, _o, _l in located.values())
         progress("marking traces and packs")
         for key, _s, mtime in store.backend.list_info("traces/m/"):

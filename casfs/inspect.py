@@ -72,9 +72,8 @@ def pack_summary(store: Store, m: Manifest) -> dict[str, int]:
     image's chunks they hold, in how many packs, of how many stored bytes."""
     layers = [layer["digest"] for layer in m.meta.get("layers", []) if layer.get("digest")]
     index = PackIndex()
-    index.load(store, layers, m.n_chunks)
-    ours = m.chunk_digests()
-    held = {d: loc for d, loc in index.locations.items() if d in ours}
+    index.load(store, layers, m.chunk_digests())
+    held = index.locations
     return {"layers": len(layers), "layers_packed": index.layers, "rejected": index.rejected,
             "chunks": len(held), "packs": len({loc[0] for loc in held.values()}),
             "stored_bytes": sum(loc[2] for loc in held.values())}

@@ -44,6 +44,7 @@ def index_bytes_limit(entries: int) -> int:
 
 
 MAX_INDEX_BYTES = index_bytes_limit(MAX_ENTRIES)
+LAYER_SLACK = 4
 # A zstd frame of a blob of MAX_BLOB_SIZE bytes is at most a little larger.
 MAX_STORED_LENGTH = MAX_BLOB_SIZE + (MAX_BLOB_SIZE >> 7) + 1024
 
@@ -123,11 +124,14 @@ class PackIndex:
         return {"layers": self.layers, "blobs": len(self.locations),
                 "layers_without": self.missing, "rejected": self.rejected}
 
-    def load(self, store: Store, layers: list[str], max_entries: int,
+    def load(self, store: Store, layers: list[str], keep: set[str],
              workers: int = 8) -> None:
-        """Fetch and parse the layers' pack indexes (in parallel; blocking). A layer
-        without one is counted; a damaged one is logged and skipped."""
-        limit = index_bytes_limit(max_entries)
+        """Fetch and parse the layers' pack indexes (in parallel; blocking), keeping the
+        locations of the digests in `keep` (the image's chunks). A layer without one is
+        counted; a damaged one is logged and skipped. A layer may pack files a later
+        layer deletes, so an index may name more blobs than the image has: up to
+        LAYER_SLACK times as many are read."""
+        limit = index_bytes_limit(max(LAYER_SLACK * len(keep), 100_000))
 
         def one(layer: str) -> dict[str, Location] | None | CasfsError:
             try:
@@ -148,7 +152,7 @@ class PackIndex:
                 self.rejected += 1
                 log.warning("ignoring the directory packs of layer %s: %s", layer, got)
             else:
-                self.add(got)
+                self.add({d: loc for d, loc in got.items() if d in keep})
 
     def __len__(self) -> int:
         return len(self.locations)

@@ -33,8 +33,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from casfs import packindex
 from casfs.digest import to_ref
-from casfs.errors import CorruptLayer, HostileLayer, LayerDigestMismatch
+from casfs.errors import CasfsError, CorruptLayer, HostileLayer, LayerDigestMismatch
 from casfs.manifest import build_manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
@@ -126,6 +127,19 @@ def _file_digest(layer: Layer, bar: ProgressBar | None = None,
     return digest
 
 
+def _pack_index_usable(store: Store, key: str) -> bool:
+    """Whether a layer's pack index is there and names only packs the store has."""
+    try:
+        raw = store.get_pack_index(key, packindex.MAX_INDEX_BYTES)
+        if raw is None:
+            return False
+        packs = {pack for pack, _, _ in packindex.parse(raw, f"pack index {key}").values()}
+        return all(store.has_pack(pack) for pack in packs)
+    except CasfsError as exc:
+        log.warning("layer %s: its pack index is unusable (%s)", key, exc)
+        return False
+
+
 def _load_record(store: Store, key: str) -> list[dict[str, Any]] | None:
     raw = store.get_layer_record(key)
     if raw is None:
@@ -146,7 +160,7 @@ class _LayerDone:
     ops: list[dict[str, Any]]
     size: int  # uncompressed bytes of the layer's files
     record: bytes | None = None  # a new layer record to write (None: reused)
-    pack_index: bytes = b""  # with a new record: the layer's directory pack index
+    pack_index: bytes | None = None  # with a new record: its directory pack index
     owner: int | None = None  # the same layer appears earlier: its index in the image
     downloaded: int = 0
 
@@ -229,11 +243,15 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                 bar.finish(f"same as layer {owner + 1}")
             return _LayerDone(key, [], 0, owner=owner)
         ops = _load_record(store, key) if reuse_layers else None
-        if ops is not None and not store.has_pack_index(key):
-            # Indexed before directory packs existed: read it again to pack it.
+        unpacked = ops  # a record whose layer has no (usable) directory packs
+        if ops is not None and not _pack_index_usable(store, key):
+            # Indexed before directory packs existed (or an older casfs's gc swept
+            # them): read it again to pack it.
             progress.note(f"{label} {key[7:19]}: indexed without directory packs; "
                           "indexing it again")
             ops = None
+        else:
+            unpacked = None
         if ops is not None:
             size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
             if bar is not None:
@@ -248,10 +266,19 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
         try:
             ops, size, downloaded = _index_layer(layer, key, uploader, label, bar, abort,
                                                  packer)
-            bar.set_note("(writing directory packs)")
-            pack_index = packer.finish()
-        finally:
-            packer.close()
+        except BaseException as exc:
+            packer.close()  # waits for upload threads still spilling; later adds are no-ops
+            if unpacked is None or not isinstance(exc, CasfsError):
+                raise
+            # Packing is an optimisation: a layer that cannot be read again now (its
+            # blob gone from the registry) keeps its record, without packs.
+            log.warning("%s %s: could not read it again to pack it (%s); reusing its "
+                        "record", label, key[7:19], exc)
+            bar.finish("already indexed (not packed)")
+            size = sum(op.get("size", 0) for op in unpacked if op["op"] == "add")
+            return _LayerDone(key, unpacked, size)
+        bar.set_note("(writing directory packs)")
+        pack_index = packer.finish(f"{label} ({key[:19]})")  # and closes it
         with claims_lock:
             result.packs.files += packer.stats.files
             result.packs.packs += packer.stats.packs
@@ -318,7 +345,8 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             store.backend.deferred_sync = was_deferred
     for key, raw, pack_index in new_records:
         # The pack index first: a layer record without one is indexed again.
-        store.put_pack_index(key, pack_index)
+        if pack_index is not None:
+            store.put_pack_index(key, pack_index)
         store.put_layer_record(key, raw)
     result.digest = store.put_manifest(data)
     result.manifest_bytes = len(data)

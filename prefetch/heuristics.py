@@ -169,12 +169,14 @@ class Heuristics:
             layout = parse_headers(await self._file_bytes(ino, 0, 4096), size)
             if layout is None:
                 return
+            # At most library_max_size of each part: a library with one writable
+            # segment over all of it (or a hostile one) is not fetched whole.
             for offset, length in layout.writable():
-                self._fetch_range(ino, offset, length)
+                self._fetch_range(ino, offset, min(length, self.library_max_size))
             if layout.dynamic is not None:
                 tables = layout.tables(await self._file_bytes(ino, *layout.dynamic))
                 if tables is not None:
-                    self._fetch_range(ino, *tables)
+                    self._fetch_range(ino, tables[0], min(tables[1], self.library_max_size))
         except (CasfsError, OSError) as exc:
             log.debug("no loader prefetch for inode %d: %s", ino, exc)
 

@@ -186,17 +186,25 @@ class Prefetcher:
         self.status.state = "loading"
         try:
             traces: list[Trace] = []
+            failed: list[CasfsError | OSError] = []
 
+            # Each task keeps its own errors: a nursery would wrap them in an
+            # ExceptionGroup (trio >= 0.25), which no `except` below catches.
             async def get_traces() -> None:
                 nonlocal traces
-                traces = await trio.to_thread.run_sync(
-                    load_traces, self.store, self.manifest, self.status, self.max_traces
-                )
+                try:
+                    traces = await trio.to_thread.run_sync(
+                        load_traces, self.store, self.manifest, self.status, self.max_traces
+                    )
+                except (CasfsError, OSError) as exc:
+                    failed.append(exc)
 
             async with trio.open_nursery() as nursery:  # both before the first reads
                 nursery.start_soon(get_traces)
                 if self.packs is not None:
                     nursery.start_soon(self._load_packs)
+            if failed:
+                raise failed[0]
             self.status.traces = len(traces)
             self.status.packed_digests = packed_locations(traces)
             plan = merge(traces, self.min_share)
@@ -230,8 +238,11 @@ class Prefetcher:
         assert self.packs is not None
         layers = [layer["digest"] for layer in self.manifest.meta.get("layers", [])
                   if isinstance(layer, dict) and isinstance(layer.get("digest"), str)]
-        await trio.to_thread.run_sync(self.packs.load, self.store, layers,
-                                      self.manifest.n_chunks)
+        try:
+            ours = await trio.to_thread.run_sync(self.manifest.chunk_digests)
+            await trio.to_thread.run_sync(self.packs.load, self.store, layers, ours)
+        except (CasfsError, OSError) as exc:  # guesses then fetch blob by blob
+            log.warning("directory packs not loaded: %s", exc)
 
     async def _warm(self, digests: list[str]) -> None:
         """Chunks of the plan already on local disk: verify them (a read and a hash,

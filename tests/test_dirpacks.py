@@ -277,3 +277,85 @@ def test_missing_pack_falls_back_to_single_gets(store_url: str, tmp_path: Path) 
         assert st["metrics"]["prefetch_requests"] == len(names) - 1  # the singles
         _read_all(mnt, names + sorted(OTHER))
         assert mnt.stats()["metrics"]["io_errors"] == 0
+
+
+# -- packing never fails an index ---------------------------------------------------------------
+
+def test_spill_failure_leaves_the_layer_unpacked_then_packed_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import indexer.dirpack as dirpack
+
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dirpack.os, "pwrite", full)
+        result, m = index(layout(tmp_path / "img", FILES), store, tag="t")
+    assert result.packs.packs == 0
+    assert store.get_pack_index(m.meta["layers"][0]["digest"], 1 << 20) is None
+    again, m2 = index(layout(tmp_path / "img", FILES), store, tag="t")
+    assert m2.digest == m.digest and again.layers_reused == 0, "read again to pack it"
+    assert set(locations(store, m2)) == {digest_of(m, p) for p in {**SMALL, **OTHER}}
+
+
+def test_packer_ignores_adds_after_close(tmp_path: Path) -> None:
+    from indexer.dirpack import DirPacker
+
+    packer = DirPacker(open_store(f"file://{tmp_path / 'store'}", create=True))
+    packer.add("d/a", "aa" * 32, b"x" * 10)
+    packer.close()
+    packer.add("d/b", "bb" * 32, b"y" * 10)  # an upload thread of a failed layer: no-op
+    assert [f[1] for f in packer._files] == ["a"]
+
+
+def test_unreadable_layer_keeps_its_record_without_packs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer indexed before directory packs that cannot be read again now is reused
+    from its record (packing is an optimisation, never a reason to fail)."""
+    import indexer.index as index_module
+    from casfs.errors import CorruptLayer
+
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    _, m = index(layout(tmp_path / "img", SMALL), store, tag="t")
+    hex_ = m.meta["layers"][0]["digest"].partition(":")[2]
+    store.backend.delete(f"packidx/sha256/{hex_}")
+
+    def unreadable(*args: object, **kw: object) -> None:
+        raise CorruptLayer("the layer's blob is gone")
+
+    monkeypatch.setattr(index_module, "_index_layer", unreadable)
+    result, again = index(layout(tmp_path / "img", SMALL), store, tag="t")
+    assert again.digest == m.digest and result.layers_reused == 1
+
+
+def test_swept_packs_are_written_again(store: Store, tmp_path: Path) -> None:
+    """Packs gone under a pack index (an older casfs's gc sweeps packs/ it does not
+    know): the next index packs the layer again."""
+    _, m = index(layout(tmp_path / "img", SMALL), store, tag="t")
+    for key in store_keys(store, "packs/"):
+        store.backend.delete(key)
+    result, _ = index(layout(tmp_path / "img", SMALL), store, tag="t")
+    assert result.layers_reused == 0 and result.packs.packs == 1
+    for d, (pack, off, length) in locations(store, m).items():
+        assert verify_blob(d, store.get_pack_range(pack, off, length))
+
+
+def test_gc_stops_when_a_pack_index_cannot_be_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from casfs.errors import CasfsError, StoreError
+
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    index(layout(tmp_path / "img", SMALL), store, tag="t")
+    before = store_keys(store, "")
+
+    def failing(*args: object, **kw: object) -> None:
+        raise StoreError("the store timed out")
+
+    monkeypatch.setattr(store, "get_pack_index", failing)
+    with pytest.raises(CasfsError, match="nothing was deleted"):
+        collect(store, grace=0)
+    assert {k for k in before if not k.startswith("locks/")} <= store_keys(store, "")

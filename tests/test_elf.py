@@ -112,3 +112,28 @@ def test_heuristic_fetches_loader_parts_of_a_big_library(tmp_path: Path) -> None
             or c.offset < RW_OFF + RW_LEN and c.offset + c.length > RW_OFF}
     assert set(fetcher.got) == want
     assert len(want) < len(chunks) / 2, "not the whole library"
+
+
+def test_loader_parts_are_capped(tmp_path: Path) -> None:
+    """A library whose writable segment spans all of it (or a hostile one) is not
+    fetched whole: each loader part is cut at library_max_size."""
+    from prefetch.heuristics import Heuristics
+
+    data = bytearray(make_elf())
+    # The writable segment now covers the whole file.
+    PHDR.pack_into(data, 64 + PHDR.size, 1, 6, 0, 0, 0, len(data), len(data), 0x1000)
+    write_oci_layout(tmp_path / "img", [[file("lib/libbig.so", bytes(data))]], tag="v")
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    _, m = index(f"oci:{tmp_path / 'img'}:v", store)
+    ino = m.resolve("/lib/libbig.so")
+    fetcher = RecordingFetcher(store)
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery, library_max_size=MIB)  # type: ignore[arg-type]
+            h.on_read(ino, m.chunks(ino)[:1])
+            await trio.testing.wait_all_tasks_blocked()
+
+    trio.run(scenario)
+    chunk = m.chunks(ino)[0].length
+    assert 0 < len(set(fetcher.got)) <= 2 * MIB // chunk + 2  # two parts of at most 1 MiB

@@ -296,9 +296,8 @@ class Store:
         algo, _, hex_ = layer_digest.partition(":")
         self.backend.put(f"packidx/{algo}/{hex_}", compress(data))
 
-    def has_pack_index(self, layer_digest: str) -> bool:
-        algo, _, hex_ = layer_digest.partition(":")
-        return self.backend.exists(f"packidx/{algo}/{hex_}")
+    def has_pack(self, pack: str) -> bool:
+        return self.backend.exists(f"packs/{pack}")
 
     def get_pack_index(self, layer_digest: str, limit: int) -> bytes | None:
         """A layer's pack index (decompressed, unparsed), or None when it has none."""
