@@ -124,43 +124,28 @@ class PackIndex:
         return {"layers": self.layers, "blobs": len(self.locations),
                 "layers_without": self.missing, "rejected": self.rejected}
 
-    def load(self, store: Store, layers: list[str], keep: set[str]) -> None:
-        """fetch() then take(): the layers' pack indexes, for the chunks in `keep`."""
-        self.take(self.fetch(store, layers, len(keep)), keep)
+    def load(self, store: Store, layers: list[str], keep: set[str],
+             workers: int = 8) -> None:
+        """Fetch and parse the layers' pack indexes (in parallel; blocking), keeping the
+        locations of the digests in `keep` (the image's chunks). A layer without one is
+        counted; a damaged one is logged and skipped. A layer may pack files a later
+        layer deletes, so an index may name more blobs than the image has: up to
+        LAYER_SLACK times as many are read."""
+        limit = index_bytes_limit(max(LAYER_SLACK * len(keep), 100_000))
 
-    @staticmethod
-    def fetch(store: Store, layers: list[str], n_chunks: int,
-              workers: int = 8) -> list[tuple[str, bytes | None | CasfsError]]:
-        """The layers' pack indexes, fetched in parallel (blocking), not yet parsed: a
-        mount fetches them early and parses them only if its boot needs them. A layer
-        may pack files a later layer deletes, so an index may name more blobs than the
-        image has chunks: up to LAYER_SLACK times as many are read."""
-        limit = index_bytes_limit(max(LAYER_SLACK * n_chunks, 100_000))
-
-        def one(layer: str) -> bytes | None | CasfsError:
+        def one(layer: str) -> dict[str, Location] | None | CasfsError:
             try:
-                return store.get_pack_index(layer, limit)
+                raw = store.get_pack_index(layer, limit)
+                return None if raw is None else parse(raw, f"pack index of layer {layer}")
             except CasfsError as exc:
                 return exc
 
         if not layers:
-            return []
+            return
         with ThreadPoolExecutor(min(workers, len(layers)),
                                 thread_name_prefix="packidx") as pool:
-            return list(zip(layers, pool.map(one, layers), strict=True))
-
-    def take(self, found: list[tuple[str, bytes | None | CasfsError]],
-             keep: set[str]) -> None:
-        """Parse fetched pack indexes, keeping the locations of the digests in `keep`
-        (the image's chunks); a later layer's location wins. A layer without an index is
-        counted; a damaged one is logged, counted and skipped (blocking)."""
-        for layer, raw in found:
-            got: dict[str, Location] | CasfsError | None
-            try:
-                got = raw if not isinstance(raw, bytes) else \
-                    parse(raw, f"pack index of layer {layer}")
-            except PackIndexError as exc:
-                got = exc
+            found = list(pool.map(one, layers))
+        for layer, got in zip(layers, found, strict=True):  # later layers win
             if got is None:
                 self.missing += 1
             elif isinstance(got, CasfsError):

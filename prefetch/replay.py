@@ -181,7 +181,6 @@ class Prefetcher:
         self.warm_concurrency = warm_concurrency
         self.status = PrefetchStatus()
         self.planned: set[str] = set()  # every chunk of the plan (read by the heuristics)
-        self._pack_indexes: list[tuple[str, bytes | None | CasfsError]] = []  # not parsed
 
     async def run(self) -> None:
         self.status.state = "loading"
@@ -203,7 +202,7 @@ class Prefetcher:
             async with trio.open_nursery() as nursery:  # both before the first reads
                 nursery.start_soon(get_traces)
                 if self.packs is not None:
-                    nursery.start_soon(self._fetch_pack_indexes)
+                    nursery.start_soon(self._load_packs)
             if failed:
                 raise failed[0]
             self.status.traces = len(traces)
@@ -215,8 +214,7 @@ class Prefetcher:
             self.planned = {it.digest for it in plan}
             self.status.planned_chunks = len(plan)
             self.status.planned_bytes = sum(it.length for it in plan)
-            if not plan:  # the guesses take over: they want the directory packs
-                await self._take_pack_indexes()
+            if not plan:
                 self.status.state = "done"
                 return
             self.status.state = "running"
@@ -225,8 +223,6 @@ class Prefetcher:
             local = [it.digest for it, have in zip(plan, present, strict=True) if have]
             remote = [it for it, have in zip(plan, present, strict=True) if not have]
             self.status.local_chunks = len(local)
-            if any(not it.locations for it in remote):  # chunks no trace pack holds
-                await self._take_pack_indexes()
             async with trio.open_nursery() as nursery:
                 if local:
                     nursery.start_soon(self._warm, local)
@@ -238,25 +234,14 @@ class Prefetcher:
             self.status.state = "failed"
             log.warning("prefetch stopped: %s", exc)
 
-    async def _fetch_pack_indexes(self) -> None:
+    async def _load_packs(self) -> None:
+        assert self.packs is not None
         layers = [layer["digest"] for layer in self.manifest.meta.get("layers", [])
                   if isinstance(layer, dict) and isinstance(layer.get("digest"), str)]
         try:
-            self._pack_indexes = await trio.to_thread.run_sync(
-                PackIndex.fetch, self.store, layers, self.manifest.n_chunks)
-        except (CasfsError, OSError) as exc:  # guesses then fetch blob by blob
-            log.warning("directory packs not loaded: %s", exc)
-
-    async def _take_pack_indexes(self) -> None:
-        """Parse the fetched pack indexes into the shared PackIndex. Only a boot that
-        fetches from the store needs them: a warm boot skips the CPU."""
-        found, self._pack_indexes = self._pack_indexes, []
-        if self.packs is None or not found:
-            return
-        try:
             ours = await trio.to_thread.run_sync(self.manifest.chunk_digests)
-            await trio.to_thread.run_sync(self.packs.take, found, ours)
-        except (CasfsError, OSError) as exc:
+            await trio.to_thread.run_sync(self.packs.load, self.store, layers, ours)
+        except (CasfsError, OSError) as exc:  # guesses then fetch blob by blob
             log.warning("directory packs not loaded: %s", exc)
 
     async def _warm(self, digests: list[str]) -> None:
