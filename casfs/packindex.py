@@ -124,7 +124,7 @@ class PackIndex:
         return {"layers": self.layers, "blobs": len(self.locations),
                 "layers_without": self.missing, "rejected": self.rejected}
 
-    def load(self, store: Store, layers: list[str], keep: set[str],
+    def load(self, store: Store, layers: list[str], keep: frozenset[str],
              workers: int = 8) -> None:
         """Fetch and parse the layers' pack indexes (in parallel; blocking), keeping the
         locations of the digests in `keep` (the image's chunks). A layer without one is
@@ -153,9 +153,6 @@ class PackIndex:
                 log.warning("ignoring the directory packs of layer %s: %s", layer, got)
             else:
                 self.add({d: loc for d, loc in got.items() if d in keep})
-
-    def __len__(self) -> int:
-        return len(self.locations)
 
     def ranges(self, digests: Iterable[str], *, max_gap: int = 256 << 10,
                range_bytes: int = 4 << 20) -> tuple[list[Range], list[str]]:

@@ -140,6 +140,11 @@ def _pack_index_usable(store: Store, key: str) -> bool:
         return False
 
 
+def _files_size(ops: list[dict[str, Any]]) -> int:
+    """Uncompressed bytes of the files a layer record adds."""
+    return sum(op.get("size", 0) for op in ops if op["op"] == "add")
+
+
 def _load_record(store: Store, key: str) -> list[dict[str, Any]] | None:
     raw = store.get_layer_record(key)
     if raw is None:
@@ -243,17 +248,15 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                 bar.finish(f"same as layer {owner + 1}")
             return _LayerDone(key, [], 0, owner=owner)
         ops = _load_record(store, key) if reuse_layers else None
-        unpacked = ops  # a record whose layer has no (usable) directory packs
+        unpacked = None  # a record whose layer has no (usable) directory packs
         if ops is not None and not _pack_index_usable(store, key):
             # Indexed before directory packs existed (or an older casfs's gc swept
             # them): read it again to pack it.
             progress.note(f"{label} {key[7:19]}: indexed without directory packs; "
                           "indexing it again")
-            ops = None
-        else:
-            unpacked = None
+            unpacked, ops = ops, None
         if ops is not None:
-            size = sum(op.get("size", 0) for op in ops if op["op"] == "add")
+            size = _files_size(ops)
             if bar is not None:
                 bar.finish("already indexed")
             else:
@@ -275,8 +278,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             log.warning("%s %s: could not read it again to pack it (%s); reusing its "
                         "record", label, key[7:19], exc)
             bar.finish("already indexed (not packed)")
-            size = sum(op.get("size", 0) for op in unpacked if op["op"] == "add")
-            return _LayerDone(key, unpacked, size)
+            return _LayerDone(key, unpacked, _files_size(unpacked))
         bar.set_note("(writing directory packs)")
         pack_index = packer.finish(f"{label} ({key[:19]})")  # and closes it
         with claims_lock:

@@ -61,6 +61,7 @@ class Manifest:
     def __init__(self, buf: bytes | mmap.mmap, digest: str = "") -> None:
         self.buf = buf
         self.digest = digest
+        self._chunk_digests: frozenset[str] | None = None
         if len(buf) < HEADER.size:
             raise ManifestError("manifest is truncated (no header)")
         (magic, version, _flags, self.n_inodes, self.n_dirents, self.n_chunks, self.n_xattrs,
@@ -194,10 +195,13 @@ class Manifest:
             i += 1
         return out
 
-    def chunk_digests(self) -> set[str]:
-        """Every chunk digest the manifest references, straight from its chunk table."""
-        table = bytes(self.buf[self._chunks : self._chunks + self.n_chunks * CHUNK.size])
-        return {row[0].hex() for row in CHUNK.iter_unpack(table)}
+    def chunk_digests(self) -> frozenset[str]:
+        """Every chunk digest the manifest references, straight from its chunk table
+        (built once: a mount's trace check, pack index filter and plan filter share it)."""
+        if self._chunk_digests is None:
+            table = bytes(self.buf[self._chunks : self._chunks + self.n_chunks * CHUNK.size])
+            self._chunk_digests = frozenset(row[0].hex() for row in CHUNK.iter_unpack(table))
+        return self._chunk_digests
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         node = self.inode(ino)

@@ -90,6 +90,12 @@ def tag_key(name: str) -> str:
     return f"tags/{name}"
 
 
+def layer_key(prefix: str, layer_digest: str) -> str:
+    """The key of a per-layer object: `layers/sha256/<hex>`, `packidx/sha256/<hex>`."""
+    algo, _, hex_ = layer_digest.partition(":")
+    return f"{prefix}/{algo}/{hex_}"
+
+
 def validate_tag(name: str) -> str:
     if not _TAG.match(name):
         raise CasfsError(f"invalid tag name {name!r} (letters, digits and _.:@+- only)")
@@ -238,9 +244,8 @@ class Store:
         """A layer's record, or None when there is none, or it is damaged (e.g. an
         aborted upload left an empty object): the layer is then indexed again and its
         record rewritten."""
-        algo, _, hex_ = layer_digest.partition(":")
         try:
-            packed = self.backend.get(f"layers/{algo}/{hex_}")
+            packed = self.backend.get(layer_key("layers", layer_digest))
         except ObjectNotFound:
             return None
         try:
@@ -250,8 +255,7 @@ class Store:
             return None
 
     def put_layer_record(self, layer_digest: str, data: bytes) -> None:
-        algo, _, hex_ = layer_digest.partition(":")
-        self.backend.put(f"layers/{algo}/{hex_}", compress(data))
+        self.backend.put(layer_key("layers", layer_digest), compress(data))
 
 
     # -- traces and packs (written and read by prefetch/) ---------------------
@@ -293,17 +297,15 @@ class Store:
     # -- pack indexes (a layer's directory packs: casfs.packindex) ------------
 
     def put_pack_index(self, layer_digest: str, data: bytes) -> None:
-        algo, _, hex_ = layer_digest.partition(":")
-        self.backend.put(f"packidx/{algo}/{hex_}", compress(data))
+        self.backend.put(layer_key("packidx", layer_digest), compress(data))
 
     def has_pack(self, pack: str) -> bool:
         return self.backend.exists(f"packs/{pack}")
 
     def get_pack_index(self, layer_digest: str, limit: int) -> bytes | None:
         """A layer's pack index (decompressed, unparsed), or None when it has none."""
-        algo, _, hex_ = layer_digest.partition(":")
         try:
-            packed = self.backend.get(f"packidx/{algo}/{hex_}")
+            packed = self.backend.get(layer_key("packidx", layer_digest))
         except ObjectNotFound:
             return None
         return decompress(packed, limit, f"pack index of layer {layer_digest}")
