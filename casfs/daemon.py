@@ -143,7 +143,8 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
 
     def extra_stats() -> dict:
         out: dict = {"mount": {"digest": digest, "store": store.url, "pid": os.getpid(),
-                               "uptime_seconds": round(time.monotonic() - started, 3)}}
+                               "uptime_seconds": round(time.monotonic() - started, 3),
+                               "kernel_no_open": bool(parts.get("no_open"))}}
         prefetch: dict = {}
         if parts.get("prefetcher") is not None:
             prefetch.update(parts["prefetcher"].status.as_dict())
@@ -165,6 +166,10 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
         fetcher = Fetcher(store, cache, metrics, fetch_concurrency=cfg.fetch_concurrency)
         fs = ImageFS(manifest, fetcher, cache, metrics, extra_stats)
         ops = CasfsOperations(fs)
+        parts["no_open"] = ops.no_open
+        if not ops.no_open:
+            log.info("pyfuse3 lacks casfs's inode-fh patch: every open and directory "
+                     "listing reaches the daemon (see third_party/pyfuse3)")
         recorder = Recorder(manifest, idle_seconds=cfg.trace_idle) if cfg.trace else None
         packs = PackIndex() if cfg.prefetch else None
         prefetcher = Prefetcher(store, manifest, fetcher, packs=packs) if cfg.prefetch else None

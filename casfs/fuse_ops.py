@@ -7,6 +7,13 @@ exception (a failed fetch, a malformed manifest, a bug) is logged with the inode
 and becomes EIO, because anything but FUSEError escaping a handler would take
 the mount down. Content is immutable, so entries, attributes and negative
 lookups are cached by the kernel for a long time and files keep their page cache.
+
+With pyfuse3 carrying casfs's inode-fh patch (third_party/pyfuse3), the first OPEN and
+the first OPENDIR are answered ENOSYS: the kernel then stops sending OPEN, OPENDIR and
+their RELEASEs for the rest of the mount, keeps every file's page cache and keeps every
+directory's listing in its own cache (FOPEN_CACHE_DIR), so a repeated listing never
+reaches the daemon. READ and READDIR then name the inode instead of a file handle,
+which is the same number here.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CACHE_TIMEOUT = 86400.0 * 365  # immutable content: effectively forever
 BLOCK = 4096
+# pyfuse3 passes the inode as fh when the kernel sends none (third_party/pyfuse3)
+KERNEL_NO_OPEN = bool(getattr(pyfuse3, "INODE_FH_WITHOUT_OPEN", False))
 
 
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -53,9 +62,10 @@ class CasfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: ImageFS) -> None:
+    def __init__(self, fs: ImageFS, no_open: bool = KERNEL_NO_OPEN) -> None:
         super().__init__()
         self.fs = fs
+        self.no_open = no_open
 
     def _attrs(self, ino: int, node: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -97,6 +107,8 @@ class CasfsOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         if not stat.S_ISDIR(self.fs.manifest.inode(inode).mode):
             raise FsError(errno.ENOTDIR)
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPENDIR again; listings cached
         return inode
 
     @_errors
@@ -115,6 +127,8 @@ class CasfsOperations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FsError(errno.EROFS)
         self.fs.open(inode)
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPEN or RELEASE again; keep_cache
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_errors

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config umoci skopeo docker-registry apache2-utils; do
+for pkg in fuse3 libfuse3-dev pkg-config patch umoci skopeo docker-registry apache2-utils; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -17,5 +17,7 @@ fi
 if [ -d /sys/fs/fuse/connections ] && [ -z "$(ls -A /sys/fs/fuse/connections 2>/dev/null)" ]; then
   mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null || true
 fi
+# pyfuse3 first, patched, so that the editable install finds it satisfied.
+scripts/install_pyfuse3.sh
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
 python3 -c "import pyfuse3, trio, blake3, zstandard, lmdb, boto3" 

@@ -229,6 +229,31 @@ def test_mounted_tree_equals_umoci_extraction(rules: dict, tmp_path: Path) -> No
         assert stats["metrics"]["io_errors"] == 0 and stats["metrics"]["fetch_errors"] == 0
 
 
+def test_kernel_keeps_listings_and_opens_reach_casfs_once(rules: dict, tmp_path: Path) -> None:
+    """With the patched pyfuse3 (third_party/pyfuse3, installed by scripts/install.sh),
+    casfs puts the kernel in no-open mode: a second listing of a directory and every
+    open after the first are answered by the kernel, and files still read right."""
+    import pyfuse3
+
+    if not getattr(pyfuse3, "INODE_FH_WITHOUT_OPEN", False):
+        if in_ci():
+            pytest.fail("pyfuse3 lacks the casfs inode-fh patch; scripts/install.sh installs it")
+        pytest.skip("pyfuse3 lacks the casfs inode-fh patch (scripts/install_pyfuse3.sh)")
+    expected = rules["expected"]
+    with mounted(rules["ref"], tmp_path / "mnt", file_url(rules["store"]), tmp_path / "cache") as m:
+        first = snapshot(m.mountpoint)
+        after_first = m.stats()
+        assert after_first["mount"]["kernel_no_open"] is True
+        second = snapshot(m.mountpoint)  # lists every directory and reads every file again
+        after_second = m.stats()
+        assert_same_tree(expected, first)
+        assert_same_tree(expected, second)
+        dirs = sum(1 for e in first.values() if e["type"] == "dir")
+        assert after_first["metrics"]["readdirs"] >= dirs
+        assert after_second["metrics"]["readdirs"] == after_first["metrics"]["readdirs"]
+        assert after_second["metrics"]["opens"] == after_first["metrics"]["opens"] <= 2
+
+
 @pytest.fixture
 def public_dir() -> Any:
     """An empty directory every uid can reach (pytest's tmp_path is under a 0700 dir)."""

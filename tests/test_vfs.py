@@ -362,7 +362,7 @@ def test_adapter_refuses_every_write(env: Env) -> None:
     pyfuse3 = pytest.importorskip("pyfuse3")
     from casfs.fuse_ops import CasfsOperations
 
-    ops = CasfsOperations(env.fs)
+    ops = CasfsOperations(env.fs, no_open=False)  # stock pyfuse3: OPEN answered
     f, d = env.ino("/d/small"), env.ino("/d")
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
         assert _fuse_error(ops.open, f, flags, None) == errno.EROFS
@@ -388,12 +388,30 @@ def test_adapter_refuses_every_write(env: Env) -> None:
         return info, neg, attrs
 
     info, neg, attrs = trio.run(reads)
-    assert isinstance(info, pyfuse3.FileInfo) and info.keep_cache
+    assert isinstance(info, pyfuse3.FileInfo) and info.keep_cache and info.fh == f
     # a miss is a zero-inode entry the kernel keeps for a long time
     assert neg.st_ino == 0 and neg.entry_timeout >= 3600
     assert attrs.st_ino == f and attrs.st_nlink == 2 and attrs.attr_timeout >= 3600
     assert trio.run(ops.access, f, os.R_OK, None)
 
+
+def test_adapter_no_open_mode_answers_enosys_after_checks(env: Env) -> None:
+    """With the patched pyfuse3, OPEN and OPENDIR answer ENOSYS (the kernel's no-open
+    mode: keep_cache for files, cached listings for directories) once their checks pass;
+    READ and READDIR then arrive with the inode as fh, which the adapter serves as is."""
+    pytest.importorskip("pyfuse3")
+    from casfs.fuse_ops import CasfsOperations
+
+    ops = CasfsOperations(env.fs, no_open=True)
+    d, f = env.ino("/d"), env.ino("/d/small")
+    assert _fuse_error(ops.open, f, os.O_RDONLY, None) == errno.ENOSYS
+    assert _fuse_error(ops.opendir, d, None) == errno.ENOSYS
+    # the checks still come first
+    assert _fuse_error(ops.open, d, os.O_RDONLY, None) == errno.EISDIR
+    assert _fuse_error(ops.open, f, os.O_WRONLY, None) == errno.EROFS
+    assert _fuse_error(ops.opendir, f, None) == errno.ENOTDIR
+    assert env.fs.metrics.opens >= 2
+    assert trio.run(ops.read, f, 0, 1 << 20) == env.read("/d/small")
 
 def test_adapter_turns_fetch_failure_into_eio_with_log(image: Image, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
