@@ -13,6 +13,7 @@ runs in worker threads under capacity limiters; the trio loop only waits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -101,14 +102,24 @@ class Fetcher:
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights
 
-    async def prefetch(self, digest: str) -> None:
-        """Bring a chunk to the node unless the cache already has it. Not verified here
-        (reading a cached file to hash it is what a guess should not cost): the read
-        that uses it verifies it."""
-        present = await trio.to_thread.run_sync(
-            self.cache.contains_many, [digest], limiter=self.disk_limiter)
-        if not present[0]:
-            await self.get(digest, prefetch=True)
+    async def prefetch(self, digest: str, *, warm: bool = False) -> None:
+        """Bring a chunk to the node unless the cache already has it. A cached chunk is
+        not verified here (reading a cached file to hash it is what a guess should not
+        cost; the read that uses it verifies it), unless `warm`: a reader streaming
+        through the file will want it next, so verify it now (read, hash, hold open)."""
+        if warm:
+            path = await trio.to_thread.run_sync(
+                functools.partial(self.cache.lookup, digest, count=False),
+                limiter=self.disk_limiter)
+            if path is not None:
+                self.metrics.warmed_chunks += 1
+                return
+        else:
+            present = await trio.to_thread.run_sync(
+                self.cache.contains_many, [digest], limiter=self.disk_limiter)
+            if present[0]:
+                return
+        await self.get(digest, prefetch=True)
 
     async def get(self, digest: str, *, prefetch: bool = False, fresh: bool = False) -> Path | bytes:
         """The chunk: a cache path, or its bytes. `fresh` skips the cache lookup and

@@ -44,6 +44,7 @@ class MountMetrics:
     prefetch_bytes: int = 0  # bytes received by prefetch
     prefetch_hits: int = 0  # reads served by a chunk prefetch had fetched
     prefetch_joined: int = 0  # reads that waited on a prefetch already in flight
+    warmed_chunks: int = 0  # cached chunks verified ahead of a streaming reader
     fetch_latency: Histogram = field(default_factory=Histogram)
 
     def as_dict(self) -> dict[str, Any]:

@@ -4,6 +4,11 @@
   the file's last `STREAMS` chunks read: page faults walk several regions of a big
   library at once), the next `readahead_chunks` chunks (at most `readahead_bytes`)
   are fetched in the background (model weights, shared libraries read front to back).
+  Once a file is being streamed (reads have stepped from chunk to next chunk
+  `STREAMING_STEPS` times in a row), chunks of the window already on local disk are
+  verified ahead of the reader as well, so its reads find them checked and in the page
+  cache (a warm read of model weights) instead of each waiting on a disk read and a
+  hash; scattered reads (page faults in a library) do not pay for that.
 * Directory siblings: the first time a file in a directory is read, that
   directory's other small files (at most `sibling_max_size` bytes, at most
   `sibling_max_files` of them; not the `.py` sources of a directory that has a
@@ -51,6 +56,7 @@ from prefetch.elf import parse_headers
 log = logging.getLogger(__name__)
 PYCACHE = b"__pycache__"
 STREAMS = 8  # sequential runs told apart in one file
+STREAMING_STEPS = 2  # chunk-to-next-chunk steps in a row before cached chunks are warmed
 METADATA_DIRS = (b".dist-info", b".egg-info")
 
 
@@ -81,6 +87,8 @@ class Heuristics:
         self._recent: dict[int, list[int]] = {}
         # ino -> the byte ranges readahead has asked for, newest last
         self._ahead: dict[int, list[tuple[int, int]]] = {}
+        # ino -> (offset of the last chunk read, chunk-to-next-chunk steps in a row)
+        self._steps: dict[int, tuple[int, int]] = {}
         self._dirs_seen: set[int] = set()  # directories whose files were fetched
         self._packages_seen: set[int] = set()  # packages whose subpackages were
         self._metadata_seen: set[tuple[int, bytes]] = set()  # (site dir, file name)
@@ -94,8 +102,9 @@ class Heuristics:
         if last.offset not in recent:
             recent.append(last.offset)
             del recent[:-STREAMS]
+        streaming = self._streaming(ino, first, last)
         if self.readahead_chunks and sequential and not self.planned(last.digest):
-            self._readahead(ino, last)
+            self._readahead(ino, last, warm=streaming)
         if not self.siblings_wanted():
             return
         if ino not in self._files_seen:
@@ -197,7 +206,19 @@ class Heuristics:
                 out += source[lo:hi]
         return bytes(out)
 
-    def _readahead(self, ino: int, last: ChunkRef) -> None:
+    def _streaming(self, ino: int, first: ChunkRef, last: ChunkRef) -> bool:
+        """Whether reads of ino walk its chunks in order, one after the next."""
+        prev, steps = self._steps.get(ino, (-1, 0))
+        if first.offset != prev:  # not more of the same chunk
+            steps = steps + 1 if prev >= 0 and first.offset == self._next_offset(ino, prev) else 0
+        self._steps[ino] = (last.offset, steps)
+        return steps >= STREAMING_STEPS
+
+    def _next_offset(self, ino: int, offset: int) -> int:
+        chunk = self.manifest.chunks_for_range(ino, offset, 1)
+        return chunk[0].offset + chunk[0].length if chunk else -1
+
+    def _readahead(self, ino: int, last: ChunkRef, warm: bool = False) -> None:
         end = last.offset + last.length
         # Big files have big chunks (indexer.chunking): bound the window in bytes too,
         # which bounds the memory that chunks in flight hold.
@@ -217,7 +238,7 @@ class Heuristics:
             windows.append((start, ahead[-1].offset + ahead[-1].length))
             del windows[:-2 * STREAMS]
             for c in ahead:
-                self._spawn(c.digest)
+                self._spawn(c.digest, warm)
 
     def _siblings(self, parent: int, ino: int) -> list[str]:
         """Digests of a directory's small files, but `ino`'s."""
@@ -267,20 +288,20 @@ class Heuristics:
         for digest in loose:
             self._spawn(digest)
 
-    def _spawn(self, digest: str) -> None:
+    def _spawn(self, digest: str, warm: bool = False) -> None:
         if self.fetcher.in_flight(digest):
             return
         self.requested += 1
-        self.nursery.start_soon(self._get, digest)
+        self.nursery.start_soon(self._get, digest, warm)
 
     async def _get_range(self, r: Range) -> None:
         async with self.slots:
             await self.fetcher.get_pack_range(r.pack, r.items[0][1], r.items)
 
-    async def _get(self, digest: str) -> None:
+    async def _get(self, digest: str, warm: bool = False) -> None:
         async with self.slots:
             try:
-                await self.fetcher.prefetch(digest)
+                await self.fetcher.prefetch(digest, warm=warm)
             except CasfsError as exc:
                 log.debug("heuristic prefetch of %s failed: %s", digest, exc)
 

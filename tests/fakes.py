@@ -13,11 +13,14 @@ class RecordingFetcher:
         self.store = store
         self.got: list[str] = []  # chunks asked for one by one, in order
         self.ranges: list[list[str]] = []  # chunks asked for as pack ranges
+        self.warm: list[str] = []  # of `got`, those asked for with warm=True
 
     def in_flight(self, digest: str) -> bool:
         return False
 
-    async def prefetch(self, digest: str) -> None:
+    async def prefetch(self, digest: str, *, warm: bool = False) -> None:
+        if warm:
+            self.warm.append(digest)
         await self.get(digest, prefetch=True)
 
     async def get(self, digest: str, prefetch: bool = False) -> bytes | None:

@@ -906,6 +906,25 @@ def test_readahead_follows_interleaved_sequential_runs(tmp_path: Path) -> None:
     assert got[2] == sorted(d[12:16])  # 11 follows 10: the next 4 chunks
     assert got[3] == sorted(d[42:46])  # 41 follows 40: its own window, not after 16
     assert got[4] == d[16:17] and got[5] == d[46:47]  # each slides one chunk on
+    assert fetcher.warm == []  # interleaved runs (page faults) never warm cached chunks
+
+    async def streaming() -> list[list[str]]:
+        """One reader walking the file chunk after chunk (model weights): after
+        STREAMING_STEPS steps, readahead also verifies cached chunks ahead of it."""
+        steps = []
+        async with trio.open_nursery() as nursery:
+            h = Heuristics(m, fetcher, nursery, readahead_chunks=4, siblings=False)  # type: ignore[arg-type]
+            for i in (60, 60, 61, 62, 63):
+                h.on_read(ino, [chunks[i]])
+                await trio.testing.wait_all_tasks_blocked()
+                steps.append(list(fetcher.warm))
+                fetcher.warm.clear()
+        return steps
+
+    warm = trio.run(streaming)
+    assert warm[:3] == [[], [], []]  # re-reading one chunk is no step; 61 is the first
+    assert warm[3] == d[66:67] and warm[4] == d[67:68]  # 62, 63: streaming, window warmed
+    fetcher.got.clear()
 
     async def planned_boot() -> list[str]:
         """With a trace plan holding the chunks read: the plan, not readahead, decides."""

@@ -5,6 +5,7 @@ of that store, and a fresh chunk cache in a temp directory per test."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -587,6 +588,49 @@ def test_read_nowait_serves_only_verified_held_files(env: Env) -> None:
     assert env.read("/d/big", 2 * CHUNK_SIZE, 200) == BIG[2 * CHUNK_SIZE : 2 * CHUNK_SIZE + 200]
     env.cache.invalidate(chunks[0].digest)
     assert env.cache.read_nowait([(chunks[0].digest, 0, 10)]) is None
+
+
+def test_warming_verifies_cached_chunks_once_and_drops_bad_ones(image: Image,
+                                                                 tmp_path: Path) -> None:
+    """prefetch(warm=True) of a cached chunk verifies it ahead of the reader (read, hash,
+    held open for read_nowait); a damaged file is dropped and fetched; threads that
+    verify the same chunk at once hash it once."""
+    first = make_env(image, tmp_path / "cache")
+    assert first.read("/d/big") == BIG
+    first.cache.close()
+    chunks = first.manifest.chunks(first.ino("/d/big"))
+    damaged = first.cache.chunk_path(chunks[1].digest)
+    damaged.write_bytes(b"x" * CHUNK_SIZE)
+
+    second = make_env(image, tmp_path / "cache")
+    fetcher = second.fs.fetcher
+    trio.run(functools.partial(fetcher.prefetch, chunks[0].digest, warm=True))
+    assert second.fs.metrics.warmed_chunks == 1 and second.blob_gets(chunks[0].digest) == 0
+    got = second.cache.read_nowait([(chunks[0].digest, 0, CHUNK_SIZE)])
+    assert got == BIG[:CHUNK_SIZE]  # verified and held open: the non-blocking path serves it
+    trio.run(functools.partial(fetcher.prefetch, chunks[1].digest, warm=True))
+    assert second.cache.stats.corrupt_dropped == 1 and second.blob_gets(chunks[1].digest) == 1
+    assert damaged.read_bytes() == BIG[CHUNK_SIZE : 2 * CHUNK_SIZE]
+    assert second.fs.metrics.warmed_chunks == 1  # the damaged one was fetched, not warmed
+
+    hashed: list[str] = []
+    real = second.cache._verify_file
+
+    def slow_verify(digest: str, path: Path, raw: bytes) -> bool:
+        hashed.append(digest)
+        time.sleep(0.2)
+        return real(digest, path, raw)
+
+    second.cache._verify_file = slow_verify  # type: ignore[method-assign]
+    threads = [threading.Thread(target=second.cache.lookup, args=(chunks[2].digest,))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert hashed == [chunks[2].digest]
+    assert second.cache.lookup(chunks[2].digest) is not None
+    second.cache.close()
 
 
 def test_pack_pieces_cut_by_stored_bytes() -> None:
