@@ -57,6 +57,7 @@ import lmdb
 
 from casfs.digest import hash_bytes
 from casfs.errors import CasfsError
+from casfs.locations import default_cache_dir  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,6 @@ class CacheError(CasfsError):
     """The local cache directory cannot be used."""
 
     exit_code = 8
-
-
-def default_cache_dir() -> str:
-    env = os.environ.get("CASFS_CACHE_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/cache/casfs"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "casfs")
 
 
 @dataclass

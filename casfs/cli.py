@@ -182,9 +182,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     import hashlib
     from pathlib import Path
 
-    from casfs.cache import ChunkCache, default_cache_dir
-    from casfs.daemon import MountConfig, run_foreground, spawn_background
-    from casfs.store.url import resolve_store_url
+    from casfs.locations import default_cache_dir, resolve_store_url
+    from casfs.mountconfig import MountConfig
 
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     cfg = MountConfig(
@@ -196,14 +195,50 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readahead_kb=args.readahead_kb,
     )
     if args.foreground:
+        from casfs.daemon import run_foreground
+
         return run_foreground(cfg, args.ready_fd)
-    ChunkCache(cache_dir, cfg.cache_size).close()  # fail early on a bad cache dir
     key = hashlib.sha256(os.path.realpath(args.mountpoint).encode()).hexdigest()[:12]
     log_path = Path(cache_dir) / "logs" / f"mount-{key}.log"
     cfg.mountpoint = os.path.abspath(args.mountpoint)
-    pid = spawn_background(cfg, log_path, verbose=args.verbose)
-    print(f"mounted {args.ref} at {args.mountpoint} (daemon pid {pid}, log {log_path})")
+    pid = None
+    if not args.no_agent:
+        from casfs.agent import AgentUnavailable, mount_via_agent
+
+        try:
+            pid = mount_via_agent(cfg, log_path, verbose=args.verbose)
+            via = " by the node agent"
+        except AgentUnavailable:
+            pid = None  # no agent on this cache dir: fork the daemon here
+    if pid is None:
+        from casfs.cache import ChunkCache
+        from casfs.daemon import spawn_background
+
+        ChunkCache(cache_dir, cfg.cache_size).close()  # fail early on a bad cache dir
+        pid = spawn_background(cfg, log_path, verbose=args.verbose)
+        via = ""
+    print(f"mounted {args.ref} at {args.mountpoint}{via} (daemon pid {pid}, log {log_path})")
     return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from casfs.agent import agent_status, start_agent, stop_agent
+    from casfs.locations import default_cache_dir
+
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    if args.action == "start":
+        pid = start_agent(cache_dir, foreground=args.foreground, verbose=args.verbose)
+        if not args.foreground:
+            print(f"agent serving {cache_dir} (pid {pid}, log {cache_dir}/logs/agent.log)")
+        return 0
+    if args.action == "stop":
+        pid = stop_agent(cache_dir)
+        print(f"agent (pid {pid}) stopped; its mounts keep serving" if pid
+              else f"no agent serves {cache_dir}")
+        return 0
+    pid = agent_status(cache_dir)
+    print(f"agent serving {cache_dir} (pid {pid})" if pid else f"no agent serves {cache_dir}")
+    return 0 if pid else 1
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -347,7 +382,15 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
                     "in flight (default 10)")
     sp.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
                     help="kernel readahead window on the mount (default 1024; as root)")
+    sp.add_argument("--no-agent", action="store_true",
+                    help="fork the daemon here even when a node agent serves the cache dir")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    sp = add("agent", cmd_agent, "the node agent: starts mount daemons already warm "
+             "(mount start-up without a Python start-up and imports)")
+    sp.add_argument("action", choices=["start", "stop", "status"])
+    sp.add_argument("--cache-dir", help="the node cache directory it serves (as for mount)")
+    sp.add_argument("--foreground", action="store_true", help="start: stay attached")
 
     sp = add("umount", cmd_umount, "unmount a casfs mount and stop its daemon")
     sp.add_argument("mountpoint")

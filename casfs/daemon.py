@@ -15,7 +15,6 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -26,6 +25,7 @@ from casfs.errors import CasfsError, MountError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.metrics import MountMetrics
+from casfs.mountconfig import MountConfig
 from casfs.mounts import prepare_mountpoint, remove_record, tune_kernel, write_record
 from casfs.packindex import PackIndex
 from casfs.refs import resolve_ref
@@ -60,26 +60,6 @@ class ReadyPipe:
             os.write(fd, data)
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-@dataclass
-class MountConfig:
-    ref: str
-    mountpoint: str
-    store_url: str | None
-    cache_dir: str
-    cache_size: int
-    foreground: bool = False
-    metrics_port: int | None = None
-    allow_suid: bool = True
-    allow_dev: bool = True
-    fetch_concurrency: int = 32
-    readahead_kb: int = 1024
-    max_background: int = 64
-    prefetch: bool = True
-    trace: bool = True
-    trace_idle: float = 10.0
-    extra: dict = field(default_factory=dict)
 
 
 def local_manifest(store: Store, cache: ChunkCache, digest: str) -> Manifest:

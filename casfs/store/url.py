@@ -4,10 +4,10 @@ $CASFS_STORE, then the embedded default local store."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from urllib.parse import urlparse
 
 from casfs.errors import BadStoreURL, StoreUnreachable, TransientStoreError, UsageError
+from casfs.locations import resolve_store_url
 from casfs.store.content import Store
 from casfs.store.local import FileBackend
 from casfs.store.retry import RetryingBackend
@@ -29,15 +29,6 @@ def default_retry_deadline() -> float:
     if value < 0:
         raise UsageError(f"bad CASFS_RETRY_DEADLINE {raw!r}: must not be negative")
     return value
-
-
-def default_store_url() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return f"file://{Path(base) / 'casfs' / 'store'}"
-
-
-def resolve_store_url(url: str | None) -> str:
-    return url or os.environ.get("CASFS_STORE") or default_store_url()
 
 
 def open_store(url: str | None = None, *, create: bool = False,
