@@ -51,6 +51,7 @@ from benchmarks.common import (
     log,
     machine_info,
     now_iso,
+    run_casfs,
     s3_client,
     select_product,
     services,
@@ -328,12 +329,20 @@ class ReadPath:
         self.rss["100k tree mounted, after two walks"] = max(v or 0 for v in rss)
         log(f"  casfs: first walk {out['casfs_first_walk']['seconds']['median']:.2f}s, second "
             f"{out['casfs_second_walk']['seconds']['median']:.2f}s")
-        out["mount_ready"] = self.mount_ready(idx.ref, cache, drop=False)
-        out["mount_ready_dropped"] = self.mount_ready(idx.ref, cache, drop=True)
+        no_agent = ["--no-agent"] if "--no-agent" in casfs_help("mount") else []
+        out["mount_ready"] = self.mount_ready(idx.ref, cache, drop=False, extra=no_agent)
+        out["mount_ready_dropped"] = self.mount_ready(idx.ref, cache, drop=True, extra=no_agent)
+        if no_agent:  # this casfs has a node agent: the same, with one running
+            run_casfs(["agent", "start", "--cache-dir", str(cache)], env=self.svc.env_proxy)
+            try:
+                out["mount_ready_agent"] = self.mount_ready(idx.ref, cache, drop=False)
+            finally:
+                run_casfs(["agent", "stop", "--cache-dir", str(cache)], env=self.svc.env_proxy)
         shutil.rmtree(cache, ignore_errors=True)
         return out
 
-    def mount_ready(self, ref: str, cache: Path, drop: bool) -> dict[str, Any]:
+    def mount_ready(self, ref: str, cache: Path, drop: bool,
+                    extra: list[str] | None = None) -> dict[str, Any]:
         """`casfs mount` start -> first successful stat, manifest already in ``cache``."""
         target = self.mnt / "tree" / "d050" / "s05" / "link"
         runs = []
@@ -343,7 +352,7 @@ class ReadPath:
             self.svc.proxy.reset()
             t0 = time.perf_counter()
             m = casfs_mount_start(ref, self.mnt, self.store, cache, self.svc.env_proxy,
-                                  self.flags)
+                                  [*self.flags, *(extra or [])])
             try:
                 t_ret = time.perf_counter() - t0
                 while True:
@@ -406,7 +415,9 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
     store = max((r["bytes_per_s"] for r in big.get("ranged_get", [])), default=None)
     walk_l = _med(tree.get("local_warm"), "seconds")
     walk_m = _med(tree.get("casfs_second_walk"), "seconds")
-    ready = _med(tree.get("mount_ready"), "first_stat")
+    # A node runs the agent when it has one (casfs agent): the figure is with it.
+    agent = tree.get("mount_ready_agent") is not None
+    ready = _med(tree.get("mount_ready_agent" if agent else "mount_ready"), "first_stat")
     rss = max([v for v in res.get("rss", {}).values() if v] or [0]) or None
 
     def row(target: str, measured: float | None, text: str, ok: bool | None) -> dict[str, Any]:
@@ -423,7 +434,8 @@ def evaluate(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{100 * (r(cold, store) or 0):.0f}%", (r(cold, store) or 0) >= 0.7),
         row("walk+lstat (warm) ≤ 1.5× local disk", r(walk_m, walk_l),
             f"{r(walk_m, walk_l) or 0:.2f}×", (r(walk_m, walk_l) or 99) <= 1.5),
-        row("mount ready (100k entries, manifest cached) ≤ 150 ms", ready,
+        row("mount ready (100k entries, manifest cached"
+            + (", node agent running" if agent else "") + ") ≤ 150 ms", ready,
             f"{(ready or 0) * 1000:.0f} ms", (ready or 99) <= 0.150),
         row("daemon RSS ≤ 150 MB", rss, fmt_bytes(rss), (rss or 0) <= 150e6),
     ]
@@ -493,7 +505,9 @@ def render(res: dict[str, Any]) -> str:
         lines += ["", "## Mount ready (100k-entry image, manifest already in the cache dir)", "",
                   "| page cache | `casfs mount` returned, ms | first stat, ms | daemon serve(), ms |"
                   " requests |", "|---|---|---|---|---|"]
-        for key, label in (("mount_ready", "warm"), ("mount_ready_dropped", "dropped")):
+        for key, label in (("mount_ready", "warm, no agent"),
+                           ("mount_ready_dropped", "dropped, no agent"),
+                           ("mount_ready_agent", "warm, node agent running")):
             d = tree.get(key)
             if d:
                 ds = _med(d, "daemon_serve")
