@@ -29,7 +29,6 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from casfs.errors import CasfsError, MountError
@@ -74,7 +73,7 @@ def mount_via_agent(cfg: MountConfig, log_path: Path, verbose: bool = False,
             sock.connect(str(path))
         except OSError as exc:  # ENOENT, ECONNREFUSED (stale), EACCES (not ours)
             raise AgentUnavailable(f"{path}: {exc.strerror}") from exc
-        request = {"protocol": PROTOCOL, "config": asdict(cfg), "env": dict(os.environ),
+        request = {"protocol": PROTOCOL, "config": cfg.as_dict(), "env": dict(os.environ),
                    "log_path": str(log_path), "verbose": verbose}
         sock.sendall(json.dumps(request).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
