@@ -114,42 +114,32 @@ def _await_ready(sock: socket.socket, log_path: Path, deadline: float) -> int:
 
 def agent_status(cache_dir: str) -> int | None:
     """The pid of the agent serving cache_dir, or None."""
+    from casfs.mounts import process_running
+
     try:
         pid = int((Path(cache_dir) / PID_NAME).read_text().strip())
     except (OSError, ValueError):
         return None
-    if not _alive(pid) or not _answers(socket_path(cache_dir)):
+    if not process_running(pid) or not _answers(socket_path(cache_dir)):
         return None
     return pid
 
 
 def stop_agent(cache_dir: str, timeout: float = 10.0) -> int | None:
     """Stop the agent of cache_dir (mounts keep serving); its pid, or None if none ran."""
+    from casfs.mounts import process_running
+
     pid = agent_status(cache_dir)
     if pid is None:
         return None
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise AgentError(f"the agent (pid {pid}) did not stop within {timeout:.0f}s")
         time.sleep(0.01)
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our own child, not yet reaped) is not alive
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    return True
 
 
 def _answers(path: Path) -> bool:

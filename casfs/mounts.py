@@ -142,7 +142,7 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         wait_for_exit(record.get("pid", 0), timeout)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether pid is a live process. A daemon that has exited stays a zombie until its
     parent (init, or the container's PID 1, which may reap slowly) collects it: that
     counts as gone."""
@@ -163,7 +163,7 @@ def _running(pid: int) -> bool:
 def wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
-        if not _running(pid):
+        if not process_running(pid):
             return
         time.sleep(0.02)
     if pid:
