@@ -77,7 +77,6 @@ def mount_via_agent(cfg: MountConfig, log_path: Path, verbose: bool = False,
                    "log_path": str(log_path), "verbose": verbose}
         sock.sendall(json.dumps(request).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(timeout)
         return _await_ready(sock, log_path, time.monotonic() + timeout)
     finally:
         sock.close()
@@ -189,7 +188,10 @@ def start_agent(cache_dir: str, foreground: bool = False, verbose: bool = False,
     listener.close()
     os.close(write_fd)
     try:
-        ok = _read_line(read_fd, timeout) == b"ok"
+        from casfs.daemon import read_until
+
+        reply = read_until(read_fd, time.monotonic() + timeout, lambda got: b"\n" in got)
+        ok = reply.split(b"\n", 1)[0] == b"ok"
     finally:
         os.close(read_fd)
     if not ok:
@@ -353,19 +355,3 @@ def _configure_logging(verbose: bool) -> None:
 
     logging.basicConfig(force=True, level=logging.DEBUG if verbose else logging.INFO,
                         format=DAEMON_LOG_FORMAT)
-
-
-def _read_line(fd: int, timeout: float) -> bytes:
-    import select
-
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf and (left := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([fd], [], [], left)
-        if not readable:
-            break
-        chunk = os.read(fd, 256)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.split(b"\n", 1)[0]

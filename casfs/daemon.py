@@ -15,6 +15,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -302,20 +303,12 @@ def spawn_background(cfg: MountConfig, log_path: Path, verbose: bool = False,
     os.close(write_fd)
     os.close(log_fd)
     deadline = time.monotonic() + timeout
-    buf = b""
     try:
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([read_fd], [], [], left)
-            if not readable:
-                break
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            if buf.startswith(READY):
-                return pid
+        buf = read_until(read_fd, deadline, lambda got: got.startswith(READY))
     finally:
         os.close(read_fd)
+    if buf.startswith(READY):
+        return pid
     if buf.startswith(FAILED):
         _reap(pid, 5.0)
         message = buf[len(FAILED):].decode(errors="replace").strip()
@@ -327,6 +320,20 @@ def spawn_background(cfg: MountConfig, log_path: Path, verbose: bool = False,
         raise MountError(f"the mount daemon did not become ready; see {log_path}")
     tail = _last_error(log_path)
     raise MountError(tail or f"the mount daemon exited with status {code}; see {log_path}")
+
+
+def read_until(fd: int, deadline: float, done: Callable[[bytes], bool]) -> bytes:
+    """What fd gives until done(all read so far), end of file, or the monotonic deadline."""
+    buf = b""
+    while not done(buf) and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def _become_daemon(log_fd: int, verbose: bool) -> None:
