@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import threading
 import time
@@ -39,7 +38,7 @@ from casfs.errors import CasfsError, CorruptLayer, HostileLayer, LayerDigestMism
 from casfs.manifest import build_manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
-from casfs.store.content import validate_tag
+from casfs.store.keys import validate_tag
 from casfs.store.locks import index_lock
 from indexer.apply import TreeBuilder
 from indexer.chunking import SCHEME as CHUNKING
@@ -54,12 +53,14 @@ from indexer.decompress import (
 from indexer.dirpack import DirPacker, PackStats
 from indexer.imageref import parse_image_ref
 from indexer.layer import read_layer, resolve_chunks
+from indexer.layerrecord import LayerRecordError, files_size
+from indexer.layerrecord import encode as encode_record
+from indexer.layerrecord import parse as parse_record
 from indexer.registry import RegistryOptions
 from indexer.source import Image, Layer, json_object, open_image
 from indexer.upload import BlobUploader, UploadStats
 
 log = logging.getLogger(__name__)
-LAYER_RECORD_VERSION = 1
 HASH_READ = 4 << 20
 LAYER_WORKERS = 3  # registry layers streamed at once
 BLAME_READ_LIMIT = 512 << 20  # see _blame_digest
@@ -140,23 +141,17 @@ def _pack_index_usable(store: Store, key: str) -> bool:
         return False
 
 
-def _files_size(ops: list[dict[str, Any]]) -> int:
-    """Uncompressed bytes of the files a layer record adds."""
-    return sum(op.get("size", 0) for op in ops if op["op"] == "add")
-
-
 def _load_record(store: Store, key: str) -> list[dict[str, Any]] | None:
+    """The ops of a layer's record, when it has one this casfs can reuse."""
     raw = store.get_layer_record(key)
     if raw is None:
         return None
     try:
-        rec = json.loads(raw)
-    except ValueError:
-        log.warning("layer record %s is unreadable; indexing the layer again", key)
+        record = parse_record(raw, f"layer record {key}")
+    except LayerRecordError as exc:
+        log.warning("%s; indexing the layer again", exc)
         return None
-    if rec.get("version") != LAYER_RECORD_VERSION or rec.get("chunking") != CHUNKING:
-        return None
-    return rec["ops"]
+    return record.ops if record.chunking == CHUNKING else None
 
 
 @dataclass
@@ -200,12 +195,6 @@ def index_image(
 
 def _index_locked(image: Image, store: Store, tag: str | None, progress: Progress,
                   reuse_layers: bool, layer_workers: int | None, start: float) -> IndexResult:
-    # Blob puts skip their fsync and one sync makes them durable before anything that
-    # references them is written; records, manifest and tag are written with fsync.
-    deferred = hasattr(store.backend, "deferred_sync")
-    was_deferred = getattr(store.backend, "deferred_sync", False)
-    if deferred:
-        store.backend.deferred_sync = True
     result = IndexResult(digest="", image=image)
     builder = TreeBuilder()
     layer_meta = []
@@ -213,7 +202,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     # manifest built: a failing image (a hostile or corrupt layer, a hardlink to a name
     # no layer has, a layer whose bytes do not match its digest) leaves no record
     # behind, only unreferenced blobs.
-    new_records: list[tuple[str, bytes, bytes]] = []  # (key, record, pack index)
+    new_records: list[tuple[str, bytes, bytes | None]] = []  # (key, record, pack index)
     uploader = BlobUploader(store)
     layers = image.layers
     if layer_workers is None:
@@ -256,7 +245,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                           "indexing it again")
             unpacked, ops = ops, None
         if ops is not None:
-            size = _files_size(ops)
+            size = files_size(ops)
             if bar is not None:
                 bar.finish("already indexed")
             else:
@@ -278,7 +267,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             log.warning("%s %s: could not read it again to pack it (%s); reusing its "
                         "record", label, key[7:19], exc)
             bar.finish("already indexed (not packed)")
-            return _LayerDone(key, unpacked, _files_size(unpacked))
+            return _LayerDone(key, unpacked, files_size(unpacked))
         bar.set_note("(writing directory packs)")
         pack_index = packer.finish(f"{label} ({key[:19]})")  # and closes it
         with claims_lock:
@@ -287,15 +276,17 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             result.packs.bytes += packer.stats.bytes
         bar.finish(f"{human_bytes(downloaded)} read, {human_bytes(size)} of files, "
                    f"{len(ops)} entries")
-        record = {"version": LAYER_RECORD_VERSION, "chunking": CHUNKING, "ops": ops}
-        return _LayerDone(key, ops, size, json.dumps(record, separators=(",", ":")).encode(),
+        return _LayerDone(key, ops, size, encode_record(ops, CHUNKING),
                           pack_index=pack_index, downloaded=downloaded)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, layer_workers), thread_name_prefix="layer")
-    futures: list[Future[_LayerDone]] = [
-        pool.submit(work, i, layer) for i, layer in enumerate(layers)
-    ]
-    try:
+    # Blob and pack puts need not be durable one by one: leaving this block syncs them
+    # all, before any layer record, manifest or tag that refers to them is written
+    # (those are written outside it, each durable on return).
+    with store.deferred_syncs():
+        pool = ThreadPoolExecutor(max_workers=max(1, layer_workers), thread_name_prefix="layer")
+        futures: list[Future[_LayerDone]] = [
+            pool.submit(work, i, layer) for i, layer in enumerate(layers)
+        ]
         try:
             for i, fut in enumerate(futures):
                 res = fut.result()
@@ -341,10 +332,6 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             "chunking": CHUNKING,
         }
         data = build_manifest(builder.root, meta)
-        store.sync()
-    finally:
-        if deferred:
-            store.backend.deferred_sync = was_deferred
     for key, raw, pack_index in new_records:
         # The pack index first: a layer record without one is indexed again.
         if pack_index is not None:

@@ -3,6 +3,7 @@ plus the retry wrapper's logic against a fake flaky backend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ from casfs.errors import (
     TransientStoreError,
 )
 from casfs.store import Store, open_store
+from casfs.store.backend import ObjectTooLarge
 from casfs.store.content import STORE_MARKER, blob_key, compress, manifest_key
 from casfs.store.retry import RetryingBackend
 
@@ -352,15 +354,20 @@ class FlakyBackend:
         self.failures = failures
         self.error = error
         self.calls = 0
+        self.synced = 0
+        self.deferred = 0
 
     def _maybe_fail(self) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise self.error(f"failure {self.calls}")
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         self._maybe_fail()
-        return b"value of " + key.encode()
+        value = b"value of " + key.encode()
+        if max_bytes is not None and len(value) > max_bytes:
+            raise ObjectTooLarge(f"{key} is {len(value)} bytes")
+        return value
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         self._maybe_fail()
@@ -381,7 +388,11 @@ class FlakyBackend:
         yield from (prefix + "1", prefix + "2")
 
     def sync(self) -> None:
-        pass
+        self.synced += 1
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        self.deferred += 1
+        return contextlib.nullcontext()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The object backend contract: the few operations every store medium provides.
 
 A backend stores opaque objects under '/'-separated keys (for example
-`blobs/ab/ab12...`). It knows nothing of digests, compression or manifests: the
+`blobs/ab/ab12...`; the key of every kind is built and parsed in
+`casfs.store.keys`). It knows nothing of digests, compression or manifests: the
 content-addressed layer (`casfs.store.content`) builds those on top, and
 wrappers (`casfs.store.retry`) add retrying. Backends are synchronous and
 thread-safe; async code calls them through worker threads.
@@ -12,15 +13,32 @@ The contract every implementation keeps:
   Objects are written once; a second `put` of a key with the same content is
   harmless (content-addressed keys make that the only kind of overwrite, except
   for tags, where last writer wins).
+* `put` is durable when it returns, except inside `deferred_syncs()` (below).
 * `get` and `get_range` raise `ObjectNotFound` for a missing key.
+* Reads are bounded when the caller says how big an object can be: `get(key,
+  max_bytes=n)` raises `ObjectTooLarge` for an object of more than n bytes,
+  having read at most n + 1 of them. The store is untrusted (a damaged disk, a
+  hostile bucket, a 3 GiB `casfs-store.json`): no reader should have to hold
+  more than the format allows. A backend that learns the size first (a file's
+  fstat, an HTTP Content-Length) refuses before reading anything.
 * Errors are classified by the backend, because only it knows its medium:
   `ObjectNotFound` (the object is not there: retrying will not help),
   `TransientStoreError` (timeouts, 5xx, throttling, resets: retrying may help),
   `StoreUnreachable` (cannot connect, no such bucket, bad credentials: permanent
-  for this configuration), any other `StoreError` (permanent).
+  for this configuration), `ObjectTooLarge` (permanent: the object will not
+  shrink), any other `StoreError` (permanent).
 * `list` yields keys under a prefix, in no promised order, each exactly once;
   `list_info` the same with each object's size and last-modified time (which
-  garbage collection's grace period reads).
+  garbage collection's grace period and `casfs check` read).
+* Batching syncs: `with backend.deferred_syncs():` opens a block inside which
+  `put` may return before its object is durable (the indexer writes thousands
+  of blobs and makes them durable in one go before anything refers to them).
+  `sync()` makes every put completed before it durable, inside the block or
+  not; leaving the block syncs (also when it is left by an exception, whose
+  report a failing sync does not replace). Blocks may nest and may be open in
+  several threads: deferral holds while any is open, for every put on the
+  backend. A backend whose puts are durable on return (S3) returns
+  `contextlib.nullcontext()` and makes `sync()` a no-op.
 * Optionally, `size(key)`: the stored object's size in bytes, None when there is
   none (-1: present, size unknown). The content layer uses it, where a backend has
   it, to tell a stored blob or manifest from an empty object an aborted upload left
@@ -30,8 +48,19 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Protocol
+
+from casfs.errors import StoreError
+
+
+class ObjectTooLarge(StoreError):
+    """A store object is larger than its kind can be (damaged or hostile store)."""
+
+    # TODO(errors.py owner): move next to StoreError; exit code 5 as BlobCorrupt
+    # (the store holds bad data), see the exit-code table proposed with casfs check.
+    exit_code = 5
 
 
 class ObjectBackend(Protocol):
@@ -40,8 +69,9 @@ class ObjectBackend(Protocol):
     url: str
     """The URL this backend was opened from, for messages and logs."""
 
-    def get(self, key: str) -> bytes:
-        """The whole object. Raises ObjectNotFound."""
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The whole object. Raises ObjectNotFound; with max_bytes, ObjectTooLarge for an
+        object of more than max_bytes bytes, after reading at most max_bytes + 1."""
         ...
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -49,7 +79,7 @@ class ObjectBackend(Protocol):
         ...
 
     def put(self, key: str, data: bytes) -> None:
-        """Store data under key, atomically."""
+        """Store data under key, atomically; durable on return outside deferred_syncs()."""
         ...
 
     def exists(self, key: str) -> bool:
@@ -70,4 +100,8 @@ class ObjectBackend(Protocol):
 
     def sync(self) -> None:
         """Make every completed put durable (a no-op where puts are durable on return)."""
+        ...
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        """A block inside which puts may return before they are durable; leaving it syncs."""
         ...

@@ -1,47 +1,69 @@
-"""The content-addressed store: blobs, manifests, tags and layer records on any backend.
-
-Object keys (the store format, docs/format.md):
-
-    casfs-store.json          {"format": "casfs-store", "version": 1}
-    blobs/<hh>/<hex>          a chunk of file content, zstd-compressed; <hex> is the
-                              BLAKE3-256 of the *uncompressed* bytes
-    manifests/<hex>           a manifest, zstd-compressed; <hex> as for blobs
-    tags/<name>               the hex digest of a manifest, as text
-    layers/<algo>/<hex>       what indexing one image layer produced (for re-indexing)
-    traces/m/<manifest>/<id>  a boot trace of a manifest, zstd-compressed JSON (prefetch/)
-    traces/l/<layer hex>/<manifest>.<id>
-                              an empty pointer: a trace of an image holding that layer
-    packs/<hex>               blobs back to back: concatenated zstd frames, each the
-                              stored form of one blob; <hex> is the BLAKE3 of the pack
-                              bytes; located by the trace that wrote it (boot order) or
-                              by a pack index (a layer's small files, by directory)
-    packidx/<algo>/<hex>      a layer's pack index (casfs.packindex), zstd-compressed
+"""The content-addressed store: blobs, manifests, tags, layer records, pack indexes,
+traces and packs on any backend: what each kind's bytes are (compression, digests,
+size bounds), on top of the key layout of casfs.store.keys (docs/format.md).
 
 Every read is verified: a blob or manifest whose bytes do not hash to its name
-raises BlobCorrupt and is never returned.
+raises BlobCorrupt and is never returned. Every read is bounded: each kind is
+fetched with the largest size it can have (`max_bytes`, the backend contract), so
+a damaged or hostile store cannot make a reader download or allocate more; an
+object over its bound is damage, reported as BlobCorrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import re
 import threading
 
 import zstandard
 
 from casfs.digest import hash_bytes, is_digest
-from casfs.errors import BlobCorrupt, CasfsError, ObjectNotFound, StoreError, TagNotFound
-from casfs.store.backend import ObjectBackend
+from casfs.errors import BlobCorrupt, ObjectNotFound, StoreError, TagNotFound
+from casfs.store.backend import ObjectBackend, ObjectTooLarge
+from casfs.store.keys import (
+    PREFIXES,
+    STORE_MARKER,
+    Kind,
+    ParsedKey,
+    blob_key,
+    layer_record_key,
+    layer_traces_prefix,
+    manifest_key,
+    pack_index_key,
+    pack_key,
+    tag_key,
+    trace_key,
+    trace_pointer_key,
+    traces_prefix,
+    try_parse_key,
+    validate_tag,
+)
+
+__all__ = [
+    "MAX_BLOB_SIZE", "MAX_MANIFEST_SIZE", "MAX_STORED_BLOB_SIZE", "STORE_MARKER", "Store",
+    "blob_key", "compress", "decompress", "manifest_key", "stored_bound", "validate_tag",
+    "verify_blob",
+]
 
 STORE_FORMAT_VERSION = 1
-STORE_MARKER = "casfs-store.json"
 MAX_BLOB_SIZE = 64 << 20
 MIN_FRAME_SIZE = 9  # the smallest zstd frame: magic, frame header, one empty block
 MAX_MANIFEST_SIZE = 1 << 30
+MAX_RECORD_SIZE = MAX_MANIFEST_SIZE  # a layer record, decompressed
+MAX_SMALL_OBJECT = 4 << 10
+"""The store marker, a tag, a lock: a line of JSON or a digest, far below this."""
 ZSTD_LEVEL = 3
 log = logging.getLogger(__name__)
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}$")
+
+
+def stored_bound(size: int) -> int:
+    """The most bytes a zstd frame of `size` bytes of content can take: zstd's
+    compressBound (size + size/256 + up to 64 for small inputs), rounded up generously."""
+    return size + (size >> 7) + 1024
+
+
+MAX_STORED_BLOB_SIZE = stored_bound(MAX_BLOB_SIZE)
 
 _local = threading.local()
 
@@ -78,30 +100,6 @@ def decompress(data: bytes, limit: int, what: str) -> bytes:
         raise BlobCorrupt(f"{what} is not a valid zstd frame: {exc}") from exc
 
 
-def blob_key(digest: str) -> str:
-    return f"blobs/{digest[:2]}/{digest}"
-
-
-def manifest_key(digest: str) -> str:
-    return f"manifests/{digest}"
-
-
-def tag_key(name: str) -> str:
-    return f"tags/{name}"
-
-
-def layer_key(prefix: str, layer_digest: str) -> str:
-    """The key of a per-layer object: `layers/sha256/<hex>`, `packidx/sha256/<hex>`."""
-    algo, _, hex_ = layer_digest.partition(":")
-    return f"{prefix}/{algo}/{hex_}"
-
-
-def validate_tag(name: str) -> str:
-    if not _TAG.match(name):
-        raise CasfsError(f"invalid tag name {name!r} (letters, digits and _.:@+- only)")
-    return name
-
-
 class Store:
     """A content-addressed store over an object backend. Thread-safe."""
 
@@ -112,6 +110,23 @@ class Store:
         self._known_lock = threading.Lock()
         self._marker_checked = False
 
+    def _get(self, key: str, max_bytes: int, what: str) -> bytes:
+        """An object no larger than its kind can be; one larger is damage (BlobCorrupt)."""
+        try:
+            return self.backend.get(key, max_bytes=max_bytes)
+        except ObjectTooLarge as exc:
+            raise BlobCorrupt(f"{what} in {self.url} is damaged: {exc}") from exc
+
+    def _keys(self, kind: Kind, prefix: str) -> list[ParsedKey]:
+        """The parsed keys of a kind under prefix; keys that do not parse are left out
+        (casfs check reports them)."""
+        out = []
+        for key in self.backend.list(prefix):
+            parsed = try_parse_key(key)
+            if isinstance(parsed, ParsedKey) and parsed.kind == kind:
+                out.append(parsed)
+        return out
+
     # -- format marker -------------------------------------------------------
 
     def check_format(self, create: bool) -> None:
@@ -119,7 +134,7 @@ class Store:
         if self._marker_checked:
             return
         try:
-            info = json.loads(self.backend.get(STORE_MARKER))
+            info = json.loads(self._get(STORE_MARKER, MAX_SMALL_OBJECT, "the store marker"))
             version = int(info.get("version", 0))
         except ObjectNotFound:
             if create:
@@ -129,7 +144,7 @@ class Store:
                 )
             self._marker_checked = create
             return
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError, BlobCorrupt) as exc:
             raise StoreError(f"{self.url}/{STORE_MARKER} is not a casfs store marker") from exc
         if version > STORE_FORMAT_VERSION:
             raise StoreError(
@@ -141,6 +156,10 @@ class Store:
     def sync(self) -> None:
         """Make every blob put so far durable; call before publishing a manifest."""
         self.backend.sync()
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which puts need not be durable until sync() (the backend contract)."""
+        return self.backend.deferred_syncs()
 
     # -- blobs ---------------------------------------------------------------
 
@@ -190,7 +209,7 @@ class Store:
 
     def get_blob_compressed(self, digest: str) -> bytes:
         """The stored (compressed) form of a blob, unverified: callers verify after decompressing."""
-        return self.backend.get(blob_key(digest))
+        return self._get(blob_key(digest), MAX_STORED_BLOB_SIZE, f"blob {digest}")
 
     def get_blob(self, digest: str) -> bytes:
         """A blob's bytes, verified against its digest."""
@@ -207,7 +226,8 @@ class Store:
 
     def get_manifest(self, digest: str) -> bytes:
         try:
-            packed = self.backend.get(manifest_key(digest))
+            packed = self._get(manifest_key(digest), stored_bound(MAX_MANIFEST_SIZE),
+                               f"manifest {digest}")
         except ObjectNotFound:
             raise ObjectNotFound(f"manifest {digest} not found in {self.url}") from None
         data = decompress(packed, MAX_MANIFEST_SIZE, f"manifest {digest}")
@@ -221,22 +241,26 @@ class Store:
     # -- tags ----------------------------------------------------------------
 
     def set_tag(self, name: str, digest: str) -> None:
-        self.backend.put(tag_key(validate_tag(name)), digest.encode())
+        self.backend.put(tag_key(name), digest.encode())
 
     def get_tag(self, name: str) -> str:
         try:
-            value = self.backend.get(tag_key(validate_tag(name))).decode().strip()
+            raw = self._get(tag_key(name), MAX_SMALL_OBJECT, f"tag {name!r}")
         except ObjectNotFound:
             raise TagNotFound(f"tag {name!r} not found in {self.url}") from None
+        except BlobCorrupt as exc:
+            raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest") from exc
+        value = raw.decode(errors="replace").strip()
         if not is_digest(value):
             raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest")
         return value
 
     def list_tags(self) -> list[str]:
-        return sorted(k[len("tags/") :] for k in self.backend.list("tags/"))
+        """Tag names, sorted (keys under tags/ that are no valid name are left out)."""
+        return sorted(k.name for k in self._keys(Kind.TAG, PREFIXES[Kind.TAG]))
 
     def delete_tag(self, name: str) -> None:
-        self.backend.delete(tag_key(validate_tag(name)))
+        self.backend.delete(tag_key(name))
 
     # -- layer records -------------------------------------------------------
 
@@ -244,71 +268,66 @@ class Store:
         """A layer's record, or None when there is none, or it is damaged (e.g. an
         aborted upload left an empty object): the layer is then indexed again and its
         record rewritten."""
+        what = f"layer record {layer_digest}"
         try:
-            packed = self.backend.get(layer_key("layers", layer_digest))
+            packed = self._get(layer_record_key(layer_digest), stored_bound(MAX_RECORD_SIZE),
+                               what)
+            return decompress(packed, MAX_RECORD_SIZE, what)
         except ObjectNotFound:
             return None
-        try:
-            return decompress(packed, MAX_MANIFEST_SIZE, f"layer record {layer_digest}")
         except BlobCorrupt as exc:
             log.warning("%s; indexing the layer again", exc)
             return None
 
     def put_layer_record(self, layer_digest: str, data: bytes) -> None:
-        self.backend.put(layer_key("layers", layer_digest), compress(data))
-
+        self.backend.put(layer_record_key(layer_digest), compress(data))
 
     # -- traces and packs (written and read by prefetch/) ---------------------
 
     def put_trace(self, manifest: str, trace_id: str, data: bytes, layers: list[str]) -> None:
-        self.backend.put(f"traces/m/{manifest}/{trace_id}", compress(data))
+        self.backend.put(trace_key(manifest, trace_id), compress(data))
         for layer in layers:
-            hex_ = layer.partition(":")[2] or layer
-            self.backend.put(f"traces/l/{hex_}/{manifest}.{trace_id}", b"")
+            self.backend.put(trace_pointer_key(layer, manifest, trace_id), b"")
 
     def list_traces(self, manifest: str) -> list[str]:
         """Trace ids of a manifest, oldest first."""
-        prefix = f"traces/m/{manifest}/"
-        return sorted(k[len(prefix):] for k in self.backend.list(prefix))
+        found = self._keys(Kind.TRACE, traces_prefix(manifest))
+        return sorted(k.trace_id for k in found if k.manifest == manifest)
 
     def list_layer_traces(self, layer: str) -> list[tuple[str, str]]:
         """(manifest, trace id) of every trace of an image holding this layer."""
-        hex_ = layer.partition(":")[2] or layer
-        prefix = f"traces/l/{hex_}/"
-        out = []
-        for key in self.backend.list(prefix):
-            manifest, _, trace_id = key[len(prefix):].partition(".")
-            if is_digest(manifest) and trace_id:
-                out.append((manifest, trace_id))
-        return sorted(out)
+        return sorted((k.manifest, k.trace_id)
+                      for k in self._keys(Kind.TRACE_POINTER, layer_traces_prefix(layer)))
 
     def get_trace(self, manifest: str, trace_id: str, limit: int) -> bytes:
-        packed = self.backend.get(f"traces/m/{manifest}/{trace_id}")
-        return decompress(packed, limit, f"trace {manifest}/{trace_id}")
+        what = f"trace {manifest}/{trace_id}"
+        packed = self._get(trace_key(manifest, trace_id), stored_bound(limit), what)
+        return decompress(packed, limit, what)
 
     def put_pack(self, data: bytes) -> str:
         digest = hash_bytes(data)
-        self.backend.put(f"packs/{digest}", data)
+        self.backend.put(pack_key(digest), data)
         return digest
 
     def get_pack_range(self, pack: str, offset: int, length: int) -> bytes:
-        return self.backend.get_range(f"packs/{pack}", offset, length)
+        return self.backend.get_range(pack_key(pack), offset, length)
 
     # -- pack indexes (a layer's directory packs: casfs.packindex) ------------
 
     def put_pack_index(self, layer_digest: str, data: bytes) -> None:
-        self.backend.put(layer_key("packidx", layer_digest), compress(data))
+        self.backend.put(pack_index_key(layer_digest), compress(data))
 
     def has_pack(self, pack: str) -> bool:
-        return self.backend.exists(f"packs/{pack}")
+        return self.backend.exists(pack_key(pack))
 
     def get_pack_index(self, layer_digest: str, limit: int) -> bytes | None:
         """A layer's pack index (decompressed, unparsed), or None when it has none."""
+        what = f"pack index of layer {layer_digest}"
         try:
-            packed = self.backend.get(layer_key("packidx", layer_digest))
+            packed = self._get(pack_index_key(layer_digest), stored_bound(limit), what)
         except ObjectNotFound:
             return None
-        return decompress(packed, limit, f"pack index of layer {layer_digest}")
+        return decompress(packed, limit, what)
 
 
 def verify_blob(digest: str, packed: bytes) -> bytes:

@@ -1,9 +1,15 @@
 """The local-directory backend (`file:///abs/path`), also the embedded default store.
 
 Objects are files under the root, keyed by their relative path. A put writes a
-temporary file in `<root>/.tmp`, fsyncs it and renames it into place, so a
-reader (or a crash) never sees a partial object. A writer killed mid-put leaves
-its temp file; opening the store for writing removes those older than a day.
+temporary file in `<root>/.tmp`, fsyncs it, renames it into place and fsyncs the
+directory (the rename is durable only then), so a reader (or a crash) never sees a
+partial object. Inside `deferred_syncs()` both fsyncs wait for `sync()`, which
+fsyncs each file and directory written since. A writer killed mid-put leaves its
+temp file; opening the store for writing removes those older than a day.
+
+Reads trust nothing in the directory: a key must be a regular file, opened without
+following a symlink at its last component and without blocking on a FIFO, and a
+bounded read stops at the bound.
 """
 
 from __future__ import annotations
@@ -12,17 +18,23 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from casfs.errors import ObjectNotFound, StoreError, StoreUnreachable
+from casfs.store.backend import ObjectTooLarge
 
 TMP_DIR = ".tmp"
 STALE_TMP_SECONDS = 24 * 3600
 """A temp file this old belongs to a writer that died (killed mid-put): removed when
 the store is next opened for writing."""
+SYNC_THREADS = 16
+"""fsyncs in flight at sync(): the filesystem's journal commits them together."""
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class FileBackend:
@@ -30,9 +42,12 @@ class FileBackend:
 
     def __init__(self, root: str | os.PathLike[str], create: bool = True) -> None:
         self.root = Path(root)
-        # When set, puts skip their fsync and sync() makes them durable in one go:
-        # the indexer writes thousands of blobs and syncs once before its manifest.
-        self.deferred_sync = False
+        self._sync_lock = threading.Lock()
+        self._deferring = 0  # deferred_syncs() blocks open
+        # Written while deferring, not yet fsynced: files, and directories whose
+        # entries (a rename, a new subdirectory) are not yet durable.
+        self._pending_files: set[str] = set()
+        self._pending_dirs: set[str] = set()
         self.url = f"file://{self.root}"
         if create:
             try:
@@ -57,35 +72,96 @@ class FileBackend:
             raise StoreError(f"invalid object key {key!r}")
         return self.root / key
 
-    def get(self, key: str) -> bytes:
+    def _open(self, key: str) -> tuple[int, int]:
+        """(fd, size) of the regular file a key names."""
         try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(key), READ_FLAGS)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {key} not found in {self.url}") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(f"{key} in {self.url} is a symlink, not an object") from exc
             raise StoreError(f"cannot read {key} from {self.url}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{key} in {self.url} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        fd, size = self._open(key)
+        try:
+            if max_bytes is not None and size > max_bytes:
+                raise ObjectTooLarge(f"object {key} in {self.url} is {size} bytes, over the "
+                                     f"{max_bytes}-byte bound")
+            # The size is a hint (a file can grow under us): read to EOF, never past
+            # the bound. One byte over the size finds EOF without a second large buffer.
+            limit = None if max_bytes is None else max_bytes + 1
+            want = (size if limit is None else min(size + 1, limit))
+            parts = []
+            got = 0
+            while True:
+                n = want - got if got < want else 1 << 16
+                chunk = os.read(fd, n if limit is None else min(n, limit - got))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+                if limit is not None and got >= limit:
+                    raise ObjectTooLarge(f"object {key} in {self.url} grew over the "
+                                         f"{max_bytes}-byte bound while read")
+            return b"".join(parts)
+        except OSError as exc:
+            raise StoreError(f"cannot read {key} from {self.url}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
+        fd, _size = self._open(key)
         try:
-            with open(self._path(key), "rb") as f:
-                return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"object {key} not found in {self.url}") from None
+            return os.pread(fd, length, offset)
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.url}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def _make_parents(self, path: Path) -> list[str]:
+        """Create path's missing parent directories; returns the directories whose
+        entries changed (the parent of each one created), for fsync."""
+        missing = []
+        parent = path.parent
+        while not parent.is_dir():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another put made it first
+                d.mkdir()
+        return [str(d.parent) for d in missing]
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.part"
+        with self._sync_lock:
+            deferred = self._deferring > 0
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            changed_dirs = self._make_parents(path)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                if not self.deferred_sync:
+                if not deferred:
                     os.fsync(f.fileno())
             os.rename(tmp, path)
+            changed_dirs.append(str(path.parent))
+            if deferred:
+                with self._sync_lock:
+                    self._pending_files.add(str(path))
+                    self._pending_dirs.update(changed_dirs)
+            else:
+                for d in changed_dirs:
+                    _fsync_path(d)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
@@ -93,8 +169,44 @@ class FileBackend:
             raise StoreError(f"cannot write {key} to {self.url}: {exc.strerror}") from exc
 
     def sync(self) -> None:
-        """Make every put so far durable."""
-        os.sync()
+        """fsync every file and directory written by a deferred put so far: files first,
+        so that no directory entry is durable before the bytes it names."""
+        with self._sync_lock:
+            files, self._pending_files = self._pending_files, set()
+            dirs, self._pending_dirs = self._pending_dirs, set()
+        try:
+            for batch in (files, dirs):
+                if len(batch) <= 1:
+                    for p in batch:
+                        _fsync_path(p)
+                    continue
+                with ThreadPoolExecutor(min(SYNC_THREADS, len(batch)),
+                                        thread_name_prefix="fsync") as pool:
+                    list(pool.map(_fsync_path, batch))
+        except OSError as exc:
+            with self._sync_lock:  # still owed: a later sync tries again
+                self._pending_files |= files
+                self._pending_dirs |= dirs
+            raise StoreError(f"cannot sync {self.url}: {exc.strerror}") from exc
+
+    @contextlib.contextmanager
+    def deferred_syncs(self) -> Iterator[None]:
+        with self._sync_lock:
+            self._deferring += 1
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            with self._sync_lock:
+                self._deferring -= 1
+            if failed:
+                with contextlib.suppress(StoreError):  # the block's own error is the report
+                    self.sync()
+            else:
+                self.sync()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -137,3 +249,15 @@ class FileBackend:
                     except FileNotFoundError:
                         continue  # deleted while listing
                     yield key, st.st_size, st.st_mtime
+
+
+def _fsync_path(path: str) -> None:
+    """fsync a file or directory by name (a file deleted since has nothing to sync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 from casfs.errors import StoreBusy, StoreError
-from casfs.store.content import Store
+from casfs.store.content import MAX_SMALL_OBJECT, Store
+from casfs.store.keys import lock_key, locks_prefix
 
 STALE_SECONDS = 15 * 60
 REFRESH_SECONDS = 60
@@ -75,12 +76,12 @@ def fresh_locks(store: Store, kind: str, now: float | None = None) -> list[tuple
     """(key, holder description) of locks of a kind written in the last STALE_SECONDS."""
     now = time.time() if now is None else now
     out = []
-    for key, _size, mtime in store.backend.list_info(f"locks/{kind}-"):
+    for key, _size, mtime in store.backend.list_info(locks_prefix(kind)):
         if now - mtime < STALE_SECONDS:
             try:
-                info = json.loads(store.backend.get(key))
+                info = json.loads(store.backend.get(key, max_bytes=MAX_SMALL_OBJECT))
                 holder = f"{info.get('host')} pid {info.get('pid')}"
-            except (ValueError, StoreError):
+            except (ValueError, AttributeError, StoreError):
                 holder = "unknown holder"
             out.append((key, holder))
     return out
@@ -88,7 +89,7 @@ def fresh_locks(store: Store, kind: str, now: float | None = None) -> list[tuple
 
 def acquire(store: Store, kind: str, conflicts_with: str) -> Lock:
     """Write a lock of `kind`, then fail with StoreBusy if a fresh `conflicts_with` lock exists."""
-    lock = Lock(store, f"locks/{kind}-{int(time.time())}-{secrets.token_hex(6)}")
+    lock = Lock(store, lock_key(kind, int(time.time()), secrets.token_hex(6)))
     lock._write()
     others = fresh_locks(store, conflicts_with)
     if others:

@@ -1,13 +1,16 @@
 """Retrying as a wrapper around any backend: transient failures are retried with
 exponential backoff and full jitter, within a bounded total time.
 
-Only `TransientStoreError` is retried; not-found and permanent errors pass
-straight through. When the time bound runs out the last transient error is
-raised, with the attempt count added to its message.
+Only `TransientStoreError` is retried; not-found and permanent errors (an
+`ObjectTooLarge` among them) pass straight through. When the time bound runs out
+the last transient error is raised, with the attempt count added to its message.
+Syncing and deferring syncs are the inner backend's: passed through, not retried
+(a failed sync is no transient request: what it owed is the inner backend's to keep).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -57,8 +60,8 @@ class RetryingBackend:
                 log.debug("retrying after transient error: %s", exc)
                 time.sleep(delay)
 
-    def get(self, key: str) -> bytes:
-        return self._call(lambda: self.inner.get(key))
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self._call(lambda: self.inner.get(key, max_bytes=max_bytes))
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self._call(lambda: self.inner.get_range(key, offset, length))
@@ -86,3 +89,6 @@ class RetryingBackend:
 
     def sync(self) -> None:
         self.inner.sync()
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        return self.inner.deferred_syncs()
