@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from treecheck import index, manifest_snapshot, run_cli, store_keys
 
-from casfs.errors import StoreBusy
+from casfs.errors import CasfsError, StoreBusy, TransientStoreError
 from casfs.gc import collect, parse_duration
 from casfs.manifest import Manifest
 from casfs.store import Store, open_store
@@ -164,3 +164,61 @@ def test_index_cli_refuses_while_gc_runs(tmp_path: Path) -> None:
     lock.release()
     assert run_cli("index", f"oci:{tmp_path / 'a'}:v", "--store", url).returncode == 0
     assert store_keys(store, "locks/") == set(), "index releases its lock"
+
+
+def test_gc_keeps_keys_it_does_not_understand(store: Store, tmp_path: Path) -> None:
+    """gc deletes only what it can name: a key of no kind the store format has (under
+    blobs/, packs/, traces/...) is kept and counted, whatever its age."""
+    _, b = two_images(tmp_path, store)
+    store.delete_tag("b")
+    strangers = {"blobs/zz/not-a-digest", "packs/garbage", "traces/m/xyz/1", "layers/md5/ab",
+                 "manifests/" + "A" * 64}
+    for key in strangers:
+        store.backend.put(key, b"someone else's")
+    report = collect(store, grace=0, now=time.time() + 3600)
+    assert report.kept.get("unknown") == len(strangers)
+    assert report.swept.get("manifests") == 1, "the untagged image still goes"
+    assert strangers <= store_keys(store, "")
+
+
+def test_gc_sweeps_damaged_records_and_traces(store: Store, tmp_path: Path) -> None:
+    """A layer record or a trace that does not parse protects nothing and is swept (its
+    readers ignore it: index reads the layer again); the image stays whole."""
+    a, _ = two_images(tmp_path, store)
+    layer = a.meta["layers"][0]["digest"]
+    store.put_layer_record(layer, b'{"version": 1, "ops": [{"op": "add"}]}')
+    store.put_trace(a.digest, "0000000000002-deadbeef", b"not json", [layer])
+    report = collect(store, grace=0)
+    assert report.swept.get("layers") == 1 and report.swept.get("traces") == 1
+    assert report.swept.get("trace-pointers") == 1
+    assert store.get_layer_record(layer) is None and store.list_traces(a.digest) == []
+    result, again = index(f"oci:{tmp_path / 'a'}:v", store, tag="a")
+    assert result.layers_reused == 0 and again.digest == a.digest
+    assert manifest_snapshot(again, store)
+
+
+class _TracesFail:
+    """A backend whose trace reads fail (the store, not the trace, is at fault)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        if key.startswith("traces/m/"):
+            raise TransientStoreError(f"injected: {key} timed out")
+        return self.inner.get(key, max_bytes=max_bytes)  # type: ignore[attr-defined]
+
+
+def test_gc_stops_when_the_store_fails_reading_a_trace(store: Store, tmp_path: Path) -> None:
+    """A trace that cannot be read now is no damaged trace: gc stops, deletes nothing
+    (before, it swept the trace and the pack it located)."""
+    a, b = two_images(tmp_path, store)
+    pack = add_trace(store, a)
+    store.delete_tag("b")
+    before = store_keys(store, "")
+    with pytest.raises(CasfsError, match="gc stopped: cannot read trace"):
+        collect(Store(_TracesFail(store.backend)), grace=0)  # type: ignore[arg-type]
+    assert store_keys(store, "") == before and f"packs/{pack}" in before
