@@ -15,6 +15,8 @@ from pathlib import Path
 import blake3
 import pytest
 import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
 
 from casfs.errors import (
     BadStoreURL,
@@ -26,7 +28,7 @@ from casfs.errors import (
     TagNotFound,
     TransientStoreError,
 )
-from casfs.store import Store, open_store
+from casfs.store import Store, keys, open_store
 from casfs.store.backend import ObjectTooLarge
 from casfs.store.content import STORE_MARKER, blob_key, compress, manifest_key
 from casfs.store.retry import RetryingBackend
@@ -240,6 +242,331 @@ def test_layer_records(store: Store) -> None:
     store.put_layer_record(key, b'{"ops":[]}')
     assert store.get_layer_record(key) == b'{"ops":[]}'
     assert list(store.backend.list("layers/")) == ["layers/sha256/" + "ab" * 32]
+
+
+# --- bounded reads (both backends) -----------------------------------------------------------------
+# The S3 half needs S3Backend.get(key, max_bytes=) raising ObjectTooLarge (casfs.store.s3,
+# landing separately): these pass on SeaweedFS once it does.
+
+
+def test_get_max_bytes(store: Store) -> None:
+    """A bounded get returns an object of up to max_bytes, and refuses a bigger one with
+    ObjectTooLarge (permanent: the retry wrapper does not retry it)."""
+    data = os.urandom(10_000)
+    store.backend.put("packs/" + "0" * 64, data)
+    key = "packs/" + "0" * 64
+    assert store.backend.get(key, max_bytes=10_000) == data
+    assert store.backend.get(key) == data
+    with pytest.raises(ObjectTooLarge):
+        store.backend.get(key, max_bytes=9_999)
+    with pytest.raises(ObjectTooLarge):
+        store.backend.get(key, max_bytes=0)
+    store.backend.put("packs/" + "1" * 64, b"")
+    assert store.backend.get("packs/" + "1" * 64, max_bytes=0) == b""
+    with pytest.raises(ObjectNotFound):
+        store.backend.get("packs/" + "2" * 64, max_bytes=10)
+
+
+def test_every_kind_is_read_within_its_bound(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object bigger than its kind can be is damage: a blob, manifest or tag over its
+    bound is refused without being read whole (bounds shrunk here to keep uploads small)."""
+    import casfs.store.content as content
+
+    data = os.urandom(5000)
+    digest, _ = store.put_blob(data)
+    manifest = store.put_manifest(os.urandom(3000))
+    store.set_tag("big", manifest)
+    monkeypatch.setattr(content, "MAX_STORED_BLOB_SIZE", 1000)
+    with pytest.raises(BlobCorrupt, match="damaged"):
+        store.get_blob(digest)
+    monkeypatch.setattr(content, "MAX_MANIFEST_SIZE", 1000)
+    with pytest.raises(BlobCorrupt, match="damaged"):
+        store.get_manifest(manifest)
+    store.backend.put("tags/huge", manifest.encode() + b" " * (content.MAX_SMALL_OBJECT + 1))
+    with pytest.raises(StoreError, match="holds no manifest digest"):
+        store.get_tag("huge")
+    store.backend.put(STORE_MARKER, b'{"format": "casfs-store", "version": 1}'
+                      + b" " * content.MAX_SMALL_OBJECT)
+    with pytest.raises(StoreError, match="not a casfs store marker"):
+        Store(store.backend).check_format(create=False)
+
+
+def test_huge_store_marker_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """A 3 GiB casfs-store.json (sparse: no disk used) is refused from its size."""
+    url = f"file://{tmp_path / 'store'}"
+    open_store(url, create=True)
+    with open(tmp_path / "store" / STORE_MARKER, "r+b") as f:
+        f.truncate(3 << 30)
+    with pytest.raises(StoreError, match="not a casfs store marker"):
+        open_store(url)
+
+
+def test_file_store_reads_only_regular_files(tmp_path: Path) -> None:
+    """Symlinks, FIFOs and directories under a key are refused (a FIFO without blocking)."""
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    root = tmp_path / "store"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not the store's")
+    (root / "tags").mkdir()
+    os.symlink(secret, root / "tags" / "link")
+    os.mkfifo(root / "tags" / "fifo")
+    (root / "tags" / "dir").mkdir()
+    for name, why in (("link", "symlink"), ("fifo", "not a regular file"),
+                      ("dir", "not a regular file")):
+        with pytest.raises(StoreError, match=why):
+            store.backend.get(f"tags/{name}")
+        with pytest.raises(StoreError, match=why):
+            store.backend.get_range(f"tags/{name}", 0, 10)
+        with pytest.raises(StoreError):
+            store.get_tag(name)
+
+
+def test_file_store_bounded_read_stops_at_the_bound(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that grows after its size was taken is read to max_bytes + 1 at most."""
+    import casfs.store.local as local
+
+    store = open_store(f"file://{tmp_path / 'store'}", create=True)
+    store.backend.put("packs/" + "a" * 64, b"x" * 100)
+    real_fstat = os.fstat
+
+    class Small:  # fstat reports 100 bytes; the file then holds a million
+        def __init__(self, st: os.stat_result) -> None:
+            self.st_mode, self.st_size = st.st_mode, 100
+
+    (tmp_path / "store" / "packs" / ("a" * 64)).write_bytes(b"y" * 1_000_000)
+    read: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        out = real_read(fd, n)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(local.os, "fstat", lambda fd: Small(real_fstat(fd)))
+    monkeypatch.setattr(local.os, "read", counting_read)
+    with pytest.raises(ObjectTooLarge, match="grew"):
+        store.backend.get("packs/" + "a" * 64, max_bytes=5000)
+    assert sum(read) == 5001
+
+
+# --- batched syncs -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths os.fsync is called on, in order."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+def test_file_put_is_durable_on_return(tmp_path: Path, fsynced: list[str]) -> None:
+    """Outside deferred_syncs a put fsyncs its file and the directory the rename changed,
+    and every directory it had to create."""
+    from casfs.store.local import FileBackend
+
+    backend = FileBackend(tmp_path / "s")
+    backend.put("blobs/ab/ab00", b"data")
+    root = str(tmp_path / "s")
+    assert len(fsynced) == 4 and fsynced[0].startswith(f"{root}/.tmp/"), "the file itself"
+    assert fsynced[1:] == [f"{root}/blobs", root, f"{root}/blobs/ab"]
+    fsynced.clear()
+    backend.put("blobs/ab/ab01", b"more")
+    assert len(fsynced) == 2 and fsynced[1] == f"{root}/blobs/ab"
+
+
+def test_file_deferred_syncs(tmp_path: Path, fsynced: list[str]) -> None:
+    """Inside deferred_syncs puts fsync nothing; sync() fsyncs each file written, then
+    each directory changed; leaving the block syncs; blocks nest."""
+    from casfs.store.local import FileBackend
+
+    backend = FileBackend(tmp_path / "s")
+    root = str(tmp_path / "s")
+    with backend.deferred_syncs():
+        for i in range(20):
+            backend.put(f"blobs/{i:02x}/{i:02x}{i}", b"x" * i)
+        assert fsynced == []
+        backend.sync()
+        files = {f"{root}/blobs/{i:02x}/{i:02x}{i}" for i in range(20)}
+        dirs = {f"{root}/blobs/{i:02x}" for i in range(20)} | {f"{root}/blobs", root}
+        assert set(fsynced[:20]) == files, "files first"
+        assert set(fsynced[20:]) == dirs
+        fsynced.clear()
+        backend.sync()
+        assert fsynced == [], "nothing owed twice"
+        with backend.deferred_syncs():
+            backend.put("tags/inner", b"1")
+        assert fsynced[0] == f"{root}/tags/inner"
+        assert sorted(fsynced[1:]) == [root, f"{root}/tags"]
+        fsynced.clear()
+        backend.put("tags/outer", b"2")
+        assert fsynced == [], "still deferred: the outer block is open"
+    assert fsynced == [f"{root}/tags/outer", f"{root}/tags"]
+    fsynced.clear()
+    with pytest.raises(RuntimeError), backend.deferred_syncs():
+        backend.put("tags/failing", b"3")
+        raise RuntimeError("the block's own failure")
+    assert f"{root}/tags/failing" in fsynced, "leaving by an exception syncs too"
+
+
+class RecordingBackend:
+    """Passes every call through; records puts with whether a deferred block was open,
+    and syncs, in one sequence."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+        self.url = inner.url
+        self.events: list[tuple[str, str, bool]] = []
+        self.open_blocks = 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.inner.put(key, data)
+        self.events.append(("put", key, self.open_blocks > 0))
+
+    def sync(self) -> None:
+        self.inner.sync()
+        self.events.append(("sync", "", self.open_blocks > 0))
+
+    @contextlib.contextmanager
+    def deferred_syncs(self) -> Iterator[None]:
+        self.open_blocks += 1
+        try:
+            with self.inner.deferred_syncs():
+                yield
+        finally:
+            self.open_blocks -= 1
+            self.events.append(("left", "", False))
+
+
+def test_index_defers_only_blob_and_pack_syncs(tmp_path: Path) -> None:
+    """casfs index writes blobs and packs inside deferred_syncs, leaves it (syncing them)
+    before its first pack index, layer record, manifest or tag, which are durable puts."""
+    from casfs.store.local import FileBackend
+    from casfs.testing.ocibuild import file, write_oci_layout
+    from indexer.index import index_image
+
+    write_oci_layout(tmp_path / "img", [[file("a", b"a" * 1000), file("b", os.urandom(300_000))]],
+                     tag="v")
+    recording = RecordingBackend(FileBackend(tmp_path / "store"))
+    index_image(f"oci:{tmp_path / 'img'}:v", Store(recording), tag="t")
+    events = recording.events
+    left = events.index(("left", "", False))
+    inside = [key for what, key, deferred in events[:left] if what == "put" and deferred]
+    assert inside and all(k.startswith(("blobs/", "packs/")) for k in inside)
+    after = [key for what, key, deferred in events[left:] if what == "put"]
+    assert not any(deferred for _w, _k, deferred in events[left:])
+    kinds = [k.split("/")[0] for k in after if not k.startswith("locks/")]
+    assert kinds == ["packidx", "layers", "manifests", "tags"]
+
+
+def test_retry_wrapper_passes_bounds_and_syncs_through(no_sleep: list[float]) -> None:
+    flaky = FlakyBackend(failures=1)
+    r = RetryingBackend(flaky)
+    assert r.get("k", max_bytes=100) == b"value of k" and flaky.calls == 2
+    with pytest.raises(ObjectTooLarge):
+        r.get("k", max_bytes=3)
+    assert flaky.calls == 3, "ObjectTooLarge is permanent: not retried"
+    with r.deferred_syncs():
+        pass
+    r.sync()
+    assert flaky.deferred == 1 and flaky.synced == 1
+
+
+def test_backends_keep_the_protocol() -> None:
+    """Every backend in casfs has each method of ObjectBackend with its parameters (a
+    renamed or missing one is found here, not in the first index that calls it)."""
+    import inspect
+
+    from casfs.store.backend import ObjectBackend
+    from casfs.store.local import FileBackend
+    from casfs.store.s3 import S3Backend
+
+    wanted = {name: inspect.signature(fn) for name, fn in vars(ObjectBackend).items()
+              if callable(fn) and not name.startswith("_")}
+    assert {"get", "get_range", "put", "sync", "deferred_syncs", "list_info"} <= set(wanted)
+    for cls in (FileBackend, RetryingBackend, S3Backend):
+        for name, sig in wanted.items():
+            have = inspect.signature(getattr(cls, name))
+            assert [(p.name, p.kind) for p in have.parameters.values()] == \
+                [(p.name, p.kind) for p in sig.parameters.values()], f"{cls.__name__}.{name}"
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+H = "0123456789abcdef" * 4  # a 64-hex digest
+H2 = "fedcba9876543210" * 4
+
+
+def test_keys_round_trip() -> None:
+    """Every builder's key parses back to its kind and fields."""
+    layer = "sha256:" + H2
+    cases = [
+        (keys.STORE_MARKER, keys.Kind.MARKER, {}),
+        (keys.blob_key(H), keys.Kind.BLOB, {"digest": H}),
+        (keys.manifest_key(H), keys.Kind.MANIFEST, {"digest": H}),
+        (keys.pack_key(H), keys.Kind.PACK, {"digest": H}),
+        (keys.tag_key("web:1.0@x+y"), keys.Kind.TAG, {"name": "web:1.0@x+y"}),
+        (keys.layer_record_key(layer), keys.Kind.LAYER_RECORD, {"layer": layer}),
+        (keys.pack_index_key("sha512:" + H + H2), keys.Kind.PACK_INDEX,
+         {"layer": "sha512:" + H + H2}),
+        (keys.trace_key(H, "1795257722000-0a1b2c3d"), keys.Kind.TRACE,
+         {"manifest": H, "trace_id": "1795257722000-0a1b2c3d"}),
+        (keys.trace_pointer_key(layer, H, "1795257722000-0a1b2c3d"), keys.Kind.TRACE_POINTER,
+         {"layer": H2, "manifest": H, "trace_id": "1795257722000-0a1b2c3d"}),
+        (keys.lock_key("index", 1795257722, "0a1b2c3d4e5f"), keys.Kind.LOCK, {"name": "index"}),
+    ]
+    for key, kind, fields in cases:
+        parsed = keys.parse_key(key)
+        assert parsed.kind == kind and parsed.key == key, key
+        for name, value in fields.items():
+            assert getattr(parsed, name) == value, (key, name)
+    pointer = keys.parse_key(keys.trace_pointer_key(layer, H, "1795257722000-0a1b2c3d"))
+    assert pointer.trace == keys.trace_key(H, "1795257722000-0a1b2c3d")
+    assert keys.blob_key(H) == f"blobs/{H[:2]}/{H}" and keys.layer_record_key(layer) == \
+        f"layers/sha256/{H2}" and keys.traces_prefix(H) == f"traces/m/{H}/"
+
+
+@pytest.mark.parametrize("key", [
+    "", "casfs-store.json/x", "blobs/" + H, f"blobs/zz/{H}", f"blobs/{H[:2]}/{H}x",
+    f"blobs/{H[:2]}/{H.upper()}", "manifests/abc", f"manifests/{H}/x", "packs/", "tags/",
+    "tags/a/b", "tags/.hidden", "tags/" + "a" * 201, f"layers/md5/{H}", f"layers/sha256/{H[:-1]}",
+    f"packidx/sha512/{H}", f"traces/m/{H}", f"traces/m/{H}/a.b", "traces/m/abc/1",
+    f"traces/l/{H}/{H}", f"traces/l/xyz/{H}.1", f"traces/x/{H}/1", "locks/gc", "locks/gc-1-xyz",
+    "random", ".tmp/x.part",
+])
+def test_bad_keys_are_reported(key: str) -> None:
+    with pytest.raises(keys.BadKey):
+        keys.parse_key(key)
+    assert isinstance(keys.try_parse_key(key), keys.BadKey)
+
+
+@given(st.text(alphabet=st.sampled_from("abf09/._-:sha256mtlbpckoxz"), max_size=90) | st.text())
+def test_parse_key_never_crashes(key: str) -> None:
+    """Whatever a listing holds, parse_key answers a ParsedKey or BadKey."""
+    try:
+        parsed = keys.parse_key(key)
+    except keys.BadKey:
+        return
+    assert parsed.key == key
+
+
+def test_builders_refuse_bad_names() -> None:
+    for bad in ("", "a/b", "-x", "x" * 201, "a b"):
+        with pytest.raises(keys.BadKey):
+            keys.tag_key(bad)
+    for bad in ("", "a/b", "a.b", "../x"):
+        with pytest.raises(keys.BadKey):
+            keys.trace_key(H, bad)
 
 
 # --- opening stores ------------------------------------------------------------------------------
