@@ -15,6 +15,12 @@ daemon itself, as before.
 
     casfs agent start [--cache-dir DIR] [--foreground]
     casfs agent stop|status [--cache-dir DIR]
+
+The agent trusts nobody's settings: a request names a mount, never a file to write
+(the agent picks the log path), a daemon gets only the caller's AWS_*, CASFS_* and HOME
+variables (PATH is the system's), and the mount's cache directory must be the agent's
+own. `casfs mount` checks that the socket and the process answering on it belong to its
+own user before it sends anything.
 """
 
 from __future__ import annotations
@@ -26,28 +32,24 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
 from pathlib import Path
 
-from casfs.errors import CasfsError, MountError
+from casfs.errors import AgentError, AgentUnavailable, MountError
+from casfs.locations import mount_log_path
 from casfs.mountconfig import MountConfig
+from casfs.process import daemon_environment, detach, open_log, read_until
 
 SOCKET_NAME = "agent.sock"
 PID_NAME = "agent.pid"
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_REQUEST = 1 << 20
 
-
-class AgentError(CasfsError):
-    """The agent cannot be started, stopped or reached as asked."""
-
-    exit_code = 9
-
-
-class AgentUnavailable(Exception):
-    """No agent answers on this cache directory: the caller forks its daemon itself."""
+__all__ = ["AgentError", "AgentUnavailable", "agent_status", "mount_via_agent", "start_agent",
+           "stop_agent"]
 
 
 def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
@@ -57,29 +59,43 @@ def socket_path(cache_dir: str | os.PathLike[str]) -> Path:
 # -- the client side (`casfs mount`): no heavy imports ----------------------------------------
 
 
-def mount_via_agent(cfg: MountConfig, log_path: Path, verbose: bool = False,
-                    timeout: float = 60.0) -> int:
+def mount_via_agent(cfg: MountConfig, verbose: bool = False, timeout: float = 60.0) -> int:
     """Ask the cache directory's agent for a daemon serving cfg; its pid once it serves.
 
-    AgentUnavailable when no agent listens there (no socket, a stale one, another
-    uid's); MountError with the daemon's own one-line message when the mount fails.
+    AgentUnavailable when no agent of ours listens there (no socket, a stale one, one
+    that belongs to another user); MountError with the daemon's own one-line message
+    when the mount fails. Nothing is sent before the answering process is known to run
+    as this user: the request carries the caller's store credentials.
     """
     path = socket_path(cfg.cache_dir)
+    log_path = mount_log_path(cfg.cache_dir, cfg.mountpoint)
     if len(os.fsencode(path)) >= 108:
         raise AgentUnavailable(f"{path}: path too long for a Unix socket")
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise AgentUnavailable(f"{path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise AgentUnavailable(f"{path} is not an agent socket of this user")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
             sock.connect(str(path))
         except OSError as exc:  # ENOENT, ECONNREFUSED (stale), EACCES (not ours)
             raise AgentUnavailable(f"{path}: {exc.strerror}") from exc
-        request = {"protocol": PROTOCOL, "config": cfg.as_dict(), "env": dict(os.environ),
-                   "log_path": str(log_path), "verbose": verbose}
+        if _peer_uid(sock) != os.geteuid():
+            raise AgentUnavailable(f"{path} is served by another user's process")
+        request = {"protocol": PROTOCOL, "config": cfg.as_dict(),
+                   "env": daemon_environment(dict(os.environ)), "verbose": verbose}
         sock.sendall(json.dumps(request).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
         return _await_ready(sock, log_path, time.monotonic() + timeout)
     finally:
         sock.close()
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
 def _await_ready(sock: socket.socket, log_path: Path, deadline: float) -> int:
@@ -161,7 +177,7 @@ def start_agent(cache_dir: str, foreground: bool = False, verbose: bool = False,
     and return its pid once it listens."""
     from casfs.cache import ChunkCache
 
-    ChunkCache(cache_dir).close()  # a usable cache directory, or its one-line error
+    ChunkCache(cache_dir).close()  # a usable, private cache directory, or its one-line error
     if _answers(socket_path(cache_dir)):
         running = agent_status(cache_dir)
         raise AgentError(f"an agent already serves {cache_dir}"
@@ -174,22 +190,20 @@ def start_agent(cache_dir: str, foreground: bool = False, verbose: bool = False,
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    log_fd = open_log(log_path)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.close(read_fd)
-            os.setsid()
-            _redirect_stdio(log_path)
-            _configure_logging(verbose)
+            detach(log_fd, verbose)
             code = _serve(listener, cache_dir, ready_fd=write_fd)
         finally:
             os._exit(code)
+    os.close(log_fd)
     listener.close()
     os.close(write_fd)
     try:
-        from casfs.daemon import read_until
-
         reply = read_until(read_fd, time.monotonic() + timeout, lambda got: b"\n" in got)
         ok = reply.split(b"\n", 1)[0] == b"ok"
     finally:
@@ -261,7 +275,7 @@ def _serve(listener: socket.socket, cache_dir: str, ready_fd: int | None = None)
                     continue
                 raise
             try:
-                _handle(conn, listener, log)
+                _handle(conn, listener, cache_dir, log)
             except OSError as exc:  # the caller went away; nothing to tell it
                 log.warning("mount request dropped: %s", exc)
             except Exception:
@@ -280,9 +294,9 @@ def _serve(listener: socket.socket, cache_dir: str, ready_fd: int | None = None)
     return 0
 
 
-def _handle(conn: socket.socket, listener: socket.socket, log: logging.Logger) -> None:
-    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-    if uid != os.geteuid():
+def _handle(conn: socket.socket, listener: socket.socket, cache_dir: str,
+            log: logging.Logger) -> None:
+    if _peer_uid(conn) != os.geteuid():
         conn.sendall(b"refused: the agent serves its own uid only\n")
         return
     conn.settimeout(10.0)
@@ -298,16 +312,11 @@ def _handle(conn: socket.socket, listener: socket.socket, log: logging.Logger) -
     if not data.strip():
         return  # a probe (agent status, another agent starting): connect and close
     try:
-        request = json.loads(data)
-        if request.get("protocol") != PROTOCOL:
-            raise ValueError(f"protocol {request.get('protocol')!r}, agent speaks {PROTOCOL}")
-        cfg = MountConfig(**request["config"])
-        env = {str(k): str(v) for k, v in request["env"].items()}
-        log_path = Path(request["log_path"])
-        verbose = bool(request.get("verbose"))
+        cfg, env, verbose = _parse_request(data, cache_dir)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         conn.sendall(f"refused: bad request ({exc})\n".encode())
         return
+    log_path = mount_log_path(cache_dir, cfg.mountpoint)
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -318,40 +327,38 @@ def _handle(conn: socket.socket, listener: socket.socket, log: logging.Logger) -
             os._exit(code)
 
 
+def _parse_request(data: bytes, cache_dir: str) -> tuple[MountConfig, dict[str, str], bool]:
+    """A mount request, checked: the agent's own cache directory, an absolute mountpoint
+    without control characters, string settings; the environment filtered again."""
+    request = json.loads(data)
+    if request.get("protocol") != PROTOCOL:
+        raise ValueError(f"protocol {request.get('protocol')!r}, agent speaks {PROTOCOL}")
+    cfg = MountConfig(**request["config"])
+    if os.path.realpath(cfg.cache_dir) != os.path.realpath(cache_dir):
+        raise ValueError(f"cache directory {cfg.cache_dir!r} is not this agent's")
+    mountpoint = cfg.mountpoint
+    if not isinstance(mountpoint, str) or not os.path.isabs(mountpoint) or \
+            any(ord(ch) < 32 or ord(ch) == 127 for ch in mountpoint):
+        raise ValueError("the mountpoint must be an absolute path without control characters")
+    if not isinstance(cfg.ref, str) or any(ord(ch) < 32 for ch in cfg.ref):
+        raise ValueError("bad image reference")
+    raw_env = request["env"]
+    if not isinstance(raw_env, dict):
+        raise ValueError("env must be an object")
+    env = daemon_environment({str(k): str(v) for k, v in raw_env.items()})
+    return cfg, env, bool(request.get("verbose"))
+
+
 def _daemon_child(conn: socket.socket, cfg: MountConfig, env: dict[str, str], log_path: Path,
                   verbose: bool) -> int:
     """In the forked child: become the mount's daemon, report on the connection."""
-    from casfs.daemon import _limit_malloc_arenas, _serve_reporting
+    from casfs.daemon import serve_reporting
 
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.setsid()
     os.environ.clear()
     os.environ.update(env)
-    _redirect_stdio(log_path)
-    _configure_logging(verbose)
-    _limit_malloc_arenas(2)
+    detach(open_log(log_path), verbose)
     fd = os.dup(conn.fileno())
     conn.close()
     os.set_blocking(fd, True)
     os.write(fd, f"pid {os.getpid()}\n".encode())
-    return _serve_reporting(cfg, fd)
-
-
-def _redirect_stdio(log_path: Path) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
-
-
-def _configure_logging(verbose: bool) -> None:
-    from casfs.cli import DAEMON_LOG_FORMAT
-
-    logging.basicConfig(force=True, level=logging.DEBUG if verbose else logging.INFO,
-                        format=DAEMON_LOG_FORMAT)
+    return serve_reporting(cfg, fd)

@@ -7,8 +7,10 @@ Layout of the cache directory (format version 1, checked at open):
     chunks/<hh>/<hex>     a chunk's uncompressed bytes, so reads are plain preads
     manifests/<hex>       decompressed manifests, mmapped by mounts (never evicted)
     tmp/                  files being written
-    mounts/               one JSON file per live mount (daemon pid, mountpoint)
     logs/                 daemon logs
+
+The directory is its owner's alone (0700, tightened when opened; another user's
+directory is refused): it holds every image's content, whatever the image's modes.
 
 An insert is a transaction: the bytes go to a temp file in tmp/, then are renamed
 into chunks/ and indexed inside one LMDB write transaction, so a kill -9 at any
@@ -56,8 +58,10 @@ from pathlib import Path
 import lmdb
 
 from casfs.digest import hash_bytes
-from casfs.errors import CasfsError
-from casfs.locations import default_cache_dir  # noqa: F401 - re-exported
+from casfs.errors import CacheError
+from casfs.locations import default_cache_dir, ensure_private_dir
+
+__all__ = ["CACHE_FORMAT", "CacheStats", "ChunkCache", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,6 @@ MAP_SIZE = 1 << 32
 FULL_WARN_EVERY = 10.0
 OPEN_FILES_MAX = 4096
 OPEN_BYTES_MAX = 1 << 30
-
-
-class CacheError(CasfsError):
-    """The local cache directory cannot be used."""
-
-    exit_code = 8
 
 
 @dataclass
@@ -129,9 +127,12 @@ class ChunkCache:
         self._open_bytes = 0
         self._full_warned = -FULL_WARN_EVERY
         self._full_since_warning = 0
+        # Private: the cache holds every image's content, whatever the image's own modes
+        # say; only its owner may enter it (another user's directory is refused).
+        ensure_private_dir(self.root)
         try:
-            for sub in ("chunks", "manifests", "tmp", "mounts", "logs"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            for sub in ("chunks", "manifests", "tmp", "logs"):
+                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
             version_file = self.root / "VERSION"
             if version_file.exists():
                 found = version_file.read_text().strip()
@@ -217,6 +218,34 @@ class ChunkCache:
                 self._open.move_to_end(digest)
         self.stats.hits += len(out)
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def read_parts(self, parts: Sequence[tuple[str, int, int]]) -> list[bytes | None]:
+        """The bytes of each (digest, offset, length) range of a chunk, from the cache;
+        None for a chunk it does not hold. Blocking. A file that vanished or shrank
+        since it was verified (evicted by another process, damaged) is forgotten and
+        reported as not held: the cache keeps its own files coherent, so its callers
+        never see a half-served read."""
+        out: list[bytes | None] = []
+        for digest, start, length in parts:
+            data = None
+            path = self.lookup(digest)
+            if path is not None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        data = os.pread(fd, length, start)
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    data = None
+                if data is None or len(data) != length:
+                    # Truncated or gone since it was verified: never serve short bytes.
+                    self.invalidate(digest)
+                    self.stats.hits -= 1
+                    self.stats.misses += 1
+                    data = None
+            out.append(data)
+        return out
 
     def _keep_open(self, digest: str, path: Path, size: int) -> None:
         """Hold a verified chunk's file open for read_nowait (LRU, bounded)."""
@@ -311,7 +340,8 @@ class ChunkCache:
         key = bytes.fromhex(digest)
         try:
             path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
                 f.write(data)
             now = time.time()
             with self.env.begin(write=True) as txn:

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from casfs.errors import CasfsError, UsageError
+from casfs.process import DAEMON_LOG_FORMAT
 
 Handler = Callable[[argparse.Namespace], int]
-DAEMON_LOG_FORMAT = "%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 def _store(args: argparse.Namespace, create: bool = False):  # noqa: ANN202
@@ -179,18 +179,21 @@ def parse_size(text: str) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    import hashlib
-    from pathlib import Path
-
-    from casfs.locations import default_cache_dir, resolve_store_url
+    from casfs.locations import (
+        default_cache_dir,
+        ensure_private_dir,
+        mount_log_path,
+        resolve_store_url,
+    )
     from casfs.mountconfig import MountConfig
 
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    ensure_private_dir(cache_dir)
     cfg = MountConfig(
         ref=args.ref, mountpoint=args.mountpoint, store_url=resolve_store_url(args.store),
         cache_dir=cache_dir, cache_size=parse_size(args.cache_size),
         foreground=args.foreground, metrics_port=args.metrics_port,
-        allow_suid=not args.nosuid, allow_dev=not args.nodev,
+        allow_suid=args.suid, allow_dev=args.dev,
         prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
         readahead_kb=args.readahead_kb,
     )
@@ -198,15 +201,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         from casfs.daemon import run_foreground
 
         return run_foreground(cfg, args.ready_fd)
-    key = hashlib.sha256(os.path.realpath(args.mountpoint).encode()).hexdigest()[:12]
-    log_path = Path(cache_dir) / "logs" / f"mount-{key}.log"
+    log_path = mount_log_path(cache_dir, args.mountpoint)
     cfg.mountpoint = os.path.abspath(args.mountpoint)
     pid = None
     if not args.no_agent:
         from casfs.agent import AgentUnavailable, mount_via_agent
 
         try:
-            pid = mount_via_agent(cfg, log_path, verbose=args.verbose)
+            pid = mount_via_agent(cfg, verbose=args.verbose)
             via = " by the node agent"
         except AgentUnavailable:
             pid = None  # no agent on this cache dir: fork the daemon here
@@ -218,7 +220,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pid = spawn_background(cfg, log_path, verbose=args.verbose)
         via = ""
     print(f"mounted {args.ref} at {args.mountpoint}{via} (daemon pid {pid}, log {log_path})")
+    print(f"casfs: {allowances(cfg.allow_suid, cfg.allow_dev)}", file=sys.stderr)
     return 0
+
+
+def allowances(suid: bool, dev: bool) -> str:
+    """What a mount lets its users do beyond reading, in words."""
+    said = ["setuid bits and file capabilities honoured" if suid else
+            "nosuid: setuid bits and file capabilities ignored (--suid to honour them)",
+            "device nodes usable" if dev else "nodev: device nodes unusable (--dev to allow)"]
+    return "; ".join(said)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -372,8 +383,13 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
                     help="cache size cap, e.g. 20G (default 10G or $CASFS_CACHE_SIZE)")
     sp.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
     sp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
-    sp.add_argument("--nosuid", action="store_true", help="ignore setuid/setgid bits (as root)")
-    sp.add_argument("--nodev", action="store_true", help="do not allow device nodes (as root)")
+    sp.add_argument("--suid", action="store_true",
+                    help="honour setuid/setgid bits and file capabilities (security.* xattrs); "
+                    "off by default: every user of the node can reach a root mount")
+    sp.add_argument("--dev", action="store_true",
+                    help="let device nodes open devices (off by default)")
+    sp.add_argument("--nosuid", action="store_true", help=argparse.SUPPRESS)  # the default now
+    sp.add_argument("--nodev", action="store_true", help=argparse.SUPPRESS)  # the default now
     sp.add_argument("--no-prefetch", action="store_true",
                     help="do not replay earlier boots' traces nor guess ahead")
     sp.add_argument("--no-trace", action="store_true", help="do not record this boot's trace")
@@ -426,6 +442,7 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    os.umask(0o077)  # stores, caches, logs and records casfs writes are private
     daemon = getattr(args, "foreground", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO if daemon else logging.WARNING,

@@ -1,10 +1,28 @@
-"""Every error casfs reports to a user: one class per condition, with its exit code.
+"""Every error casfs reports: one class per condition, each with its exit code.
 
 The CLI's main() turns any CasfsError into one line on stderr and its exit code;
-anything else is a bug and gets a traceback.
+anything else is a bug and gets a traceback. Exit codes are never shared by unrelated
+conditions; the table (also in docs/operations.md):
+
+    1   casfs failed (a condition with no code of its own)
+    2   invalid arguments or a malformed reference (image ref, store URL, size)
+    3   the store failed or cannot be reached (network, credentials, 5xx after retries)
+    4   something named does not exist (tag, manifest, object, registry image)
+    5   stored data is corrupt (a blob, manifest, pack index or trace that fails its checks)
+    6   the image cannot be indexed (unreadable, hostile or corrupt layers, registry refusal)
+    7   mounting or unmounting failed
+    8   the node cache directory cannot be used
+    9   the store is busy (another process holds a conflicting lock: gc against index)
+    10  the node agent cannot be started, stopped or reached
+    11  `casfs check` found problems in the store
+    12  a setting is refused as unsafe (a cache directory another user owns, ...)
+
+Base floor: imports nothing of casfs.
 """
 
 from __future__ import annotations
+
+import os
 
 
 class CasfsError(Exception):
@@ -39,6 +57,10 @@ class TransientStoreError(StoreError):
     """The store failed in a way that retrying may fix (timeouts, 5xx, throttling)."""
 
 
+class ResponseTooLarge(StoreError):
+    """The store answered with more bytes than the object can hold."""
+
+
 class ObjectNotFound(StoreError):
     """An object the store should hold is missing."""
 
@@ -67,11 +89,33 @@ class BadStoreURL(UsageError):
     """The store URL is not file:///abs/path or s3://bucket/prefix."""
 
 
-# --- manifests ---------------------------------------------------------------
+class FetchFailed(StoreError):
+    """A chunk could not be fetched from the store."""
+
+
+class CheckFailed(CasfsError):
+    """`casfs check` found problems in the store."""
+
+    exit_code = 11
+
+
+# --- formats -----------------------------------------------------------------
 
 
 class ManifestError(CasfsError):
     """The manifest is malformed."""
+
+    exit_code = 5
+
+
+class PackIndexError(CasfsError):
+    """A pack index object that is not one (damaged, truncated, hostile)."""
+
+    exit_code = 5
+
+
+class TraceError(CasfsError):
+    """A trace object is malformed."""
 
     exit_code = 5
 
@@ -103,6 +147,10 @@ class HostileLayer(ImageError):
     """A layer holds an entry that would escape the image root or is otherwise unsafe."""
 
 
+class DirPackError(ImageError):
+    """A layer's directory packs could not be written."""
+
+
 class RegistryError(ImageError):
     """The registry failed or refused a request (after retries where retrying may help)."""
 
@@ -117,10 +165,60 @@ class ImageNotFound(RegistryError):
     exit_code = 4
 
 
-# --- mounts ------------------------------------------------------------------
+# --- the node: cache, mounts, agent -------------------------------------------------
+
+
+class CacheError(CasfsError):
+    """The local cache directory cannot be used."""
+
+    exit_code = 8
 
 
 class MountError(CasfsError):
     """Mounting failed."""
 
     exit_code = 7
+
+
+class AgentError(CasfsError):
+    """The agent cannot be started, stopped or reached as asked."""
+
+    exit_code = 10
+
+
+class AgentUnavailable(Exception):  # noqa: N818 - a signal to fall back, not a failure
+    """No agent answers on this cache directory: the caller forks its daemon itself."""
+
+
+class UnsafeSetting(CasfsError):
+    """A setting is refused because it would hand something to another user."""
+
+    exit_code = 12
+
+
+# --- the filesystem model ----------------------------------------------------
+
+
+class FsError(Exception):
+    """A filesystem condition with its errno (ENOENT, ENOTDIR, EROFS...): what the
+    model answers, which the FUSE adapter passes to the kernel as is."""
+
+    def __init__(self, errno_: int) -> None:
+        super().__init__(os.strerror(errno_))
+        self.errno = errno_
+
+
+EXIT_CODES: dict[int, str] = {
+    1: "casfs failed (no code of its own)",
+    2: "invalid arguments or reference",
+    3: "the store failed or cannot be reached",
+    4: "not found (tag, manifest, object, registry image)",
+    5: "stored data is corrupt",
+    6: "the image cannot be indexed",
+    7: "mounting or unmounting failed",
+    8: "the node cache cannot be used",
+    9: "the store is busy (lock held)",
+    10: "the node agent failed",
+    11: "casfs check found problems",
+    12: "a setting was refused as unsafe",
+}

@@ -1,5 +1,7 @@
-"""Getting chunks to local disk: the cache first, then the store, each chunk fetched
-once however many readers want it at the same time.
+"""Getting chunk bytes, the one owner of it: the node cache first (on the loop when that
+cannot block, else in a thread), then the store, each chunk fetched once however many
+readers want it at the same time. The filesystem model and prefetch both go through
+here, never around it to the cache.
 
 Two kinds of caller: on-demand reads (a process is waiting) and prefetch (nobody
 is yet). They use separate capacity limiters, so prefetch can never queue ahead
@@ -13,17 +15,16 @@ runs in worker threads under capacity limiters; the trio loop only waits.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import trio
 
 from casfs.cache import ChunkCache
-from casfs.errors import CasfsError, ObjectNotFound
+from casfs.errors import CasfsError, FetchFailed, ObjectNotFound
 from casfs.metrics import MountMetrics
+from casfs.ranges import ChunkRange, PackedChunk, PackRange
 from casfs.store import Store
 from casfs.store.content import verify_blob
 
@@ -33,14 +34,14 @@ log = logging.getLogger(__name__)
 UNPACK_BYTES = 512 << 10
 
 
-def _pieces(items: Sequence[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
-    """items (digest, offset, stored length) cut into runs of about `size` stored bytes."""
-    out: list[list[tuple[str, int, int]]] = []
-    run: list[tuple[str, int, int]] = []
+def _pieces(items: Sequence[PackedChunk], size: int) -> list[list[PackedChunk]]:
+    """Chunks of a pack range cut into runs of about `size` stored bytes."""
+    out: list[list[PackedChunk]] = []
+    run: list[PackedChunk] = []
     held = 0
     for item in items:
         run.append(item)
-        held += item[2]
+        held += item.length
         if held >= size:
             out.append(run)
             run, held = [], 0
@@ -49,22 +50,19 @@ def _pieces(items: Sequence[tuple[str, int, int]], size: int) -> list[list[tuple
     return out
 
 
-class FetchFailed(CasfsError):
-    """A chunk could not be fetched from the store."""
-
-
 class _Flight:
     def __init__(self, prefetch: bool) -> None:
         self.done = trio.Event()
         self.prefetch = prefetch
-        self.path: Path | bytes | None = None
+        self.data: bytes | None = None
         self.error: BaseException | None = None
 
 
 class Fetcher:
-    """Makes chunks available locally. `get(digest)` returns a cache path for a chunk
-    already cached, else the verified bytes it just fetched (also cached, if there is
-    room)."""
+    """The one owner of getting chunk bytes: `read(ranges)` serves a read from the cache
+    (on the loop when it cannot block, else in one thread hop) and fetches what the
+    cache lacks from the store, each chunk once however many readers want it; prefetch
+    brings chunks to the node ahead of reads, below them in priority."""
 
     def __init__(
         self, store: Store, cache: ChunkCache, metrics: MountMetrics, *,
@@ -80,27 +78,58 @@ class Fetcher:
         self.prefetched: set[str] = set()  # inserted by prefetch, not yet read
         self.missing_packs: set[str] = set()  # packs the store answered 404 for
 
-    def cached_paths(self, digests: list[str]) -> list[Path] | None:
-        """Paths of all the chunks when every one is in the cache, else None. Blocking."""
-        paths = []
-        for digest in digests:
-            path = self.cache.lookup(digest)
-            if path is None:
-                return None
-            paths.append(path)
-        self.note_hits(digests)
-        return paths
+    # -- reads -------------------------------------------------------------------------
 
-    def note_hits(self, digests: list[str]) -> None:
-        """Count reads served from the cache (and which of them prefetch brought)."""
+    async def read(self, ranges: Sequence[ChunkRange], *,
+                   prefetch: bool = False) -> bytes | bytearray:
+        """The bytes of these chunk ranges, concatenated: from the page cache without
+        blocking when this process holds every chunk open and its bytes are resident;
+        else the cached chunks in one thread hop and the others fetched (verified,
+        cached). `prefetch`: nobody waits on it (prefetch's own limiter, no hit count)."""
+        hot = self.cache.read_nowait(ranges)
+        if hot is not None:
+            self._count_hits([r.digest for r in ranges], prefetch)
+            return hot
+        parts = await trio.to_thread.run_sync(self.cache.read_parts, ranges,
+                                              limiter=self.disk_limiter)
+        self._count_hits([r.digest for r, p in zip(ranges, parts, strict=True) if p is not None],
+                         prefetch)
+        missing = [i for i, p in enumerate(parts) if p is None]
+        if missing:
+            if not prefetch:
+                self.metrics.cache_misses += len(missing)
+
+            async def one(i: int) -> None:
+                r = ranges[i]
+                chunk = await self._chunk(r.digest, prefetch)
+                parts[i] = chunk[r.start : r.start + r.length]
+
+            async with trio.open_nursery() as nursery:
+                for i in missing:
+                    nursery.start_soon(one, i)
+        return b"".join(p for p in parts if p is not None)
+
+    def _count_hits(self, digests: list[str], prefetch: bool) -> None:
+        """Reads served from the cache (and which of them prefetch brought)."""
+        if prefetch:
+            return
         self.metrics.cache_hits += len(digests)
         for digest in digests:
             if digest in self.prefetched:
                 self.prefetched.discard(digest)
                 self.metrics.prefetch_hits += 1
 
+    def cache_stats(self) -> dict[str, int]:
+        """The node cache's counters as this process sees them, with its size and cap."""
+        out = dict(self.cache.stats.__dict__)
+        out["bytes"] = self.cache.total_bytes()
+        out["max_bytes"] = self.cache.max_bytes
+        return out
+
     def in_flight(self, digest: str) -> bool:
         return digest in self._flights
+
+    # -- prefetch ----------------------------------------------------------------------
 
     async def prefetch(self, digest: str, *, warm: bool = False) -> None:
         """Bring a chunk to the node unless the cache already has it. A cached chunk is
@@ -108,33 +137,51 @@ class Fetcher:
         cost; the read that uses it verifies it), unless `warm`: a reader streaming
         through the file will want it next, so verify it now (read, hash, hold open)."""
         if warm:
-            path = await trio.to_thread.run_sync(
-                functools.partial(self.cache.lookup, digest, count=False),
-                limiter=self.disk_limiter)
-            if path is not None:
-                self.metrics.warmed_chunks += 1
+            if await self.warm([digest]):
                 return
-        else:
-            present = await trio.to_thread.run_sync(
-                self.cache.contains_many, [digest], limiter=self.disk_limiter)
-            if present[0]:
-                return
-        await self.get(digest, prefetch=True)
+        elif (await self.present([digest]))[0]:
+            return
+        await self._chunk(digest, prefetch=True)
 
-    async def get(self, digest: str, *, prefetch: bool = False, fresh: bool = False) -> Path | bytes:
-        """The chunk: a cache path, or its bytes. `fresh` skips the cache lookup and
-        always yields bytes (for a read whose cached file keeps vanishing)."""
-        path = None if fresh else await trio.to_thread.run_sync(
-            self.cache.lookup, digest, limiter=self.disk_limiter)
-        if path is not None:
-            if not prefetch:
-                self.metrics.cache_hits += 1
-                if digest in self.prefetched:
-                    self.prefetched.discard(digest)
-                    self.metrics.prefetch_hits += 1
-            return path
-        if not prefetch:
-            self.metrics.cache_misses += 1
+    async def present(self, digests: Sequence[str]) -> list[bool]:
+        """Whether the cache holds each chunk (its index says so; not verified): a hint."""
+        return await trio.to_thread.run_sync(self.cache.contains_many, list(digests),
+                                             limiter=self.disk_limiter)
+
+    async def warm(self, digests: Sequence[str]) -> int:
+        """Verify cached chunks ahead of the reads that will want them (read, hash, hold
+        open: those reads are then served on the loop from the page cache). Returns how
+        many were cached and verified; the others are left for a fetch."""
+
+        def verify() -> int:
+            return sum(1 for d in digests if self.cache.lookup(d, count=False) is not None)
+
+        n = await trio.to_thread.run_sync(verify, limiter=self.disk_limiter)
+        self.metrics.warmed_chunks += n
+        return n
+
+    async def room_left(self, share: float) -> bool:
+        """Whether the cache holds less than `share` of its cap (prefetch stops short of
+        evicting what the boot uses)."""
+        total = await trio.to_thread.run_sync(self.cache.total_bytes, limiter=self.disk_limiter)
+        return total < self.cache.max_bytes * share
+
+    def cached_bytes(self, digest: str) -> bytes | None:
+        """A chunk's bytes if the cache holds it (verified), else None. Blocking."""
+        path = self.cache.lookup(digest, count=False)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError:
+            self.cache.invalidate(digest)
+            return None
+
+    # -- fetching ------------------------------------------------------------------------
+
+    async def _chunk(self, digest: str, prefetch: bool) -> bytes:
+        """A chunk's verified bytes: joined to a fetch already under way, else fetched.
+        A read that joined a prefetch which then failed fetches the chunk itself."""
         joined = False
         while (flight := self._flights.get(digest)) is not None:
             if not prefetch and not joined:
@@ -144,27 +191,27 @@ class Fetcher:
             joined = True
             await flight.done.wait()
             if flight.error is None:
-                assert flight.path is not None
-                return flight.path
+                assert flight.data is not None
+                return flight.data
             if not flight.prefetch or prefetch:
                 raise FetchFailed(str(flight.error)) from flight.error
             # The prefetch this read joined failed: fetch the chunk for the read,
             # unless another waiting read already started that fetch (then join it).
         flight = self._flights[digest] = _Flight(prefetch)
         try:
-            flight.path = await self._fetch(digest, prefetch)
+            flight.data = await self._fetch(digest, prefetch)
         except BaseException as exc:
             flight.error = exc
-            if isinstance(exc, CasfsError):
+            if isinstance(exc, CasfsError) and not isinstance(exc, FetchFailed):
                 raise FetchFailed(str(exc)) from exc
             raise
         finally:
             if self._flights.get(digest) is flight:
                 del self._flights[digest]
             flight.done.set()
-        return flight.path
+        return flight.data
 
-    async def _fetch(self, digest: str, prefetch: bool) -> Path | bytes:
+    async def _fetch(self, digest: str, prefetch: bool) -> bytes:
         start = time.monotonic()
         limiter = self.prefetch_limiter if prefetch else self.net_limiter
         try:
@@ -193,31 +240,27 @@ class Fetcher:
         # file before the waiting reads get to it.
         return data
 
-    async def get_pack_range(
-        self, pack: str, offset: int, items: Sequence[tuple[str, int, int]]
-    ) -> int:
+    async def get_pack_range(self, run: PackRange) -> int:
         """Prefetch chunks stored back to back in a pack with one ranged GET.
 
-        items are (digest, offset in the pack, stored length), in pack order.
         Chunks already cached or in flight are left out of the range where they
         sit at its ends. A pack the store does not have (deleted, or never written)
         is remembered, and its chunks fetched one by one instead. Returns how many
         chunks were inserted.
         """
-        present = await trio.to_thread.run_sync(
-            self.cache.contains_many, [d for d, _, _ in items], limiter=self.disk_limiter
-        )
-        wanted = [it for it, have in zip(items, present, strict=True)
-                  if not have and it[0] not in self._flights]
+        pack = run.pack
+        present = await self.present([it.digest for it in run.items])
+        wanted = [it for it, have in zip(run.items, present, strict=True)
+                  if not have and it.digest not in self._flights]
         if not wanted:
             return 0
         if pack in self.missing_packs:
-            return await self._get_singly([d for d, _, _ in wanted])
-        start = wanted[0][1]
-        end = wanted[-1][1] + wanted[-1][2]
+            return await self._get_singly([it.digest for it in wanted])
+        start = wanted[0].offset
+        end = wanted[-1].offset + wanted[-1].length
         flights = {}
-        for digest, _, _ in wanted:
-            flights[digest] = self._flights[digest] = _Flight(prefetch=True)
+        for it in wanted:
+            flights[it.digest] = self._flights[it.digest] = _Flight(prefetch=True)
         t0 = time.monotonic()
         inserted = 0
         try:
@@ -231,9 +274,9 @@ class Fetcher:
                 raise FetchFailed(f"pack {pack}: short read ({len(data)} of {end - start} bytes)")
 
             def unpack_and_store(
-                batch: Sequence[tuple[str, int, int]],
-            ) -> list[tuple[str, Path | bytes | None, BaseException | None]]:
-                out: list[tuple[str, Path | bytes | None, BaseException | None]] = []
+                batch: Sequence[PackedChunk],
+            ) -> list[tuple[str, bytes | None, BaseException | None]]:
+                out: list[tuple[str, bytes | None, BaseException | None]] = []
                 for digest, off, length in batch:
                     try:
                         blob = verify_blob(digest, data[off - start : off - start + length])
@@ -248,9 +291,9 @@ class Fetcher:
             for batch in _pieces(wanted, UNPACK_BYTES):
                 results = await trio.to_thread.run_sync(unpack_and_store, batch,
                                                         limiter=self.disk_limiter)
-                for digest, path, error in results:
+                for digest, blob, error in results:
                     flight = flights[digest]
-                    flight.path, flight.error = path, error
+                    flight.data, flight.error = blob, error
                     flight.done.set()
                     if self._flights.get(digest) is flight:
                         del self._flights[digest]
@@ -262,7 +305,7 @@ class Fetcher:
                         log.warning("pack %s: chunk %s rejected: %s", pack, digest, error)
         except BaseException as exc:
             for flight in flights.values():
-                if flight.path is None and flight.error is None:
+                if flight.data is None and flight.error is None:
                     flight.error = exc
             if not isinstance(exc, CasfsError):
                 raise
@@ -275,14 +318,14 @@ class Fetcher:
                 log.warning("prefetch from pack %s failed: %s", pack, exc)
         finally:
             for digest, flight in flights.items():
-                if flight.path is None and flight.error is None:
+                if flight.data is None and flight.error is None:
                     flight.error = FetchFailed("prefetch cancelled")
                 if self._flights.get(digest) is flight:
                     del self._flights[digest]
                 flight.done.set()
         if pack in self.missing_packs:
             inserted += await self._get_singly(
-                [d for d, f in flights.items() if f.path is None])
+                [d for d, f in flights.items() if f.data is None])
         return inserted
 
     async def _get_singly(self, digests: list[str]) -> int:
@@ -292,7 +335,7 @@ class Fetcher:
         async def one(digest: str) -> None:
             nonlocal done
             try:
-                await self.get(digest, prefetch=True)
+                await self._chunk(digest, prefetch=True)
                 done += 1
             except CasfsError:
                 pass  # logged by _fetch; a read that wants it fetches it again

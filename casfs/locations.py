@@ -7,7 +7,10 @@ $CASFS_CACHE_DIR, else a per-user or system default). Free of heavy imports: the
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+
+from casfs.errors import UnsafeSetting
 
 
 def default_store_url() -> str:
@@ -17,6 +20,36 @@ def default_store_url() -> str:
 
 def resolve_store_url(url: str | None) -> str:
     return url or os.environ.get("CASFS_STORE") or default_store_url()
+
+
+def ensure_private_dir(path: str | os.PathLike[str], what: str = "cache directory") -> None:
+    """Make sure a directory of casfs state is this user's alone: created 0700 when
+    missing; refused (UnsafeSetting) when another user owns it, since whoever owns it
+    could read what casfs keeps there or answer on its sockets; tightened to 0700 when
+    it is ours but open to others (made by an older casfs)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        from casfs.errors import CacheError
+
+        raise CacheError(f"cannot use {what} {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSetting(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeSetting(f"{what} {path} belongs to uid {st.st_uid}, not to this user "
+                            f"(uid {os.geteuid()}): choose a directory of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def mount_log_path(cache_dir: str | os.PathLike[str], mountpoint: str) -> Path:
+    """Where the daemon of a mount logs: named after the mountpoint, inside the cache
+    directory (whoever starts the daemon decides this, never a request)."""
+    import hashlib
+
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "logs" / f"mount-{key}.log"
 
 
 def default_cache_dir() -> str:

@@ -9,7 +9,11 @@ from typing import Any
 
 
 class MountConfig:
-    """Keyword settings with defaults; `as_dict()` round-trips through MountConfig(**d)."""
+    """Keyword settings with defaults; `as_dict()` round-trips through MountConfig(**d).
+
+    allow_suid: honour setuid/setgid bits and file capabilities (security.* xattrs are
+    shown); allow_dev: device nodes open devices. Both off unless asked for: a mount
+    that other users can reach must not make them root or hand them a host disk."""
 
     __slots__ = ("ref", "mountpoint", "store_url", "cache_dir", "cache_size", "foreground",
                  "metrics_port", "allow_suid", "allow_dev", "fetch_concurrency", "readahead_kb",
@@ -17,7 +21,7 @@ class MountConfig:
 
     def __init__(self, ref: str, mountpoint: str, store_url: str | None, cache_dir: str,
                  cache_size: int, foreground: bool = False, metrics_port: int | None = None,
-                 allow_suid: bool = True, allow_dev: bool = True, fetch_concurrency: int = 32,
+                 allow_suid: bool = False, allow_dev: bool = False, fetch_concurrency: int = 32,
                  readahead_kb: int = 1024, max_background: int = 64, prefetch: bool = True,
                  trace: bool = True, trace_idle: float = 10.0,
                  extra: dict[str, Any] | None = None) -> None:

@@ -8,8 +8,8 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from casfs.errors import MountError
+from casfs.process import helper_command, helper_env
 
 FSTYPE = "fuse.casfs"
 
@@ -58,8 +59,7 @@ def tune_kernel(real_mountpoint: str, readahead_kb: int, max_background: int) ->
     settings = [(f"/sys/class/bdi/{dev}/read_ahead_kb", readahead_kb)]
     conn = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
     if not conn.exists() and os.geteuid() == 0:
-        subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
-                       capture_output=True)
+        run_helper("mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections")
     settings += [(str(conn / "max_background"), max_background),
                  (str(conn / "congestion_threshold"), max(1, max_background * 3 // 4))]
     for path, value in settings:
@@ -102,10 +102,20 @@ def is_stale(mountpoint: str, timeout: float = 5.0) -> bool:
     return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
 
 
+def run_helper(name: str, *args: str) -> subprocess.CompletedProcess[str] | None:
+    """Run a system helper by its absolute path, with a clean environment; None when
+    it is not installed."""
+    path = helper_command(name)
+    if path is None:
+        return None
+    return subprocess.run([path, *args], capture_output=True, text=True, env=helper_env())
+
+
 def force_unmount(mountpoint: str) -> None:
     """Lazily detach a mount (used for stale mounts)."""
     for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
-        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0:
+        done = run_helper(*cmd)
+        if done is not None and done.returncode == 0:
             return
     raise MountError(f"cannot clear the stale mount at {mountpoint}")
 
@@ -134,7 +144,9 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         remove_record(real)
         return
     record = find_record(real)
-    proc = subprocess.run(["fusermount3", "-u", real], capture_output=True, text=True)
+    proc = run_helper("fusermount3", "-u", real)
+    if proc is None:
+        raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)")
     if proc.returncode != 0:
         msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "unknown error"
         raise MountError(f"cannot unmount {mountpoint}: {msg}")
@@ -171,12 +183,26 @@ def wait_for_exit(pid: int, timeout: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-# -- mount records (in <cache>/mounts/, and a global index under /run) ---------
+# -- mount records (one per live mount, in a runtime directory private to the user) ---------
 
-def _records_dir() -> Path:
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or ("/run/casfs" if os.geteuid() == 0 else "/tmp"))
-    d = base / ("casfs-mounts" if base.name != "casfs" else "mounts")
-    d.mkdir(parents=True, exist_ok=True)
+def records_dir() -> Path:
+    """This user's directory of mount records: /run/casfs/mounts as root, else
+    $XDG_RUNTIME_DIR/casfs/mounts, else /tmp/casfs-<uid>/mounts; created 0700 and
+    refused unless it is a real directory this user owns (a shared /tmp must not let
+    another user plant a symlink or a record)."""
+    if os.geteuid() == 0:
+        base = Path("/run/casfs")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "casfs"
+    else:
+        base = Path(f"/tmp/casfs-{os.geteuid()}")
+    d = base / "mounts"
+    for path in (base, d):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise MountError(f"{path} is not a private directory of this user: remove it")
     return d
 
 
@@ -184,22 +210,36 @@ def _record_path(real_mountpoint: str) -> Path:
     # Never resolve the path here: the daemon writes its record while its own
     # mount is not serving yet, and a stat of the mountpoint would deadlock.
     key = hashlib.sha256(real_mountpoint.encode()).hexdigest()[:24]
-    return _records_dir() / f"{key}.json"
+    return records_dir() / f"{key}.json"
 
 
 def write_record(mountpoint: str, info: dict[str, Any]) -> None:
     path = _record_path(mountpoint)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(json.dumps(info))
     os.rename(tmp, path)
 
 
 def find_record(mountpoint: str) -> dict[str, Any] | None:
     try:
-        return json.loads(_record_path(mountpoint).read_text())
+        fd = os.open(_record_path(mountpoint), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, MountError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 1 << 16:
+            return None
+        record = json.loads(os.read(fd, 1 << 16))
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
+    return record if isinstance(record, dict) else None
 
 
 def remove_record(mountpoint: str) -> None:
-    _record_path(mountpoint).unlink(missing_ok=True)
+    with contextlib.suppress(MountError):
+        _record_path(mountpoint).unlink(missing_ok=True)

@@ -24,9 +24,9 @@ import logging
 import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from casfs.errors import CasfsError
+from casfs.errors import CasfsError, PackIndexError
+from casfs.ranges import PackLocation, PackRange, merge_pack_runs
 from casfs.store.content import MAX_BLOB_SIZE, Store
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ LAYER_SLACK = 4
 MAX_STORED_LENGTH = MAX_BLOB_SIZE + (MAX_BLOB_SIZE >> 7) + 1024
 
 Location = tuple[str, int, int]  # (pack, offset in the pack, stored length)
-
-
-class PackIndexError(CasfsError):
-    """A pack index object that is not one (damaged, truncated, hostile)."""
 
 
 def encode(packs: list[str], entries: Iterable[tuple[str, int, int, int]]) -> bytes:
@@ -91,18 +87,6 @@ def parse(data: bytes, what: str) -> dict[str, Location]:
             raise PackIndexError(f"{what}: entry {digest.hex()} points outside its packs")
         out[digest.hex()] = (packs[pack_no], offset, length)
     return out
-
-
-@dataclass
-class Range:
-    """One ranged GET: blobs back to back (small gaps allowed) in one pack."""
-
-    pack: str
-    items: list[tuple[str, int, int]]  # (digest, offset in the pack, stored length)
-
-    @property
-    def length(self) -> int:
-        return self.items[-1][1] + self.items[-1][2] - self.items[0][1]
 
 
 class PackIndex:
@@ -155,10 +139,10 @@ class PackIndex:
                 self.add({d: loc for d, loc in got.items() if d in keep})
 
     def ranges(self, digests: Iterable[str], *, max_gap: int = 256 << 10,
-               range_bytes: int = 4 << 20) -> tuple[list[Range], list[str]]:
+               range_bytes: int = 4 << 20) -> tuple[list[PackRange], list[str]]:
         """The digests as ranged GETs (a run in one pack, gaps of at most `max_gap`
         bytes bridged, at most about `range_bytes` each) and those no pack holds."""
-        located: list[tuple[str, int, int, str]] = []
+        located: list[tuple[PackLocation, str]] = []
         loose: list[str] = []
         seen: set[str] = set()
         for d in digests:
@@ -169,17 +153,8 @@ class PackIndex:
             if loc is None:
                 loose.append(d)
             else:
-                located.append((loc[0], loc[1], loc[2], d))
+                located.append((PackLocation(*loc), d))
         located.sort()
-        out: list[Range] = []
-        current: Range | None = None
-        for pack, offset, length, digest in located:
-            if current is not None and current.pack == pack:
-                end = current.items[-1][1] + current.items[-1][2]
-                if 0 <= offset - end <= max_gap and \
-                        offset + length - current.items[0][1] <= range_bytes:
-                    current.items.append((digest, offset, length))
-                    continue
-            current = Range(pack, [(digest, offset, length)])
-            out.append(current)
-        return out, loose
+        runs = merge_pack_runs(((d, loc) for loc, d in located), max_gap=max_gap,
+                               range_bytes=range_bytes)
+        return [r for r in runs if isinstance(r, PackRange)], loose

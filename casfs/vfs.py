@@ -4,7 +4,8 @@ listings, links, xattrs and file content, answered from a manifest and the fetch
 This is the model the FUSE adapter (casfs.fuse_ops) translates to and from the
 kernel's protocol; tests drive it without mounting. It raises FsError with an
 errno for filesystem conditions and lets FetchFailed / ManifestError through
-for the adapter to log and turn into EIO.
+for the adapter to log and turn into EIO. It maps a read to chunk ranges; getting
+their bytes (cache, store, retries) is the fetcher's job.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import stat
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import trio
-
-from casfs.cache import ChunkCache
+from casfs.errors import FsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef, Inode
 from casfs.metrics import MountMetrics
+from casfs.ranges import ranges_of
+
+__all__ = ["STATS_XATTR", "FsError", "ImageFS"]
 
 STATS_XATTR = b"user.casfs.stats"
 
@@ -32,39 +32,17 @@ ReadTracker = Callable[[], contextlib.AbstractContextManager[object]]
 ListObserver = Callable[[int], None]
 
 
-class FsError(Exception):
-    def __init__(self, errno_: int) -> None:
-        super().__init__(os.strerror(errno_))
-        self.errno = errno_
-
-
-def _read_parts(parts: list[tuple[Path | bytes, int, int]]) -> bytes:
-    """Concatenate byte ranges of local chunk files (or of in-memory chunks)."""
-    out = []
-    for src, start, length in parts:
-        if isinstance(src, bytes):
-            out.append(src[start : start + length])
-            continue
-        fd = os.open(src, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, start)
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            # Truncated on disk since it was verified: never serve short (wrong) data.
-            raise FileNotFoundError(errno.ENOENT, "chunk file shorter than indexed", str(src))
-        out.append(data)
-    return b"".join(out)
-
-
 class ImageFS:
     """A read-only view of one manifest."""
 
-    def __init__(self, manifest: Manifest, fetcher: Fetcher, cache: ChunkCache,
-                 metrics: MountMetrics, extra_stats: Callable[[], dict] | None = None) -> None:
+    def __init__(self, manifest: Manifest, fetcher: Fetcher, metrics: MountMetrics,
+                 extra_stats: Callable[[], dict] | None = None, *,
+                 security_xattrs: bool = True) -> None:
         self.manifest = manifest
+        # security.* xattrs (file capabilities, labels) are shown only where the mount
+        # honours setuid: a capability is a privilege like a setuid bit.
+        self.security_xattrs = security_xattrs
         self.fetcher = fetcher
-        self.cache = cache
         self.metrics = metrics
         self.read_observers: list[ReadObserver] = []
         self.read_trackers: list[ReadTracker] = []  # entered for the span of each read
@@ -108,20 +86,21 @@ class ImageFS:
         return self.manifest.readlink(ino)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return list(self.manifest.xattrs(ino))
+        return [name for name in self.manifest.xattrs(ino) if self._shown(name)]
+
+    def _shown(self, name: bytes) -> bool:
+        return self.security_xattrs or not name.startswith(b"security.")
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino == 1 and name == STATS_XATTR:
             return json.dumps(self.stats()).encode()
-        value = self.manifest.xattrs(ino).get(name)
+        value = self.manifest.xattrs(ino).get(name) if self._shown(name) else None
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     def stats(self) -> dict:
-        out = {"metrics": self.metrics.as_dict(), "cache": self.cache.stats.__dict__.copy()}
-        out["cache"]["bytes"] = self.cache.total_bytes()
-        out["cache"]["max_bytes"] = self.cache.max_bytes
+        out = {"metrics": self.metrics.as_dict(), "cache": self.fetcher.cache_stats()}
         if self.extra_stats is not None:
             out.update(self.extra_stats())
         return out
@@ -142,79 +121,22 @@ class ImageFS:
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.ENXIO)
 
-    def _invalidate(self, exc: FileNotFoundError, chunks: list[ChunkRef]) -> None:
-        """Make the next lookup re-check the chunk file that failed (all, if unnamed)."""
-        name = os.path.basename(exc.filename) if exc.filename else ""
-        for c in chunks:
-            if not name or c.digest == name:
-                self.cache.invalidate(c.digest)
-
-    async def _get_into(self, sources: list[Path | bytes | None], i: int, digest: str,
-                        fresh: bool) -> None:
-        sources[i] = await self.fetcher.get(digest, fresh=fresh)
-
     async def read(self, ino: int, offset: int, size: int) -> bytes | bytearray:
+        """Bytes [offset, offset+size) of file ino (fewer at its end)."""
         self.metrics.reads += 1
         chunks = self.manifest.chunks_for_range(ino, offset, size)
         if not chunks:
             return b""
         for observe in self.read_observers:
             observe(ino, chunks)
-        end = min(offset + size, self.manifest.inode(ino).size)
-        # The hot path, on this thread: chunks this process verified, bytes in the page
-        # cache (after a prefetch, or re-reads the kernel dropped). Never blocks.
-        ranges = []  # (digest, offset in the chunk, length) of each chunk's part
-        for c in chunks:
-            lo = max(offset, c.offset) - c.offset
-            ranges.append((c.digest, lo, min(end, c.offset + c.length) - c.offset - lo))
-        data = self.cache.read_nowait(ranges)
-        if data is not None:
-            self.fetcher.note_hits([c.digest for c in chunks])
-            self.metrics.read_bytes += len(data)
-            return data
-        with contextlib.ExitStack() as stack:
-            for track in self.read_trackers:
-                stack.enter_context(track())
-            data = await self._read_blocking(chunks, ranges)
+        ranges = ranges_of(chunks, offset, min(offset + size, self.manifest.inode(ino).size))
+        if not self.read_trackers:
+            data = await self.fetcher.read(ranges)
+        else:
+            with contextlib.ExitStack() as stack:
+                for track in self.read_trackers:
+                    stack.enter_context(track())
+                data = await self.fetcher.read(ranges)
         self.metrics.read_bytes += len(data)
         return data
 
-    async def _read_blocking(self, chunks: list[ChunkRef],
-                             ranges: list[tuple[str, int, int]]) -> bytes:
-        """The same ranges, from cache files (one thread hop) or fetched."""
-
-        def parts_of(sources: list[Path | bytes]) -> list[tuple[Path | bytes, int, int]]:
-            return [(src, lo, length)
-                    for (_, lo, length), src in zip(ranges, sources, strict=True)]
-
-        def read_if_cached() -> bytes | None:
-            # The common warm case in one thread hop: every chunk on disk.
-            paths = self.fetcher.cached_paths([c.digest for c in chunks])
-            if paths is None:
-                return None
-            try:
-                return _read_parts(parts_of(list(paths)))
-            except FileNotFoundError as exc:  # evicted or damaged between lookup and read
-                self._invalidate(exc, chunks)
-                return None
-
-        data = await trio.to_thread.run_sync(read_if_cached, limiter=self.fetcher.disk_limiter)
-        attempts = 0
-        while data is None:
-            sources: list[Path | bytes | None] = [None] * len(chunks)
-            # After a cached file vanished twice (a small cache churning), take bytes.
-            fresh = attempts >= 1
-            async with trio.open_nursery() as nursery:
-                for i, c in enumerate(chunks):
-                    nursery.start_soon(self._get_into, sources, i, c.digest, fresh)
-            try:
-                data = await trio.to_thread.run_sync(
-                    _read_parts, parts_of([s for s in sources if s is not None]),
-                    limiter=self.fetcher.disk_limiter,
-                )
-            except FileNotFoundError as exc:
-                self._invalidate(exc, chunks)
-                attempts += 1
-                if attempts >= 3:
-                    raise
-        return data

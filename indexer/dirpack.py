@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from casfs import packindex
-from casfs.errors import CasfsError
+from casfs.errors import CasfsError, DirPackError
 from casfs.store import Store
 from indexer.chunking import SMALL_CHUNK
 
@@ -142,7 +142,3 @@ class DirPacker:
             while self._writing:  # never close the file under a pwrite
                 self._lock.wait()
         self._spill.close()
-
-
-class DirPackError(CasfsError):
-    """Packing a layer's small files failed (never fails the index)."""

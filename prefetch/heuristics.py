@@ -39,10 +39,8 @@ others one GET each.
 from __future__ import annotations
 
 import logging
-import os
 import stat
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -50,7 +48,8 @@ from casfs.errors import CasfsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
-from casfs.packindex import PackIndex, Range
+from casfs.packindex import PackIndex
+from casfs.ranges import PackRange, ranges_of
 from prefetch.elf import parse_headers
 
 log = logging.getLogger(__name__)
@@ -94,6 +93,7 @@ class Heuristics:
         self._metadata_seen: set[tuple[int, bytes]] = set()  # (site dir, file name)
         self.requested = 0  # requests started: single GETs and pack ranges
         self.ranged = 0  # of those, ranged GETs of directory packs
+        self.failures = 0  # guesses that raised something unexpected (logged)
 
     def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         first, last = chunks[0], chunks[-1]
@@ -164,7 +164,7 @@ class Heuristics:
             return
         if node.size > self.library_max_size:  # too big to take whole
             if reading[0].offset == 0:  # the loader reading the headers
-                self.nursery.start_soon(self._fetch_loader_parts, ino)
+                self._start(self._fetch_loader_parts, ino)
             return
         skip = {c.digest for c in reading}
         for c in self.manifest.chunks(ino):
@@ -195,16 +195,9 @@ class Heuristics:
 
     async def _file_bytes(self, ino: int, offset: int, length: int) -> bytes:
         """Bytes of a file, its chunks fetched as prefetch (joining a read's fetch)."""
-        out = bytearray()
-        for c in self.manifest.chunks_for_range(ino, offset, length):
-            source = await self.fetcher.get(c.digest, prefetch=True)
-            lo = max(offset, c.offset) - c.offset
-            hi = min(offset + length, c.offset + c.length) - c.offset
-            if isinstance(source, Path):
-                out += await trio.to_thread.run_sync(_pread, source, lo, hi - lo)
-            else:
-                out += source[lo:hi]
-        return bytes(out)
+        end = min(offset + length, self.manifest.inode(ino).size)
+        chunks = self.manifest.chunks_for_range(ino, offset, length)
+        return bytes(await self.fetcher.read(ranges_of(chunks, offset, end), prefetch=True))
 
     def _streaming(self, ino: int, first: ChunkRef, last: ChunkRef) -> bool:
         """Whether reads of ino walk its chunks in order, one after the next."""
@@ -284,7 +277,7 @@ class Heuristics:
         for r in ranges:
             self.requested += 1
             self.ranged += 1
-            self.nursery.start_soon(self._get_range, r)
+            self._start(self._get_range, r)
         for digest in loose:
             self._spawn(digest)
 
@@ -292,11 +285,27 @@ class Heuristics:
         if self.fetcher.in_flight(digest):
             return
         self.requested += 1
-        self.nursery.start_soon(self._get, digest, warm)
+        self._start(self._get, digest, warm)
 
-    async def _get_range(self, r: Range) -> None:
+    def _start(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a guess in the background. A guess is only a guess: whatever it raises
+        is logged and counted, never passed on to the mount."""
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                self.failures += 1
+                log.warning("a first-boot guess failed (%s): %r", fn.__name__, exc)
+
+        self.nursery.start_soon(guarded)
+
+    async def _get_range(self, r: PackRange) -> None:
         async with self.slots:
-            await self.fetcher.get_pack_range(r.pack, r.items[0][1], r.items)
+            try:
+                await self.fetcher.get_pack_range(r)
+            except CasfsError as exc:
+                log.debug("heuristic prefetch of a range of pack %s failed: %s", r.pack, exc)
 
     async def _get(self, digest: str, warm: bool = False) -> None:
         async with self.slots:
@@ -304,11 +313,6 @@ class Heuristics:
                 await self.fetcher.prefetch(digest, warm=warm)
             except CasfsError as exc:
                 log.debug("heuristic prefetch of %s failed: %s", digest, exc)
-
-
-def _pread(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        return os.pread(f.fileno(), length, offset)
 
 
 def _name_of(manifest: Manifest, directory: int, ino: int) -> bytes | None:

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 
 import trio
 
-from casfs.cache import ChunkCache
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
 from casfs.store import Store
@@ -123,9 +122,12 @@ class Recorder:
         return Trace(self.manifest.digest, time.time(), boot, chunks)
 
 
-def save_trace(recorder: Recorder, store: Store, cache: ChunkCache,
+def save_trace(recorder: Recorder, store: Store, chunk_bytes: Callable[[str], bytes | None],
                known_packed: Mapping[str, tuple[str, int, int]] | Collection[str]) -> str | None:
     """Finish recording and write the trace (and maybe a pack). Blocking. Returns the trace id.
+
+    chunk_bytes(digest): a chunk's bytes from the node (None when no longer there), for
+    the pack (Fetcher.cached_bytes).
 
     known_packed: the chunks earlier traces' packs hold, as digest -> (pack, offset,
     stored length) (PrefetchStatus.packed_digests), or just the digests. When they
@@ -142,7 +144,7 @@ def save_trace(recorder: Recorder, store: Store, cache: ChunkCache,
     digests = [c.digest for c in trace.chunks]
     covered = sum(1 for d in digests if d in known_packed) / len(digests)
     if covered < PACK_COVERAGE_ENOUGH:
-        _write_pack(trace, store, cache)
+        _write_pack(trace, store, chunk_bytes)
     elif isinstance(known_packed, Mapping):
         _point_into_pack(trace, known_packed)
     trace_id = f"{int(trace.created * 1000):013d}-{secrets.token_hex(4)}"
@@ -166,17 +168,14 @@ def _point_into_pack(trace: Trace, known: Mapping[str, tuple[str, int, int]]) ->
     trace.pack = pack
 
 
-def _write_pack(trace: Trace, store: Store, cache: ChunkCache) -> None:
+def _write_pack(trace: Trace, store: Store, chunk_bytes: Callable[[str], bytes | None]) -> None:
     frames = []
     offset = 0
     for c in trace.chunks:
-        path = cache.lookup(c.digest)
-        if path is None:
+        data = chunk_bytes(c.digest)
+        if data is None:
             continue  # evicted already: the next boot fetches it by itself
-        try:
-            frame = compress(path.read_bytes())
-        except OSError:
-            continue
+        frame = compress(data)
         c.pack_offset, c.pack_length = offset, len(frame)
         frames.append(frame)
         offset += len(frame)

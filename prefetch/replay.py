@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -29,10 +30,12 @@ from casfs.errors import CasfsError
 from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.packindex import PackIndex
+from casfs.ranges import PackLocation, PackRange, merge_pack_runs
 from casfs.store import Store
 from prefetch.trace import MAX_TRACE_BYTES, PlanItem, Trace, TraceError, merge
 
 log = logging.getLogger(__name__)
+ROOM_SHARE = 0.85  # prefetch stops once the cache holds this share of its cap
 
 
 @dataclass
@@ -127,39 +130,21 @@ def packed_locations(traces: list[Trace]) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-@dataclass
-class Group:
-    """One request: a pack range (pack set) or a single blob (pack None)."""
-
-    pack: str | None
-    items: list[tuple[str, int, int]]  # (digest, pack offset, stored length)
-
-
 def plan_groups(plan: list[PlanItem], range_bytes: int, max_gap: int,
-                packed: dict[str, tuple[str, int, int]] | None = None) -> list[Group]:
+                packed: Mapping[str, tuple[str, int, int]] | None = None) -> list[PackRange | str]:
     """The plan as requests, in its order: runs of chunks in one pack become ranged
-    GETs. A chunk no trace packed is taken from its directory pack (`packed`) if any."""
-    groups: list[Group] = []
-    current: Group | None = None
-    for item in plan:
+    GETs (PackRange), the others single blob GETs (their digest). A chunk no trace
+    packed is taken from its directory pack (`packed`) if any."""
+
+    def located(item: PlanItem) -> PackLocation | None:
         if item.locations:
-            location = item.locations[-1]  # the newest boot's pack
-        elif packed and item.digest in packed:
-            location = packed[item.digest]
-        else:
-            groups.append(Group(None, [(item.digest, 0, 0)]))
-            continue
-        pack, off, length = location
-        if current is not None and current.pack == pack:
-            _, last_off, last_len = current.items[-1]
-            first_off = current.items[0][1]
-            gap = off - (last_off + last_len)
-            if 0 <= gap <= max_gap and off + length - first_off <= range_bytes:
-                current.items.append((item.digest, off, length))
-                continue
-        current = Group(pack, [(item.digest, off, length)])
-        groups.append(current)
-    return groups
+            return PackLocation(*item.locations[-1])  # the newest boot's pack
+        if packed and item.digest in packed:
+            return PackLocation(*packed[item.digest])
+        return None
+
+    return merge_pack_runs(((it.digest, located(it)) for it in plan), max_gap=max_gap,
+                           range_bytes=range_bytes)
 
 
 class Prefetcher:
@@ -218,8 +203,7 @@ class Prefetcher:
                 self.status.state = "done"
                 return
             self.status.state = "running"
-            present = await trio.to_thread.run_sync(
-                self.fetcher.cache.contains_many, [it.digest for it in plan])
+            present = await self.fetcher.present([it.digest for it in plan])
             local = [it.digest for it, have in zip(plan, present, strict=True) if have]
             remote = [it for it, have in zip(plan, present, strict=True) if not have]
             self.status.local_chunks = len(local)
@@ -248,18 +232,13 @@ class Prefetcher:
         """Chunks of the plan already on local disk: verify them (a read and a hash,
         once per process) in first-access order, ahead of the process, which then finds
         them checked and in the page cache instead of waiting on the disk."""
-        cache = self.fetcher.cache
-
-        def verify(batch: list[str]) -> int:
-            return sum(1 for d in batch if cache.lookup(d, count=False) is not None)
-
         batches = [digests[i : i + self.warm_batch]
                    for i in range(0, len(digests), self.warm_batch)]
         slots = trio.Semaphore(self.warm_concurrency)  # a few disk reads in flight
 
         async def one(batch: list[str]) -> None:
             try:
-                n = await trio.to_thread.run_sync(verify, batch)
+                n = await self.fetcher.warm(batch)
                 self.status.warmed_chunks += n
             finally:
                 slots.release()
@@ -269,25 +248,19 @@ class Prefetcher:
                 await slots.acquire()
                 nursery.start_soon(one, batch)
 
-    def _room_left(self) -> bool:
-        cache = self.fetcher.cache
-        return cache.total_bytes() < cache.max_bytes * 0.85
-
-    async def _fetch_all(self, groups: list[Group]) -> None:
+    async def _fetch_all(self, groups: list[PackRange | str]) -> None:
         self.status.groups = len(groups)
         slots = trio.Semaphore(self.concurrency)
 
-        async def one(group: Group) -> None:
+        async def one(group: PackRange | str) -> None:
             try:
-                if group.pack is None:
-                    await self.fetcher.get(group.items[0][0], prefetch=True)
+                if isinstance(group, str):
+                    await self.fetcher.prefetch(group)
                     self.status.done_chunks += 1
                 else:
                     # Await first: `x += await ...` would read x before the await and
                     # lose the other groups' updates made meanwhile.
-                    inserted = await self.fetcher.get_pack_range(
-                        group.pack, group.items[0][1], group.items
-                    )
+                    inserted = await self.fetcher.get_pack_range(group)
                     self.status.done_chunks += inserted
             except CasfsError as exc:
                 log.warning("prefetch request failed: %s", exc)
@@ -297,7 +270,7 @@ class Prefetcher:
         async with trio.open_nursery() as nursery:
             for i, group in enumerate(groups):
                 await slots.acquire()
-                if i % 16 == 0 and not await trio.to_thread.run_sync(self._room_left):
+                if i % 16 == 0 and not await self.fetcher.room_left(ROOM_SHARE):
                     self.status.stopped_at_cap = True
                     slots.release()
                     log.info("prefetch stopped: the cache is near its size cap")

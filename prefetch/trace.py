@@ -22,17 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from casfs.digest import is_digest
-from casfs.errors import CasfsError
+from casfs.errors import TraceError
 from casfs.store.content import MAX_BLOB_SIZE
 
 TRACE_VERSION = 1
-MAX_TRACE_BYTES = 64 << 20
-MAX_TRACE_CHUNKS = 500_000
+MAX_TRACE_BYTES = 32 << 20
+MAX_TRACE_CHUNKS = 200_000
+MAX_TRACE_PATHS = MAX_TRACE_CHUNKS
 MAX_PACK_SIZE = 1 << 40
-
-
-class TraceError(CasfsError):
-    """A trace object is malformed."""
+# A trace's JSON has a fixed shape: an object holding two lists, `paths` (strings) and
+# `chunks` (rows of 6 values). Counted on the raw bytes before parsing, these bound what
+# json.loads builds: a small zstd frame can expand to MAX_TRACE_BYTES of `1,1,1,...`,
+# which would be millions of Python objects (hundreds of MB) once parsed.
+MAX_TRACE_SEPARATORS = 7 * MAX_TRACE_CHUNKS + MAX_TRACE_PATHS + 16
+MAX_TRACE_BRACKETS = MAX_TRACE_CHUNKS + 8
 
 
 @dataclass
@@ -69,8 +72,15 @@ class Trace:
     def parse(cls, data: bytes, trace_id: str = "") -> Trace:
         if len(data) > MAX_TRACE_BYTES:
             raise TraceError(f"trace {trace_id} is larger than {MAX_TRACE_BYTES} bytes")
+        # Bounds on what parsing builds, checked first (a comma or bracket inside a
+        # path string counts too, which only makes the bound stricter).
+        if data.count(b",") + data.count(b":") > MAX_TRACE_SEPARATORS or \
+                data.count(b"[") + data.count(b"{") > MAX_TRACE_BRACKETS:
+            raise TraceError(f"trace {trace_id} holds more values than a trace can")
         try:
             doc = json.loads(data)
+        except RecursionError:
+            raise TraceError(f"trace {trace_id} is nested too deeply") from None
         except ValueError as exc:
             raise TraceError(f"trace {trace_id} is not JSON: {exc}") from exc
         if not isinstance(doc, dict) or doc.get("version") != TRACE_VERSION:
@@ -81,7 +91,8 @@ class Trace:
             raise TraceError(f"trace {trace_id}: bad manifest digest")
         if pack is not None and not (isinstance(pack, str) and is_digest(pack)):
             raise TraceError(f"trace {trace_id}: bad pack digest")
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        if not isinstance(paths, list) or len(paths) > MAX_TRACE_PATHS or \
+                not all(isinstance(p, str) for p in paths):
             raise TraceError(f"trace {trace_id}: bad paths")
         if not isinstance(rows, list) or len(rows) > MAX_TRACE_CHUNKS:
             raise TraceError(f"trace {trace_id}: bad or oversized chunk list")
@@ -89,7 +100,8 @@ class Trace:
         for row in rows:
             chunks.append(_parse_row(row, paths, pack is not None, trace_id))
         created, boot = doc.get("created", 0), doc.get("boot_seconds", 0)
-        if not isinstance(created, int | float) or not isinstance(boot, int | float):
+        if not isinstance(created, int | float) or not isinstance(boot, int | float) or \
+                not (0 <= created < 1e11 and 0 <= boot < 1e7):
             raise TraceError(f"trace {trace_id}: bad times")
         return cls(manifest, float(created), float(boot), chunks, pack, trace_id)
 
@@ -103,7 +115,8 @@ def _parse_row(row: Any, paths: list[str], has_pack: bool, trace_id: str) -> Tra
         isinstance(v, int) and not isinstance(v, bool) for v in ints
     ):
         raise TraceError(f"trace {trace_id}: malformed chunk entry")
-    if not 0 < length <= MAX_BLOB_SIZE or t_ms < 0 or not 0 <= path_idx < len(paths):
+    if not 0 < length <= MAX_BLOB_SIZE or not 0 <= t_ms < 1 << 40 or \
+            not 0 <= path_idx < len(paths):
         raise TraceError(f"trace {trace_id}: chunk entry out of range")
     if off != -1 and (not has_pack or off < 0 or not 0 < plen <= MAX_BLOB_SIZE + 1024
                       or off + plen > MAX_PACK_SIZE):

@@ -111,6 +111,7 @@ def file_url(path: Path) -> str:
 #: For tests that count store requests exactly: no trace replay, no readahead guesses, no
 #: trace saved for later mounts of the same image.
 EXACT = ("--no-prefetch", "--no-trace")
+ROOTFS = ("--suid", "--dev")  # a container rootfs: the image exactly, setuid and devices too
 
 
 def from_store(metrics: dict[str, Any]) -> int:
@@ -197,7 +198,8 @@ def assert_same_tree(expected: dict, actual: dict) -> None:
 
 def test_mounted_tree_equals_umoci_extraction(rules: dict, tmp_path: Path) -> None:
     expected = rules["expected"]
-    with mounted(rules["ref"], tmp_path / "mnt", file_url(rules["store"]), tmp_path / "cache") as m:
+    with mounted(rules["ref"], tmp_path / "mnt", file_url(rules["store"]), tmp_path / "cache",
+                 *ROOTFS) as m:
         actual = snapshot(m.mountpoint)
         assert_same_tree(expected, actual)
         # spot checks that the comparison covered what it should
@@ -269,7 +271,7 @@ def public_dir() -> Any:
 
 def test_every_write_fails_with_erofs(rules: dict, tmp_path: Path, public_dir: Path) -> None:
     with mounted(rules["ref"], public_dir / "mnt", file_url(rules["store"]),
-                 tmp_path / "cache") as m:
+                 tmp_path / "cache", *ROOTFS) as m:
         f, d = m.path("etc/single"), m.path("d")
         attempts = {
             "create": lambda: os.open(m.path("d/newfile"), os.O_CREAT | os.O_WRONLY, 0o644),
@@ -326,13 +328,12 @@ def test_every_write_fails_with_erofs(rules: dict, tmp_path: Path, public_dir: P
         entry = mount_entry(m.mountpoint)
         assert entry is not None and entry["fstype"] == "fuse.casfs"
         opts = set(entry["options"].split(","))
-        assert "ro" in opts and "nosuid" not in opts and "nodev" not in opts, opts
+        assert "ro" in opts and "nosuid" not in opts and "nodev" not in opts, opts  # --suid --dev
         assert {"allow_other", "default_permissions"} <= set(entry["super_options"].split(","))
 
 
-def test_nosuid_nodev_flags(rules: dict, tmp_path: Path) -> None:
-    with mounted(rules["ref"], tmp_path / "mnt", file_url(rules["store"]), tmp_path / "cache",
-                 "--nosuid", "--nodev") as m:
+def test_nosuid_nodev_and_no_capabilities_by_default(rules: dict, tmp_path: Path) -> None:
+    with mounted(rules["ref"], tmp_path / "mnt", file_url(rules["store"]), tmp_path / "cache") as m:
         entry = mount_entry(m.mountpoint)
         assert entry is not None
         assert {"ro", "nosuid", "nodev"} <= set(entry["options"].split(","))
@@ -340,6 +341,11 @@ def test_nosuid_nodev_flags(rules: dict, tmp_path: Path) -> None:
             open(m.path("dev/null"), "wb")
         # the bits are still reported as in the image
         assert os.stat(m.path("suid")).st_mode & 0o7777 == 0o4755
+        # file capabilities are not shown (nor honoured: nosuid), other xattrs are
+        assert "security.capability" not in os.listxattr(m.path("x/f"))
+        with pytest.raises(OSError) as err:
+            os.getxattr(m.path("x/f"), "security.capability")
+        assert err.value.errno == errno.ENODATA
 
 
 def test_overlayfs_stacks_a_writable_upper(rules: dict, tmp_path: Path) -> None:
@@ -877,7 +883,9 @@ def test_s3_store_serves_the_same_bytes_as_the_file_store(rules: dict, tmp_path:
     assert ref == rules["ref"]
     with mounted(ref, tmp_path / "mnt", s3_bucket_url, tmp_path / "cache") as m:
         actual = snapshot(m.mountpoint)
-        assert m.stats()["mount"]["store"].startswith("s3://")
+        stats = m.stats()
+        assert stats["metrics"]["fetches"] + stats["metrics"]["prefetch_requests"] > 0
+        assert s3_bucket_url.split("/")[2] not in json.dumps(stats)  # no store URL for all to see
         assert from_store(m.stats()["metrics"]) > 10
     assert_same_tree(rules["expected"], actual)
 

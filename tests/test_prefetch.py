@@ -21,6 +21,7 @@ import random
 import struct
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,16 @@ READ_TIMEOUT = 30.0
 def rnd(n: int, seed: int) -> bytes:
     """Incompressible, distinct content (no dedup between files)."""
     return random.Random(seed).randbytes(n)
+
+
+def chunk_reader(cache: ChunkCache) -> Callable[[str], bytes | None]:
+    """What save_trace reads chunks through (the fetcher's cached_bytes), over a cache."""
+
+    def read(digest: str) -> bytes | None:
+        path = cache.lookup(digest)
+        return None if path is None else path.read_bytes()
+
+    return read
 
 
 def dig(i: int) -> str:
@@ -295,7 +306,8 @@ def test_plan_groups() -> None:
             item(6, 5_000),  # going backwards: a new range
             item(7, 5_100, where=other)]  # another pack
     groups = plan_groups(plan, range_bytes=1_000, max_gap=100)
-    assert [(g.pack, [d for d, _, _ in g.items]) for g in groups] == [
+    assert [(None, [g]) if isinstance(g, str) else (g.pack, [d for d, _, _ in g.items])
+            for g in groups] == [
         (pack, [dig(0), dig(1), dig(2)]),
         (pack, [dig(3), dig(5)]),  # a blob GET between them does not split the range
         (None, [dig(4)]),
@@ -449,9 +461,9 @@ def test_save_trace_writes_trace_pack_and_layer_pointers(unit_image: Image, tmp_
     want = [d for p in order for d in chunks_of(m, p)]
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     fill_cache(cache, store, want[:-1])  # the last chunk was evicted: not packed
-    tid = save_trace(rec, store, cache, known_packed=set())
+    tid = save_trace(rec, store, chunk_reader(cache), known_packed=set())
     assert tid and store.list_traces(m.digest) == [tid]
-    assert save_trace(rec, store, cache, set()) == tid  # saved once
+    assert save_trace(rec, store, chunk_reader(cache), set()) == tid  # saved once
     trace = Trace.parse(store.get_trace(m.digest, tid, MAX_TRACE_BYTES), tid)
     assert [c.digest for c in trace.chunks] == want
     assert [c.t_ms for c in trace.chunks] == sorted(c.t_ms for c in trace.chunks)
@@ -470,10 +482,10 @@ def test_save_trace_writes_trace_pack_and_layer_pointers(unit_image: Image, tmp_
         assert (m.digest, tid) in store.list_layer_traces(layer["digest"])
     # A boot whose chunks earlier packs already hold writes no new pack.
     rec2 = record(m, order)
-    tid2 = save_trace(rec2, store, cache, known_packed=set(want))
+    tid2 = save_trace(rec2, store, chunk_reader(cache), known_packed=set(want))
     assert Trace.parse(store.get_trace(m.digest, tid2, MAX_TRACE_BYTES)).pack is None
     # A boot that read nothing saves nothing.
-    assert save_trace(Recorder(m), store, cache, set()) is None
+    assert save_trace(Recorder(m), store, chunk_reader(cache), set()) is None
     cache.close()
 
 
@@ -487,7 +499,7 @@ def test_pack_stays_in_use_after_many_boots(tmp_path: Path) -> None:
     want = [d for p in order for d in chunks_of(m, p)]
     cache = ChunkCache(tmp_path / "cache", 1 << 30)
     fill_cache(cache, store, want)
-    first = save_trace(record(m, order), store, cache, set())
+    first = save_trace(record(m, order), store, chunk_reader(cache), set())
     assert first
     packs = set(store.backend.list("packs/"))  # the index's directory pack and this one
     pack = Trace.parse(store.get_trace(m.digest, first, MAX_TRACE_BYTES)).pack
@@ -498,7 +510,7 @@ def test_pack_stays_in_use_after_many_boots(tmp_path: Path) -> None:
         known = packed_locations(traces)
         assert set(known) == set(want), f"boot {boot}: pack locations lost"
         time.sleep(0.002)  # distinct trace ids (milliseconds)
-        save_trace(record(m, list(reversed(order))), store, cache, known)
+        save_trace(record(m, list(reversed(order))), store, chunk_reader(cache), known)
     assert len(store.list_traces(m.digest)) == 10
     assert f"packs/{pack}" in packs
     assert set(store.backend.list("packs/")) == packs  # no other boot wrote one
@@ -565,7 +577,7 @@ def test_load_traces_rejects_hostile_objects(tmp_path: Path,
     store, m = image.store(), image.manifest()
     rec = record(m, ["/app/a.bin", "/app/b.bin"])
     cache = ChunkCache(tmp_path / "c", 1 << 30)
-    good_id = save_trace(rec, store, cache, set())
+    good_id = save_trace(rec, store, chunk_reader(cache), set())
     cache.close()
     status = PrefetchStatus()
     traces = load_traces(store, m, status, max_traces=100)
@@ -674,7 +686,7 @@ def test_reads_join_or_overtake_prefetch(fuse: None, seaweed: Any, s3_bucket_url
     store.backend.delete(f"packidx/sha256/{layer_hex}")
     cache = ChunkCache(tmp_path / "reccache", 1 << 30)
     fill_cache(cache, store, [d for p in order[:16] for d in chunks_of(m, "/" + p)])
-    save_trace(rec, store, cache, set())
+    save_trace(rec, store, chunk_reader(cache), set())
     cache.close()
     first, late = order[3], order[-1]
 
@@ -720,7 +732,7 @@ def test_hostile_traces_rejected_mount_works(fuse: None, store_url: str, tmp_pat
     rec = record(m, ["/" + p for p in BOOT])
     cache = ChunkCache(tmp_path / "reccache", 1 << 30)
     fill_cache(cache, store, [d for p in BOOT for d in chunks_of(m, "/" + p)])
-    tid = save_trace(rec, store, cache, set())
+    tid = save_trace(rec, store, chunk_reader(cache), set())
     cache.close()
     assert tid
     bad = Trace.parse(store.get_trace(image.digest, tid, MAX_TRACE_BYTES), tid)

@@ -23,7 +23,8 @@ import pytest
 import trio
 
 from casfs.cache import ChunkCache
-from casfs.fetch import Fetcher, FetchFailed
+from casfs.errors import FetchFailed
+from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.metrics import MountMetrics
 from casfs.store import Store, open_store
@@ -80,12 +81,12 @@ class CountingBackend:
         self.gets: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         with self._lock:
             self.gets[key] += 1
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.get(key)
+        return self.inner.get(key, max_bytes=max_bytes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -117,7 +118,7 @@ def make_env(image: Image, cache_dir: Path, delay: float = 0.0,
     manifest = Manifest(store.get_manifest(image.digest), image.digest)
     cache = ChunkCache(cache_dir, cache_size)
     metrics = MountMetrics()
-    fs = ImageFS(manifest, Fetcher(store, cache, metrics), cache, metrics)
+    fs = ImageFS(manifest, Fetcher(store, cache, metrics), metrics)
     return Env(fs, backend, cache, manifest)
 
 
@@ -440,8 +441,8 @@ class FailOnceBackend(CountingBackend):
     def __init__(self, inner: FileBackend, delay: float) -> None:
         super().__init__(inner, delay)
 
-    def get(self, key: str) -> bytes:
-        data = super().get(key)
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        data = super().get(key, max_bytes=max_bytes)
         if key.startswith("blobs/") and self.gets[key] == 1:
             from casfs.errors import StoreError
 
@@ -458,7 +459,7 @@ def test_reads_joining_a_failed_prefetch_fetch_once_more(image: Image, tmp_path:
     cache = ChunkCache(tmp_path / "cache")
     metrics = MountMetrics()
     fetcher = Fetcher(store, cache, metrics)
-    fs = ImageFS(manifest, fetcher, cache, metrics)
+    fs = ImageFS(manifest, fetcher, metrics)
     ino = manifest.resolve("/d/big")
     chunk = manifest.chunks(ino)[1]
     out: list[bytes] = []
@@ -466,7 +467,7 @@ def test_reads_joining_a_failed_prefetch_fetch_once_more(image: Image, tmp_path:
     async def main() -> None:
         async def prefetch() -> None:
             with pytest.raises(FetchFailed):
-                await fetcher.get(chunk.digest, prefetch=True)
+                await fetcher.prefetch(chunk.digest)
 
         async def read(i: int) -> None:
             out.append(await fs.read(ino, CHUNK_SIZE + i, 100))
@@ -635,8 +636,9 @@ def test_warming_verifies_cached_chunks_once_and_drops_bad_ones(image: Image,
 
 def test_pack_pieces_cut_by_stored_bytes() -> None:
     from casfs.fetch import _pieces
+    from casfs.ranges import PackedChunk
 
-    items = [(f"d{i}", i * 100, 100) for i in range(7)]
+    items = [PackedChunk(f"d{i}", i * 100, 100) for i in range(7)]
     assert [[d for d, _, _ in run] for run in _pieces(items, 250)] == [
         ["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
     assert _pieces([], 250) == []

@@ -1,0 +1,181 @@
+"""Process plumbing shared by the background processes casfs starts (mount daemons, the
+node agent): the log format, detaching stdio onto a log file, malloc arena and open-file
+limits, and the one-message pipes a starting process reports "ready" (or its error) on.
+
+Nothing here knows what a mount is; the daemon and the agent use these pieces, and the
+CLI uses the log format. Light on imports: the `casfs mount` front end loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DAEMON_LOG_FORMAT = "%(asctime)s casfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+READY = b"ready\n"
+FAILED = b"error: "
+# Private state: whatever a background process creates is its owner's alone.
+PRIVATE_UMASK = 0o077
+# Helpers (fusermount3, umount, mount) run from these directories only, whatever PATH
+# the user who started casfs had: a root daemon must not run a planted binary.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The environment a daemon keeps from whoever asked for it: store credentials and
+# endpoints (AWS_*), casfs's own settings, and HOME (where ~/.aws lives). Nothing else:
+# not PATH, not LD_PRELOAD, not PYTHONPATH.
+ENV_PREFIXES = ("AWS_", "CASFS_")
+ENV_NAMES = frozenset({"HOME"})
+
+
+def daemon_environment(env: dict[str, str]) -> dict[str, str]:
+    """The part of a requester's environment a daemon runs with (see ENV_PREFIXES)."""
+    out = {k: v for k, v in env.items()
+           if (k.startswith(ENV_PREFIXES) or k in ENV_NAMES) and "\0" not in k + v}
+    out["PATH"] = SAFE_PATH
+    return out
+
+
+def helper_command(name: str) -> str | None:
+    """The absolute path of a system helper (fusermount3, umount...) found on SAFE_PATH."""
+    import shutil
+
+    return shutil.which(name, path=SAFE_PATH)
+
+
+def helper_env() -> dict[str, str]:
+    """A clean environment for running a system helper."""
+    return {"PATH": SAFE_PATH, "LC_ALL": "C"}
+
+
+def configure_daemon_logging(verbose: bool) -> None:
+    """Log lines as a daemon writes them: time, pid, level, logger."""
+    logging.basicConfig(force=True, level=logging.DEBUG if verbose else logging.INFO,
+                        format=DAEMON_LOG_FORMAT)
+
+
+def open_log(log_path: Path) -> int:
+    """A log file opened for appending, private to its owner (0600), never through a
+    symlink: a descriptor the caller dup2()s onto stdout/stderr."""
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o600)  # one created by an older casfs (0644)
+    return fd
+
+
+def redirect_stdio(log_fd: int) -> None:
+    """stdin from /dev/null; stdout and stderr into log_fd (which is closed)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+
+
+def detach(log_fd: int, verbose: bool) -> None:
+    """In a forked child becoming a background process: its own session, private
+    files, stdio on its log, default signal dispositions, daemon logging, few malloc
+    arenas."""
+    os.setsid()
+    os.umask(PRIVATE_UMASK)
+    redirect_stdio(log_fd)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    configure_daemon_logging(verbose)
+    limit_malloc_arenas(2)
+
+
+def limit_malloc_arenas(count: int) -> None:
+    """Dozens of fetch threads would each get a glibc malloc arena; a couple keep the
+    daemon's resident memory near what it actually holds (= MALLOC_ARENA_MAX)."""
+    import ctypes
+
+    m_arena_max = -8
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_arena_max, count)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the kernel (glibc keeps it mapped otherwise)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def raise_open_files_limit(want: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+class ReadyPipe:
+    """A starting process's one message to whoever waits for it: "ready", or the error
+    that stopped it (one line)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def ready(self) -> None:
+        self._send(READY)
+
+    def fail(self, message: str) -> None:
+        self._send(FAILED + message.replace("\n", " ").encode()[:3800] + b"\n")
+
+    def _send(self, data: bytes) -> None:
+        fd, self.fd = self.fd, None  # one message; the fd number may be reused after
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, data)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def read_until(fd: int, deadline: float, done: Callable[[bytes], bool]) -> bytes:
+    """What fd gives until done(all read so far), end of file, or the monotonic deadline."""
+    buf = b""
+    while not done(buf) and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def reap(pid: int, timeout: float) -> int | None:
+    """The exit status of child pid, or None if it is still running after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+def last_error_line(log_path: Path) -> str:
+    """The last "casfs: error: ..." a process wrote to its log, or ""."""
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if line.startswith("casfs: error: "):
+            return line[len("casfs: error: "):]
+    return ""

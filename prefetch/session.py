@@ -1,0 +1,179 @@
+"""One mount's prefetch, from start to end: the one object that owns recording this
+boot, replaying earlier boots' traces, guessing ahead when there are none, and the
+image's directory pack indexes they share.
+
+The daemon creates a PrefetchSession, attaches it to the filesystem model (it observes
+reads and listings) and starts `run()` in its nursery; `close()` at unmount saves a
+trace the boot had not finished. Prefetch is only ever a hint: everything it does runs
+in the session's own nursery, and whatever goes wrong there (a hostile trace, a bug in a
+guess, a store failure) is logged and counted in `stats()` and never reaches the mount's
+task group: the mount keeps serving, without prefetch if need be.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from casfs.errors import CasfsError
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.manifest.reader import ChunkRef
+from casfs.packindex import PackIndex
+from casfs.process import release_free_memory
+from casfs.store import Store
+from casfs.vfs import ImageFS
+from prefetch.heuristics import Heuristics
+from prefetch.recorder import Recorder, save_trace
+from prefetch.replay import Prefetcher
+
+log = logging.getLogger(__name__)
+
+
+class PrefetchSession:
+    """Recording (`record`), replay and first-boot guessing (`prefetch`) for one mount."""
+
+    def __init__(self, manifest: Manifest, store: Store, fetcher: Fetcher, *,
+                 prefetch: bool = True, record: bool = True, trace_idle: float = 10.0) -> None:
+        self.manifest = manifest
+        self.store = store
+        self.fetcher = fetcher
+        self.packs = PackIndex() if prefetch else None
+        self.prefetcher = (Prefetcher(store, manifest, fetcher, packs=self.packs)
+                           if prefetch else None)
+        self.recorder = Recorder(manifest, idle_seconds=trace_idle) if record else None
+        self.heuristics: Heuristics | None = None
+        self.failures = 0  # anything that went wrong inside prefetch (logged)
+        self._guessing = prefetch
+        self._closed = False
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def attach(self, fs: ImageFS) -> None:
+        """Observe the model's reads and listings (before the mount serves)."""
+        fs.read_observers.append(self._on_read)
+        fs.list_observers.append(self._on_list)
+        if self.recorder is not None:
+            fs.read_trackers.append(self.recorder.reading)
+
+    def _on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
+        try:
+            if self.recorder is not None:
+                self.recorder.on_read(ino, chunks)
+            if self.heuristics is not None:
+                self.heuristics.on_read(ino, chunks)
+        except Exception as exc:  # noqa: BLE001 - a hint must never fail a read
+            self._failed("observing a read", exc)
+            self._drop_heuristics()
+
+    def _on_list(self, directory: int) -> None:
+        try:
+            if self.heuristics is not None:
+                self.heuristics.on_list(directory)
+        except Exception as exc:  # noqa: BLE001 - a hint must never fail a listing
+            self._failed("observing a listing", exc)
+            self._drop_heuristics()
+
+    def _drop_heuristics(self) -> None:
+        if self.heuristics is not None:
+            self.failures += self.heuristics.failures
+            self.heuristics = None
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.failures += 1
+        log.warning("prefetch: %s failed, carrying on without it: %r", what, exc,
+                    exc_info=not isinstance(exc, CasfsError))
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (the unmount). Signals `started` once the guesses are
+        ready for the first reads; the trace load is under way by then. Never raises
+        anything but cancellation."""
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._guessing:
+                    self.heuristics = Heuristics(
+                        self.manifest, self.fetcher, nursery, packs=self.packs,
+                        siblings_wanted=self._no_trace_plan, planned=self._planned)
+                if self.prefetcher is not None:
+                    nursery.start_soon(self._guard, "replaying traces", self._replay)
+                if self.recorder is not None:
+                    nursery.start_soon(self._guard, "recording the boot", self._record)
+                task_status.started()
+                started = True
+                await trio.sleep_forever()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self._failed("the prefetch session", exc)
+            self._drop_heuristics()
+        if not started:
+            task_status.started()
+
+    async def _guard(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except Exception as exc:  # noqa: BLE001 - see the module docstring
+            self._failed(what, exc)
+
+    async def _replay(self) -> None:
+        assert self.prefetcher is not None
+        await self.prefetcher.run()
+        # Prefetch's buffers (ranges in flight, decompressed chunks) are freed by now,
+        # but glibc keeps freed heap mapped; hand it back so RSS is what the daemon holds.
+        await trio.to_thread.run_sync(release_free_memory)
+
+    async def _record(self) -> None:
+        assert self.recorder is not None
+        await self.recorder.watch(self._save)
+
+    def _no_trace_plan(self) -> bool:
+        st = self.prefetcher.status if self.prefetcher is not None else None
+        return st is None or (st.state in ("done", "failed") and st.planned_chunks == 0)
+
+    def _planned(self, digest: str) -> bool:
+        return self.prefetcher is not None and digest in self.prefetcher.planned
+
+    def _save(self) -> None:
+        """Write this boot's trace (and maybe its pack). Blocking; never raises."""
+        if self.recorder is None:
+            return
+        known = self.prefetcher.status.packed_digests if self.prefetcher is not None else set()
+        try:
+            save_trace(self.recorder, self.store, self.fetcher.cached_bytes, known)
+        except (CasfsError, OSError) as exc:
+            log.warning("could not save the boot trace: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a trace is a hint
+            self._failed("saving the trace", exc)
+        release_free_memory()  # the pack was built in memory
+
+    async def close(self) -> None:
+        """At unmount: save the trace of a boot that had not ended yet."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.recorder is not None and not self.recorder.finished:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._save)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.prefetcher is not None:
+            out.update(self.prefetcher.status.as_dict())
+        else:
+            out["state"] = "off"
+        if self.heuristics is not None:
+            out["heuristic_requests"] = self.heuristics.requested
+            out["heuristic_ranges"] = self.heuristics.ranged
+        if self.packs is not None:
+            out["dir_packs"] = self.packs.as_dict()
+        if self.recorder is not None:
+            out["recorded_chunks"] = len(self.recorder.order)
+            out["trace_saved"] = self.recorder.saved or ""
+        out["failures"] = self.failures + (self.heuristics.failures if self.heuristics else 0)
+        return out
