@@ -10,23 +10,31 @@ devices, fifos, sockets, empty files, ownership, modes, nanosecond mtimes,
 hardlinks, xattrs) is in the image itself. docs/format.md ("EROFS image") is the
 specification of what is written; format.py holds the on-disk structures.
 
-The build runs in three passes over the manifest's tables, read in bulk (no
-Python object per entry beyond a few tuples): plan (what each inode holds and how
-big it is), place (inode numbers, padding, data blocks), render (one bytearray the
-size of the image, written out at once). The output depends only on the manifest
-and the options: the same manifest always gives the same bytes.
+The build reads the manifest's tables in bulk and makes three passes: every
+directory (names checked, "." and ".." added, entries cut into blocks), every
+inode (kind, size, xattr entries), then every inode again in inode-number order,
+appending its 32- or 64-byte inode, xattrs and inline tail to the metadata area,
+which fixes its nid; a last pass over directories only writes their entries, now
+that every nid is known. Image order: block 0 (superblock at 1024, inodes right
+after it), inodes, shared xattrs (block-aligned), data blocks (directory blocks
+and long symlink targets). The output depends only on the manifest and the
+options: the same manifest always gives the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import stat
+import struct
 import tempfile
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate, chain
+from operator import itemgetter
 from typing import BinaryIO
 
 import blake3
@@ -66,7 +74,6 @@ SLOT_MASK = fmt.SLOT_SIZE - 1
 _OVERLAY = b"trusted.overlay."
 _OVERLAY_ESCAPED = b"trusted.overlay.overlay."
 _METACOPY_ENTRY = fmt.XATTR_ENTRY.pack(16, fmt.XATTR_INDEX_TRUSTED, 0) + b"overlay.metacopy"
-_REDIRECT_HEAD = fmt.XATTR_ENTRY.pack(16, fmt.XATTR_INDEX_TRUSTED, 0)[:2]  # + u16 value size
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by length % 4
 
 
@@ -112,12 +119,12 @@ def build_erofs(
     0/0 character device (a valid EROFS entry, but an overlayfs whiteout): see
     kernel_mode_obstacle.
     """
-    image, info = render_erofs(manifest, object_path=object_path,
-                               drop_security_xattrs=drop_security_xattrs)
+    parts, info = _Build(manifest, object_path, drop_security_xattrs).run()
     if hasattr(out, "write"):
-        out.write(image)  # type: ignore[union-attr]
+        for part in parts:
+            out.write(part)  # type: ignore[union-attr]
     else:
-        _write_atomically(os.fspath(out), image)  # type: ignore[arg-type]
+        _write_atomically(os.fspath(out), parts)  # type: ignore[arg-type]
     return info
 
 
@@ -125,17 +132,20 @@ def render_erofs(
     manifest: Manifest, *, object_path: ObjectPath, drop_security_xattrs: bool = False
 ) -> tuple[bytearray, ErofsInfo]:
     """The image bytes and their summary (build_erofs without the writing)."""
-    plan = _Plan(manifest, object_path, drop_security_xattrs)
-    plan.place()
-    return plan.render()
+    parts, info = _Build(manifest, object_path, drop_security_xattrs).run()
+    image = parts[0]
+    for part in parts[1:]:
+        image += part
+    return image, info
 
 
-def _write_atomically(path: str, data: bytearray) -> None:
+def _write_atomically(path: str, parts: list[bytearray]) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".erofs-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -153,401 +163,400 @@ def _escape_xattr_name(name: bytes) -> bytes:
     return name
 
 
-class _Plan:
-    """One build: the manifest's tables, what each inode becomes, and where it goes.
+_S_IFMT = 0o170000
+_ZEROS = bytes(fmt.BLOCK_SIZE + fmt.SLOT_SIZE)
+_U32 = struct.Struct("<I")
 
-    Per-inode state lives in parallel lists indexed by manifest inode number
-    (index 0 unused), which keeps the passes free of per-inode objects.
-    """
+
+class _Build:
+    """One build. Per-inode state lives in lists indexed by manifest inode number
+    (index 0 unused), so no Python object is made per inode beyond the manifest's
+    own record tuples."""
 
     def __init__(self, m: Manifest, object_path: ObjectPath, drop_security: bool) -> None:
         self.m = m
+        self.object_path = object_path
         self.drop_security = drop_security
         n = self.n = m.n_inodes
         _meta, o_ino, o_dir, o_chunk, o_xattr, o_str = section_offsets(
             m.meta_len, n, m.n_dirents, m.n_chunks, m.n_xattrs)
         buf = m.buf
-        self.inodes = [(0,) * 14, *INODE.iter_unpack(buf[o_ino:o_dir])]
+        self.inodes: list[tuple[int, ...]] = [(0,) * 14, *INODE.iter_unpack(buf[o_ino:o_dir])]
         self.dirents = list(DIRENT.iter_unpack(buf[o_dir:o_chunk]))
         self.mxattrs = list(XATTR.iter_unpack(buf[o_xattr:o_str]))
         self.strings = bytes(buf[o_str:o_str + m.strings_len])
-        self.kind = [0] * (n + 1)
-        self.parent = [0] * (n + 1)
-        self.parent[ROOT_INO] = ROOT_INO
-        # Directory contents: ino -> (names, children, block start indexes, last block's bytes)
-        self.dirs: dict[int, tuple[list[bytes], list[int], list[int], int]] = {}
+        self.kind = [rec[0] & _S_IFMT for rec in self.inodes]
         self.size = [0] * (n + 1)  # i_size as written
-        self.xattr_entries: list[list[bytes] | None] = [None] * (n + 1)
-        self.counts = Counter(
-            {k: 0 for k in ("dir", "reg", "empty", "lnk", "dev", "fifo", "sock", "dirents",
-                            "hardlinked", "xattrs")})
-        self._plan_entries()
-        self._plan_inodes(object_path)
+        self.parent = [0] * (n + 1)
+        # Directory contents: ino -> (names, children, first index of each block, bytes
+        # used in the last block). A child of 0 stands for the directory's parent.
+        self.dirs: dict[int, tuple[list[bytes], list[int], list[int], int]] = {}
+        self.entries: list[list[bytes] | None] = [None] * (n + 1)  # xattr entries, encoded
+        self.target: dict[int, bytes] = {}
+        self.rdev: dict[int, int] = {}
+        self.counts: Counter[str] = Counter()
 
-    # -- pass 1: what each inode holds ----------------------------------------------------
+    def run(self) -> tuple[list[bytearray], ErofsInfo]:
+        self._read_directories()
+        self._read_inodes()
+        meta, data = self._write_inodes()
+        self._write_directories(meta, data)
+        blocks = (len(meta) + len(data)) >> fmt.BLOCK_BITS
+        self._write_superblock(meta, blocks)
+        c = self.counts
+        info = ErofsInfo(
+            layout_version=EROFS_LAYOUT_VERSION, image_size=blocks << fmt.BLOCK_BITS,
+            blocks=blocks, inodes=self.n, directories=len(self.dirs),
+            regular_files=c["reg"], empty_files=c["empty"], symlinks=c["lnk"],
+            devices=c["dev"], fifos=c["fifo"], sockets=c["sock"], dirents=c["dirents"],
+            hardlinked_inodes=c["hardlinked"], compact_inodes=c["compact"],
+            xattrs=c["xattrs"], shared_xattrs=c["shared"])
+        return [meta, data], info
 
-    def _plan_entries(self) -> None:
-        """Read every directory: names checked and sorted, "." and ".." added, parents
-        found, entries cut into blocks (each block: all its dirents, then all its names)."""
-        n, inodes, dirents, strings = self.n, self.inodes, self.dirents, self.strings
-        n_dirents, n_strings = len(dirents), len(strings)
-        is_dir = bytearray(n + 1)
-        for ino in range(1, n + 1):
-            if inodes[ino][0] & 0o170000 == stat.S_IFDIR:
-                is_dir[ino] = 1
-        if not is_dir[ROOT_INO]:
+    # -- reading the manifest ---------------------------------------------------------------
+
+    def _read_directories(self) -> None:
+        """Every directory's names (checked: EROFS looks names up by binary search, so
+        they must be valid, unique and sorted), "." and ".." added in name order, the
+        entries cut into blocks (each block: its dirents, then its names) and each
+        subdirectory's parent found."""
+        n, inodes, dirents, strings, kind = self.n, self.inodes, self.dirents, self.strings, self.kind
+        n_dirents = len(dirents)
+        if kind[ROOT_INO] != stat.S_IFDIR:
             raise ManifestError("manifest root is not a directory")
-        parent = self.parent
+        parent, size, dirs = self.parent, self.size, self.dirs
+        parent[ROOT_INO] = ROOT_INO
         has_parent = bytearray(n + 1)
         total = 0
+        block = fmt.BLOCK_SIZE
         for ino in range(1, n + 1):
-            if not is_dir[ino]:
+            if kind[ino] != stat.S_IFDIR:
                 continue
             first, count = inodes[ino][7], inodes[ino][8]
             if first + count > n_dirents:
                 raise ManifestError(f"inode {ino}: directory entries out of range")
-            names: list[bytes] = []
-            children: list[int] = []
-            prev = b""
-            for name_off, name_len, _r, child in dirents[first:first + count]:
-                end = name_off + name_len
-                if end > n_strings or not 1 <= child <= n:
-                    raise ManifestError(f"inode {ino}: entry out of range")
-                name = strings[name_off:end]
-                if (not name or name_len > fmt.NAME_LEN or name <= prev or b"/" in name
-                        or b"\0" in name or name == b"." or name == b".."):
+            ents = dirents[first:first + count]
+            names = [strings[o:o + ln] for o, ln, _r, _c in ents]
+            children = [c for _o, _l, _r, c in ents]
+            if count:
+                lens = [ln for _o, ln, _r, _c in ents]
+                if list(map(len, names)) != lens or min(children) < 1 or max(children) > n:
+                    raise ManifestError(f"inode {ino}: directory entry out of range")
+                joined = b"".join(names)
+                if (min(lens) == 0 or max(lens) > fmt.NAME_LEN or b"/" in joined
+                        or b"\0" in joined or not all(map(operator.lt, names, names[1:]))):
                     raise ManifestError(
-                        f"inode {ino}: invalid, duplicate or unsorted entry name {name!r}")
-                prev = name
-                if is_dir[child]:
+                        f"inode {ino}: invalid, duplicate or unsorted entry names")
+                for child in [c for c in children if kind[c] == stat.S_IFDIR]:
                     if child == ROOT_INO or has_parent[child]:
                         raise ManifestError(f"directory inode {child} has two parents")
                     has_parent[child] = 1
                     parent[child] = ino
-                names.append(name)
-                children.append(child)
             total += count
-            # "." and ".." are entries like any other in EROFS, in name order.
-            # Child 0 stands for the parent, known once every directory is read.
             for special, target in ((b".", ino), (b"..", 0)):
                 at = bisect_left(names, special)
+                if at < len(names) and names[at] == special:
+                    raise ManifestError(f"inode {ino}: entry named {special!r}")
                 names.insert(at, special)
                 children.insert(at, target)
+            # Greedy packing, as mkfs.erofs does: a block takes entries while they fit.
+            ends = list(accumulate([12 + len(name) for name in names]))
             starts = [0]
-            used = 0
-            for i, name in enumerate(names):
-                size = 12 + len(name)
-                if used + size > fmt.BLOCK_SIZE:
-                    starts.append(i)
-                    used = 0
-                used += size
-            self.dirs[ino] = (names, children, starts, used)
-            self.size[ino] = (len(starts) - 1) * fmt.BLOCK_SIZE + used
+            base = i = 0
+            while True:
+                i = bisect_right(ends, base + block, i)
+                if i >= len(ends):
+                    break
+                starts.append(i)
+                base = ends[i - 1]
+            used = ends[-1] - base
+            dirs[ino] = (names, children, starts, used)
+            size[ino] = (len(starts) - 1) * block + used
+        for ino in dirs:
+            if not has_parent[ino]:
+                parent[ino] = ROOT_INO  # the root, or unreachable: ".." must name a directory
         self.counts["dirents"] = total
-        for ino in range(2, n + 1):
-            if is_dir[ino] and not has_parent[ino]:
-                parent[ino] = ROOT_INO  # unreachable: its ".." must still name a directory
 
-    def _plan_inodes(self, object_path: ObjectPath) -> None:
-        """Kinds, sizes, symlink targets, device numbers and xattr entries of every inode."""
-        n, inodes, strings = self.n, self.inodes, self.strings
-        counts = self.counts
-        kind, size = self.kind, self.size
-        self.target: dict[int, bytes] = {}
-        self.rdev = [0] * (n + 1)
-        entries_of = self.xattr_entries
-        names_seen = Counter(child for _n, _o, _r, child in self.dirents)
-        xcache: dict[bytes, bytes | None] = {}
-        mx, n_mx = self.mxattrs, len(self.mxattrs)
+    def _read_inodes(self) -> None:
+        """Sizes, symlink targets, device numbers and encoded xattr entries of every inode;
+        the object path of every non-empty regular file."""
+        n, inodes, kind, size, strings = self.n, self.inodes, self.kind, self.size, self.strings
+        entries_of, target, rdev = self.entries, self.target, self.rdev
+        object_path = self.object_path
         n_strings = len(strings)
+        reg_k, dir_k, lnk_k = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+        chr_k, blk_k, fifo_k, sock_k = stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK
+        heads: dict[int, bytes] = {}  # redirect entry header (and name) by path length
+        n_reg = n_empty = n_lnk = n_dev = n_fifo = n_sock = n_x = 0
         for ino in range(1, n + 1):
             rec = inodes[ino]
-            mode = rec[0]
-            k = mode & 0o170000
-            if mode > 0xFFFF or k not in fmt.FILE_TYPE:
-                raise ManifestError(f"inode {ino}: unknown file type or mode {mode:o}")
-            kind[ino] = k
-            entries: list[bytes] = []
-            if k == stat.S_IFREG:
-                size[ino] = rec[4]
-                if rec[4]:
-                    counts["reg"] += 1
-                    entries.append(_METACOPY_ENTRY)
-                    entries.append(self._redirect(ino, object_path(ino)))
+            k = kind[ino]
+            entries: list[bytes] | None = None
+            if rec[0] > 0xFFFF:
+                raise ManifestError(f"inode {ino}: mode {rec[0]:o} out of range")
+            if k == reg_k:
+                sz = size[ino] = rec[4]
+                if sz:
+                    n_reg += 1
+                    path = object_path(ino)
+                    if (type(path) is not bytes or path[:1] != b"/"
+                            or len(path) > MAX_OBJECT_PATH or b"\0" in path):
+                        raise ErofsUnsupported(
+                            f"inode {ino}: object path {path!r} is not an absolute path "
+                            f"(bytes, no NUL, at most {MAX_OBJECT_PATH} bytes)")
+                    head = heads.get(len(path))
+                    if head is None:
+                        head = heads[len(path)] = fmt.XATTR_ENTRY.pack(
+                            16, fmt.XATTR_INDEX_TRUSTED, len(path)) + b"overlay.redirect"
+                    entries = [_METACOPY_ENTRY, head + path + _PAD[len(path) & 3]]
                 else:
-                    counts["empty"] += 1
-            elif k == stat.S_IFDIR:
-                counts["dir"] += 1
-            elif k == stat.S_IFLNK:
+                    n_empty += 1
+            elif k == dir_k:
+                pass
+            elif k == lnk_k:
                 str_off, length = rec[13], rec[8]
                 if str_off + length > n_strings:
                     raise ManifestError(f"inode {ino}: symlink target out of range")
                 if not 0 < length <= MAX_SYMLINK:
                     raise ErofsUnsupported(
-                        f"inode {ino}: symlink target of {length} bytes (Linux allows 1 to "
-                        f"{MAX_SYMLINK})")
-                self.target[ino] = strings[str_off:str_off + length]
+                        f"inode {ino}: symlink target of {length} bytes (Linux allows 1 "
+                        f"to {MAX_SYMLINK})")
+                target[ino] = strings[str_off:str_off + length]
                 size[ino] = length
-                counts["lnk"] += 1
-            elif k in (stat.S_IFCHR, stat.S_IFBLK):
+                n_lnk += 1
+            elif k in (chr_k, blk_k):
                 reason = device_reason(rec[6])
                 if reason:
                     raise ErofsUnsupported(f"inode {ino}: {reason}")
-                self.rdev[ino] = encode_rdev(rec[6])
-                counts["dev"] += 1
-            elif k == stat.S_IFIFO:
-                counts["fifo"] += 1
+                rdev[ino] = encode_rdev(rec[6])
+                n_dev += 1
+            elif k == fifo_k:
+                n_fifo += 1
+            elif k == sock_k:
+                n_sock += 1
             else:
-                counts["sock"] += 1
-            if k != stat.S_IFDIR and names_seen.get(ino, 0) > 1:
-                counts["hardlinked"] += 1
-            xf, xc = rec[9], rec[10]
-            if xc:
-                if xf + xc > n_mx:
-                    raise ManifestError(f"inode {ino}: xattr reference out of range")
-                # The same bound kernel_mode_obstacle applies (checks.xattr_budget).
-                budget = 12 + (OVERLAY_XATTR_ALLOWANCE if entries else 0)
-                for name_off, name_len, _r, value_off, value_len in mx[xf:xf + xc]:
-                    if name_off + name_len > n_strings or value_off + value_len > n_strings:
-                        raise ManifestError(f"inode {ino}: xattr out of range")
-                    name = strings[name_off:name_off + name_len]
-                    if self.drop_security and name.startswith(b"security."):
-                        continue
-                    value = strings[value_off:value_off + value_len]
-                    head = xcache.get(name, b"")
-                    if head == b"":
-                        head = xcache[name] = self._xattr_head(name)
-                    if head is None or value_len > fmt.XATTR_VALUE_MAX or name in fmt.XATTR_EXACT:
-                        reason = xattr_reason(name, value)
-                        if reason:
-                            raise ErofsUnsupported(f"inode {ino}: {reason}")
-                    assert head is not None
-                    budget += xattr_budget(name_len, value_len)
-                    entry = head[:2] + value_len.to_bytes(2, "little") + head[4:] + value
-                    entries.append(entry + _PAD[len(entry) & 3])
-                if budget > fmt.XATTR_IBODY_MAX:
-                    raise ErofsUnsupported(
-                        f"inode {ino}: {budget} bytes of xattrs (EROFS holds at most "
-                        f"{fmt.XATTR_IBODY_MAX} per inode)")
+                raise ManifestError(f"inode {ino}: unknown file type {k:o}")
+            if rec[10]:
+                entries = self._xattr_entries(ino, rec[9], rec[10], entries)
             if entries:
                 entries_of[ino] = entries
-                counts["xattrs"] += len(entries)
+                n_x += len(entries)
+        seen = Counter(c for _o, _l, _r, c in self.dirents)
+        self.counts.update(
+            reg=n_reg, empty=n_empty, lnk=n_lnk, dev=n_dev, fifo=n_fifo, sock=n_sock,
+            xattrs=n_x, hardlinked=sum(1 for c, times in seen.items()
+                                       if times > 1 and kind[c] != dir_k))
 
-    @staticmethod
-    def _xattr_head(name: bytes) -> bytes | None:
-        """An xattr entry's header and name suffix (value size left 0), or None when
-        EROFS cannot store the name."""
-        key = xattr_key(_escape_xattr_name(name))
-        if key is None:
-            return None
-        index, suffix = key
-        return fmt.XATTR_ENTRY.pack(len(suffix), index, 0) + suffix
-
-    @staticmethod
-    def _redirect(ino: int, path: bytes) -> bytes:
-        if (not isinstance(path, bytes) or not path.startswith(b"/") or b"\0" in path
-                or len(path) > MAX_OBJECT_PATH):
+    def _xattr_entries(self, ino: int, first: int, count: int,
+                       entries: list[bytes] | None) -> list[bytes]:
+        """The inode's encoded xattr entries (overlay ones first, if any), image xattrs
+        escaped and checked: refused with ErofsUnsupported on what checks.py refuses."""
+        mx, strings = self.mxattrs, self.strings
+        if first + count > len(mx):
+            raise ManifestError(f"inode {ino}: xattr reference out of range")
+        out = list(entries or ())
+        # The bound kernel_mode_obstacle applies too (checks.xattr_budget).
+        budget = 12 + (OVERLAY_XATTR_ALLOWANCE if entries else 0)
+        for name_off, name_len, _r, value_off, value_len in mx[first:first + count]:
+            name = strings[name_off:name_off + name_len]
+            value = strings[value_off:value_off + value_len]
+            if len(name) != name_len or len(value) != value_len:
+                raise ManifestError(f"inode {ino}: xattr out of range")
+            if self.drop_security and name.startswith(b"security."):
+                continue
+            reason = xattr_reason(name, value)
+            if reason:
+                raise ErofsUnsupported(f"inode {ino}: {reason}")
+            key = xattr_key(_escape_xattr_name(name))
+            assert key is not None  # xattr_reason said so
+            index, suffix = key
+            budget += xattr_budget(name_len, value_len)
+            entry = fmt.XATTR_ENTRY.pack(len(suffix), index, value_len) + suffix + value
+            out.append(entry + _PAD[len(entry) & 3])
+        if budget > fmt.XATTR_IBODY_MAX:
             raise ErofsUnsupported(
-                f"inode {ino}: object path {path!r} is not an absolute path (bytes, no NUL, "
-                f"at most {MAX_OBJECT_PATH} bytes)")
-        entry = _REDIRECT_HEAD + len(path).to_bytes(2, "little") + b"overlay.redirect" + path
-        return entry + _PAD[len(entry) & 3]
+                f"inode {ino}: {budget} bytes of xattrs (EROFS holds at most "
+                f"{fmt.XATTR_IBODY_MAX} per inode)")
+        return out
 
-    # -- pass 2: where everything goes ------------------------------------------------------
+    # -- writing --------------------------------------------------------------------------------
 
-    def place(self) -> None:
-        """Share xattrs used by several inodes, choose compact or extended inodes,
-        assign each inode its position (nid) and data blocks."""
-        n, inodes, kind, size = self.n, self.inodes, self.kind, self.size
-        # Shared xattrs: any entry (name and value) that two or more inodes carry,
-        # such as trusted.overlay.metacopy, is stored once and referenced by a 4-byte id.
-        uses = Counter(e for entries in self.xattr_entries if entries for e in entries)
+    def _write_inodes(self) -> tuple[bytearray, bytearray]:
+        """The metadata area (block 0, inodes, shared xattrs) and the data area, except
+        directory entries and the superblock; fixes every inode's nid."""
+        n, inodes, kind, size, entries_of = self.n, self.inodes, self.kind, self.size, self.entries
+        dirs, target, rdev = self.dirs, self.target, self.rdev
+        # Shared xattrs: an entry (name and value) two or more inodes carry, such as
+        # trusted.overlay.metacopy, is stored once and referenced by a 4-byte id.
+        # The shared area starts on a block boundary, so ids are known now.
+        uses = Counter(chain.from_iterable(e for e in entries_of if e))
         shared = sorted(e for e, c in uses.items() if c > 1)
-        self.shared = shared
-        self.shared_off: dict[bytes, int] = {}
-        off = 0
+        shared_id: dict[bytes, int] = {}
+        shared_size = 0
         for e in shared:
-            self.shared_off[e] = off
-            off += len(e)
-        self.shared_size = off
-        # Compact (32-byte) inodes carry no mtime of their own: they all have the
-        # superblock's epoch. The image's most common mtime becomes the epoch.
-        mtimes = Counter(rec[5] for rec in inodes[1:] if rec[5] >= 0)
-        self.epoch_ns = 0
-        epoch_ns: int | None = None  # None: every inode extended
-        if mtimes:
-            best = max(mtimes.values())
-            epoch_ns = self.epoch_ns = min(t for t, c in mtimes.items() if c == best)
+            shared_id[e] = shared_size >> 2
+            shared_size += len(e)
+        if shared_size >> 2 > 0xFFFFFFFF:
+            raise ErofsUnsupported("shared xattr area larger than 16 GiB")
+        # Compact (32-byte) inodes have no mtime of their own: they show the superblock's
+        # epoch. The image's most common mtime (not before 1970) becomes the epoch.
+        mtimes = Counter(map(itemgetter(5), inodes[1:]))
+        epoch_ns: int | None = None  # None: no compact inodes
+        best = max((c for t, c in mtimes.items() if t >= 0), default=0)
+        if best:
+            epoch_ns = min(t for t, c in mtimes.items() if c == best and t >= 0)
+        self.epoch_ns = epoch_ns or 0
 
-        self.nid = [0] * (n + 1)
-        self.compact = bytearray(n + 1)
-        self.xsize = [0] * (n + 1)
-        self.xshared: list[list[bytes] | None] = [None] * (n + 1)
-        self.inline_tail = bytearray(n + 1)  # 1: the tail follows the inode
-        self.startblk = [0] * (n + 1)  # first data block, relative to the data area
-        self.datablocks = [0] * (n + 1)
-        self.chunkbits = [0] * (n + 1)
-        n_data = 0
-        pos = META_START
+        compact_pack = fmt.INODE_COMPACT.pack
+        extended_pack = fmt.INODE_EXTENDED.pack
+        xheader_pack = fmt.XATTR_IBODY_HEADER.pack
+        u32_pack = _U32.pack
+        reg_k, dir_k, lnk_k = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+        chr_k, blk_k = stat.S_IFCHR, stat.S_IFBLK
+        inline_max, block, zeros = INLINE_MAX, fmt.BLOCK_SIZE, _ZEROS
+        chunk_layout = (fmt.DATALAYOUT_CHUNK_BASED << fmt.DATALAYOUT_BIT)
+        inline_layout = (fmt.DATALAYOUT_FLAT_INLINE << fmt.DATALAYOUT_BIT)
+        no_shared = xheader_pack(0, 0)
+        one_chunk_map = _U32.pack(fmt.NULL_ADDR32)
+
+        meta = bytearray(META_START)  # block 0 up to the end of the superblock
+        nid = self.nid = [0] * (n + 1)
+        self.tail_pos: dict[int, int] = {}  # directory -> where its inline last block goes
+        self.first_block: dict[int, int] = {}  # directory -> its first data block (relative)
+        patches: list[tuple[int, int]] = []  # (inode position, relative data block) for i_u
+        long_links: list[tuple[int, bytes]] = []  # (relative data block, target)
+        n_data = n_compact = 0
         for ino in range(1, n + 1):
             rec = inodes[ino]
             k = kind[ino]
-            compact = (rec[5] == epoch_ns and rec[1] <= 0xFFFF and rec[2] <= 0xFFFF
-                       and rec[3] <= 0xFFFF and size[ino] <= 0xFFFFFFFF)
-            self.compact[ino] = compact
-            isize = 32 if compact else 64
-            entries = self.xattr_entries[ino]
-            xsize = 0
+            sz = size[ino]
+            entries = entries_of[ino]
             if entries:
-                mine = [e for e in entries if e in self.shared_off][: fmt.XATTR_SHARED_MAX]
-                inline = [e for e in entries if e not in mine] if mine else entries
-                self.xshared[ino] = mine
-                self.xattr_entries[ino] = inline
-                xsize = 12 + 4 * len(mine) + sum(len(e) for e in inline)
-            self.xsize[ino] = xsize
-            pos = (pos + SLOT_MASK) & ~SLOT_MASK
-            extra = 0  # bytes after inode and xattrs: inline tail or chunk map
-            if k == stat.S_IFDIR or k == stat.S_IFLNK:
-                if k == stat.S_IFDIR:
-                    _names, _children, starts, tail = self.dirs[ino]
+                if shared_id:
+                    ids: list[int] = []
+                    inline: list[bytes] = []
+                    for e in entries:
+                        sid = shared_id.get(e)
+                        if sid is None or len(ids) >= fmt.XATTR_SHARED_MAX:
+                            inline.append(e)
+                        else:
+                            ids.append(sid)
+                    xbody = (xheader_pack(0, len(ids)) + b"".join(map(u32_pack, ids))
+                             + b"".join(inline))
+                else:
+                    xbody = no_shared + b"".join(entries)
+                xsize = len(xbody)
+                icount = ((xsize - 12) >> 2) + 1
+            else:
+                xbody = b""
+                xsize = icount = 0
+            mode, uid, gid, nlink, mtime = rec[0], rec[1], rec[2], rec[3], rec[5]
+            compact = (mtime == epoch_ns and uid <= 0xFFFF and gid <= 0xFFFF
+                       and nlink <= 0xFFFF and sz <= 0xFFFFFFFF)
+            head = xsize + (32 if compact else 64)
+            pos = len(meta)
+            pad = -pos & SLOT_MASK
+            i_format = 0
+            i_u = 0
+            tail = b""  # bytes after the inode and its xattrs
+            if k == reg_k:
+                if sz:
+                    # One chunk covering the whole file where it can (chunks up to 8 TiB),
+                    # every chunk a hole: the content comes from overlayfs's data layers.
+                    bits = (sz - 1).bit_length()
+                    bits = fmt.BLOCK_BITS if bits < fmt.BLOCK_BITS else min(bits, fmt.MAX_CHUNK_BITS)
+                    i_format = chunk_layout
+                    i_u = bits - fmt.BLOCK_BITS
+                    tail = one_chunk_map if sz <= 1 << bits else (
+                        b"\xff" * (4 * (((sz - 1) >> bits) + 1)))
+            elif k in (dir_k, lnk_k):
+                if k == dir_k:
+                    _names, _children, starts, tlen = dirs[ino]
                     full = len(starts) - 1
                 else:
-                    tail, full = size[ino], 0
-                if 0 < tail <= INLINE_MAX:
-                    self.inline_tail[ino] = 1
-                    extra = tail
-                    start = pos + isize + xsize
-                    room = fmt.BLOCK_SIZE - (start & BLOCK_MASK)
-                    if tail > room:
-                        # Pad so the tail starts (slot-aligned) in the next block.
-                        pos += (room + SLOT_MASK) & ~SLOT_MASK
+                    tlen, full = sz, 0
+                if tlen <= inline_max:
+                    # Inline data must not cross a block boundary: when it would, pad
+                    # the inode so the tail starts (slot-aligned) in the next block.
+                    i_format = inline_layout
+                    room = block - ((pos + pad + head) & BLOCK_MASK)
+                    if tlen > room:
+                        pad += (room + SLOT_MASK) & ~SLOT_MASK
+                    if k == dir_k:
+                        self.tail_pos[ino] = pos + pad + head
+                        tail = zeros[:tlen]  # entries written once every nid is known
+                    else:
+                        tail = target[ino]
                 else:
                     full += 1
+                    if k == lnk_k:
+                        long_links.append((n_data, target[ino]))
                 if full:
-                    self.startblk[ino] = n_data
-                    self.datablocks[ino] = full
+                    patches.append((pos + pad, n_data))
+                    if k == dir_k:
+                        self.first_block[ino] = n_data
                     n_data += full
-            elif k == stat.S_IFREG and size[ino]:
-                # One chunk covering the whole file when it can (chunks up to 8 TiB).
-                bits = min(max(fmt.BLOCK_BITS, (size[ino] - 1).bit_length()), fmt.MAX_CHUNK_BITS)
-                self.chunkbits[ino] = bits
-                extra = 4 * (((size[ino] - 1) >> bits) + 1)
-            self.nid[ino] = pos >> fmt.SLOT_BITS
-            pos += isize + xsize + extra
-        self.meta_end = pos
-        self.n_data = n_data
-        if self.nid[ROOT_INO] > 0xFFFF:
-            raise ErofsUnsupported("root inode placed beyond nid 65535")  # cannot happen: it is first
-
-    # -- pass 3: the bytes --------------------------------------------------------------------
-
-    def render(self) -> tuple[bytearray, ErofsInfo]:
-        n, inodes, kind, size, nid = self.n, self.inodes, self.kind, self.size, self.nid
-        shared_start = (self.meta_end + SLOT_MASK) & ~SLOT_MASK
-        xattr_blkaddr = shared_start >> fmt.BLOCK_BITS
-        base = shared_start - (xattr_blkaddr << fmt.BLOCK_BITS)
-        if (base + self.shared_size) >> 2 > 0xFFFFFFFF:
-            raise ErofsUnsupported("shared xattr area larger than 16 GiB")
-        shared_id = {e: (base + off) >> 2 for e, off in self.shared_off.items()}
-        data_blk = (shared_start + self.shared_size + BLOCK_MASK) >> fmt.BLOCK_BITS
-        blocks = data_blk + self.n_data
-        if blocks > 0xFFFFFFFF:
-            raise ErofsUnsupported("image larger than 16 TiB")
-        img = bytearray(blocks << fmt.BLOCK_BITS)
-        p = shared_start
-        for e in self.shared:
-            img[p:p + len(e)] = e
-            p += len(e)
-
-        ftype = [0] * (n + 1)
-        for ino in range(1, n + 1):
-            ftype[ino] = fmt.FILE_TYPE[kind[ino]]
-        epoch_s, epoch_ns = divmod(self.epoch_ns, 1_000_000_000)
-        compact_pack = fmt.INODE_COMPACT.pack_into
-        extended_pack = fmt.INODE_EXTENDED.pack_into
-        xheader_pack = fmt.XATTR_IBODY_HEADER.pack_into
-        for ino in range(1, n + 1):
-            rec = inodes[ino]
-            k = kind[ino]
-            pos = nid[ino] << fmt.SLOT_BITS
-            i_u = 0
-            layout = fmt.DATALAYOUT_FLAT_PLAIN
-            if k == stat.S_IFREG:
-                if size[ino]:
-                    layout = fmt.DATALAYOUT_CHUNK_BASED
-                    i_u = self.chunkbits[ino] - fmt.BLOCK_BITS
-            elif k == stat.S_IFDIR or k == stat.S_IFLNK:
-                if self.inline_tail[ino]:
-                    layout = fmt.DATALAYOUT_FLAT_INLINE
-                if self.datablocks[ino]:
-                    i_u = data_blk + self.startblk[ino]
-            elif k == stat.S_IFCHR or k == stat.S_IFBLK:
-                i_u = self.rdev[ino]
-            xsize = self.xsize[ino]
-            icount = (xsize - 12) // 4 + 1 if xsize else 0
-            mode, uid, gid, nlink = rec[0], rec[1], rec[2], rec[3]
-            if self.compact[ino]:
-                compact_pack(img, pos, (layout << fmt.DATALAYOUT_BIT) | fmt.LAYOUT_COMPACT,
-                             icount, mode, nlink, size[ino], 0, i_u, ino, uid, gid, 0)
-                p = pos + 32
+            elif k in (chr_k, blk_k):
+                i_u = rdev[ino]
+            if pad:
+                meta += zeros[:pad]
+            nid[ino] = (pos + pad) >> fmt.SLOT_BITS
+            if compact:
+                meta += compact_pack(i_format | fmt.LAYOUT_COMPACT, icount, mode, nlink, sz,
+                                     0, i_u, ino, uid, gid, 0)
+                n_compact += 1
             else:
-                sec, nsec = divmod(rec[5], 1_000_000_000)
-                extended_pack(img, pos, (layout << fmt.DATALAYOUT_BIT) | fmt.LAYOUT_EXTENDED,
-                              icount, mode, 0, size[ino], i_u, ino, uid, gid, sec, nsec, nlink)
-                p = pos + 64
+                sec, nsec = divmod(mtime, 1_000_000_000)
+                meta += extended_pack(i_format | fmt.LAYOUT_EXTENDED, icount, mode, 0, sz,
+                                      i_u, ino, uid, gid, sec, nsec, nlink)
             if xsize:
-                mine = self.xshared[ino] or []
-                xheader_pack(img, p, 0, len(mine))
-                p += 12
-                for e in mine:
-                    img[p:p + 4] = shared_id[e].to_bytes(4, "little")
-                    p += 4
-                for e in self.xattr_entries[ino] or ():
-                    img[p:p + len(e)] = e
-                    p += len(e)
-            if k == stat.S_IFDIR:
-                self._render_dir(img, ino, p, data_blk, nid, ftype)
-            elif k == stat.S_IFLNK:
-                target = self.target[ino]
-                at = p if self.inline_tail[ino] else (data_blk + self.startblk[ino]) << fmt.BLOCK_BITS
-                img[at:at + len(target)] = target
-            elif layout == fmt.DATALAYOUT_CHUNK_BASED:
-                length = 4 * (((size[ino] - 1) >> self.chunkbits[ino]) + 1)
-                img[p:p + length] = b"\xff" * length  # every chunk a hole: EROFS_NULL_ADDR
+                meta += xbody
+            if tail:
+                meta += tail
+        if nid[ROOT_INO] > 0xFFFF:  # the superblock's root nid is 16 bits; the root is first
+            raise ErofsUnsupported("root inode beyond nid 65535")
+        meta += zeros[:-len(meta) & BLOCK_MASK]
+        self.xattr_blkaddr = len(meta) >> fmt.BLOCK_BITS
+        for e in shared:
+            meta += e
+        meta += zeros[:-len(meta) & BLOCK_MASK]
+        self.data_blk = data_blk = len(meta) >> fmt.BLOCK_BITS
+        if data_blk + n_data > 0xFFFFFFFF:
+            raise ErofsUnsupported("image larger than 16 TiB")
+        for at, rel in patches:  # i_u sits at byte 16 of both inode forms
+            _U32.pack_into(meta, at + 16, data_blk + rel)
+        data = bytearray(n_data << fmt.BLOCK_BITS)
+        for rel, link in long_links:
+            data[rel << fmt.BLOCK_BITS:(rel << fmt.BLOCK_BITS) + len(link)] = link
+        self.counts.update(compact=n_compact, shared=len(shared))
+        return meta, data
 
-        self._render_superblock(img, blocks, xattr_blkaddr, epoch_s, epoch_ns)
-        c = self.counts
-        info = ErofsInfo(
-            layout_version=EROFS_LAYOUT_VERSION, image_size=len(img), blocks=blocks,
-            inodes=n, directories=c["dir"], regular_files=c["reg"], empty_files=c["empty"],
-            symlinks=c["lnk"], devices=c["dev"], fifos=c["fifo"], sockets=c["sock"],
-            dirents=c["dirents"], hardlinked_inodes=c["hardlinked"],
-            compact_inodes=sum(self.compact), xattrs=c["xattrs"],
-            shared_xattrs=len(self.shared))
-        return img, info
-
-    def _render_dir(self, img: bytearray, ino: int, tail_at: int, data_blk: int,
-                    nid: list[int], ftype: list[int]) -> None:
-        names, children, starts, _tail = self.dirs[ino]
-        parent = self.parent[ino]
+    def _write_directories(self, meta: bytearray, data: bytearray) -> None:
+        """Every directory's entries: whole blocks in the data area, the last block
+        inline after the inode or in the data area too."""
+        nid, kind, parent = self.nid, self.kind, self.parent
+        ftype_of = fmt.FILE_TYPE
         pack = fmt.DIRENT.pack_into
-        first_blk = data_blk + self.startblk[ino]
-        ends = [*starts[1:], len(names)]
-        last = len(starts) - 1
-        for b, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
-            at = tail_at if b == last and self.inline_tail[ino] else (first_blk + b) << fmt.BLOCK_BITS
-            nameoff = 12 * (hi - lo)
-            p = at
-            for j in range(lo, hi):
-                child = children[j] or parent
-                pack(img, p, nid[child], nameoff, ftype[child], 0)
-                p += 12
-                nameoff += len(names[j])
-            blob = b"".join(names[lo:hi])
-            img[p:p + len(blob)] = blob
+        tail_pos, first_block = self.tail_pos, self.first_block
+        for ino, (names, children, starts, _used) in self.dirs.items():
+            up = parent[ino]
+            last = len(starts) - 1
+            for b, lo in enumerate(starts):
+                hi = starts[b + 1] if b < last else len(names)
+                if b == last and ino in tail_pos:
+                    buf, at = meta, tail_pos[ino]
+                else:
+                    buf, at = data, (first_block[ino] + b) << fmt.BLOCK_BITS
+                nameoff = 12 * (hi - lo)
+                for j in range(lo, hi):
+                    child = children[j] or up
+                    pack(buf, at, nid[child], nameoff, ftype_of[kind[child]], 0)
+                    at += 12
+                    nameoff += len(names[j])
+                blob = b"".join(names[lo:hi])
+                buf[at:at + len(blob)] = blob
 
-    def _render_superblock(self, img: bytearray, blocks: int, xattr_blkaddr: int,
-                           epoch_s: int, epoch_ns: int) -> None:
+    def _write_superblock(self, meta: bytearray, blocks: int) -> None:
         m = self.m
         # A stable volume UUID from what the image is made of (no clock, no randomness).
         source = m.digest.encode() if m.digest else blake3.blake3(bytes(m.buf)).digest()
@@ -556,8 +565,9 @@ class _Plan:
         ).digest()[:16])
         uuid[6] = (uuid[6] & 0x0F) | 0x80  # RFC 9562 version 8 (custom)
         uuid[8] = (uuid[8] & 0x3F) | 0x80
+        epoch_s, epoch_ns = divmod(self.epoch_ns, 1_000_000_000)
         fmt.SUPERBLOCK.pack_into(
-            img, fmt.SUPER_OFFSET,
+            meta, fmt.SUPER_OFFSET,
             fmt.SUPER_MAGIC, 0, 0, fmt.BLOCK_BITS, 0, self.nid[ROOT_INO], self.n,
-            epoch_s, epoch_ns, blocks, 0, xattr_blkaddr, bytes(uuid), b"casfs",
+            epoch_s, epoch_ns, blocks, 0, self.xattr_blkaddr, bytes(uuid), b"casfs",
             fmt.FEATURE_INCOMPAT_CHUNKED_FILE, 0, 0, 0, 0, 0, 0, 0)
