@@ -3,9 +3,10 @@
     python -m benchmarks.faults [--quick] [--fuzz-seconds N] [--seed N] [--out DIR]
                                 [--only SECTION[,SECTION...]]
 
-Runs the scenarios of tests/test_faults.py (the same functions, more and bigger runs),
-against a real SeaweedFS behind the fault-injecting proxy (casfs.testing.proxy), with real
-FUSE mounts, and every byte read compared with the source data:
+Runs the scenarios of casfs.testing.faults (the functions tests/test_faults.py runs at
+small counts, here more and bigger runs), against a real SeaweedFS behind the
+fault-injecting proxy (casfs.testing.proxy), with real FUSE mounts, and every byte read
+compared with the source data:
 
   faults       boots (mount + read every file, empty cache) and indexes under injected
                500/503s, connection resets and stalls past the read timeout, at several
@@ -19,20 +20,27 @@ FUSE mounts, and every byte read compared with the source data:
   hostile      tests/test_hostile.py + tests/test_bad_input.py re-run, and a corpus of
                hostile layers and manifests through the CLI with a check that nothing is
                written outside the store and cache
-  fuzz         the manifest reader and tar ingestion (plain, gzip, zstd), mutational and
-               hypothesis-driven, for a fixed time budget
+  fuzz         the manifest reader and layer ingestion (plain, gzip, zstd; directory packs
+               included), mutational and hypothesis-driven, for a fixed time budget
+               (casfs.testing.fuzz); every seed must be accepted first
 
 Writes benchmarks/results/<date>-faults[-quick].json and .md. Exits 1 if any wrong byte
 was served, any hostile input was accepted or wrote outside its bounds, any fuzz input
 crashed (an exception other than a casfs error) or any scenario failed; the failures are
-listed in the results.
+listed in the results. A broken harness (a fuzz seed not accepted, a double that no longer
+matches what casfs calls, an error in the harness's own code) is a HARNESS ERROR: the
+fuzzing stops at once and the run fails with it at the top of the report, instead of
+counting its errors as executions.
+
+Owns: the sections' runs and counts, the hostile-input CLI checks and the report. The
+scenarios, hostile inputs and fuzz targets live in casfs.testing (nothing here imports
+from tests/).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
@@ -41,7 +49,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import traceback
@@ -52,11 +59,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # test_hostile imports its helpers by bare name
 
 from benchmarks.common import RESULTS, git_revision, log, machine_info, now_iso, today  # noqa: E402
-from tests import test_faults as tf  # noqa: E402
-from tests.mounthelp import clear_leftovers, cli, fuse_unavailable_reason  # noqa: E402
+from casfs.testing import faults as sc  # noqa: E402
+from casfs.testing import fuzz  # noqa: E402
+from casfs.testing.hostile import hostile_layers, hostile_manifests  # noqa: E402
+from casfs.testing.mounting import (  # noqa: E402
+    CASFS,
+    clear_leftovers,
+    cli,
+    fuse_unavailable_reason,
+    is_mounted,
+)
+from casfs.testing.proxy import LatencyProxy  # noqa: E402
+from casfs.testing.seaweed import s3_env  # noqa: E402
 
 STORE_NOTE = ("SeaweedFS (weed server, single node, 127.0.0.1) behind casfs.testing.proxy."
               "LatencyProxy injecting faults (500/503 answers, connection resets, delays)")
@@ -89,6 +105,7 @@ class Run:
     def __init__(self) -> None:
         self.sections: dict[str, dict[str, Any]] = {}
         self.violations: list[str] = []
+        self.harness_errors: list[str] = []
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[dict[str, Any]]:
@@ -99,9 +116,15 @@ class Run:
         t0 = time.monotonic()
         try:
             yield figures
-        except tf.pytest.skip.Exception as exc:  # e.g. no tmpfs
+        except sc.Unavailable as exc:  # e.g. no tmpfs
             entry["status"] = "skipped"
             entry["note"] = str(exc)
+        except fuzz.HarnessError as exc:  # the harness is broken, not casfs: say so loudly
+            entry["status"] = "HARNESS ERROR"
+            entry["error"] = str(exc)[:6000]
+            self.harness_errors.append(f"{name}: {exc}")
+            self.violations.append(f"{name}: HARNESS ERROR: {str(exc)[:1500]}")
+            log(f"!! {name}: HARNESS ERROR (the harness, not casfs): {str(exc)[:2000]}")
         except Exception as exc:  # AssertionError (a violation) or anything else
             entry["status"] = "FAILED"
             entry["error"] = f"{type(exc).__name__}: {exc}"[:4000]
@@ -116,7 +139,7 @@ def attempt(run: Run, section: str, what: str, fn: Callable[[], dict[str, Any]])
     """One scenario run inside a section: its failure is recorded and the section goes on."""
     try:
         return fn()
-    except tf.pytest.skip.Exception:
+    except sc.Unavailable:
         raise
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}"
@@ -130,21 +153,13 @@ def attempt(run: Run, section: str, what: str, fn: Callable[[], dict[str, Any]])
 
 # -- faults ---------------------------------------------------------------------------------
 
-def profiles(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    out = [(f"{round(r * 100)}%", tf.fault_profile(r)) for r in cfg.rates]
-    # a store that stalls: 5% of requests held 2.5 s, past a 1 s read timeout
-    out.append(("stalls", {"error_rate": 0.0, "reset_rate": 0.0, "delay_rate": 0.05,
-                           "extra_delay_ms": 2500, "read_timeout": 1.0}))
-    return out
-
-
 def section_faults(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[str, Any]) -> None:
-    image = tf.write_image(tmp / "boot-image", [tf.boot_files(n_small=cfg.boot_files,
+    image = sc.write_image(tmp / "boot-image", [sc.boot_files(n_small=cfg.boot_files,
                                                               n_big=6, seed=cfg.seed)])
-    clean_ref = tf.index_cli(image, f"file://{tmp / 'boot-clean'}")
+    clean_ref = sc.index_cli(image, f"file://{tmp / 'boot-clean'}")
     fig["image"] = {"files": len(image.files), "bytes": sum(map(len, image.files.values()))}
     rows = {}
-    for name, profile in profiles(cfg):
+    for name, profile in sc.profiles(cfg.rates):
         agg: dict[str, Any] = {"profile": profile, "boots": 0, "first_boots": 0,
                                "replay_boots": 0, "files_read": 0, "bytes_read": 0,
                                "wrong_bytes": 0, "fetch_errors": 0, "io_errors": 0,
@@ -155,7 +170,7 @@ def section_faults(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[str
             seed = cfg.seed * 100 + rep
             log(f"faults {name} rep {rep}: index + {cfg.boots} boots")
             out = attempt(run, "faults", f"{name} rep {rep}", lambda p=profile, s=seed:
-                          tf.boot_under_faults(seaweed, image, clean_ref, tmp / "runs", p,
+                          sc.boot_under_faults(seaweed, image, clean_ref, tmp / "runs", p,
                                                boots=cfg.boots, seed=s, index=True))
             if out is None:
                 agg["failed_runs"] += 1
@@ -192,15 +207,15 @@ def section_altered(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[st
     packs: list[dict[str, Any]] = []
     for seed in cfg.altered_seeds:
         url = f"s3://{seaweed.make_bucket()}/casfs"
-        with tf.s3_environment(seaweed):
+        with sc.s3_environment(seaweed):
             out = attempt(run, "altered", f"blobs seed {seed}", lambda u=url, s=seed:
-                          tf.altered_blobs_scenario(seaweed, u, tmp / "altered", n_files=40,
+                          sc.altered_blobs_scenario(seaweed, u, tmp / "altered", n_files=40,
                                                     n_altered=12, seed=s))
             if out:
                 blobs.append(out)
             url = f"s3://{seaweed.make_bucket()}/casfs"
             out = attempt(run, "altered", f"pack seed {seed}", lambda u=url, s=seed:
-                          tf.altered_pack_scenario(seaweed, u, tmp / "altered", n_files=30,
+                          sc.altered_pack_scenario(seaweed, u, tmp / "altered", n_files=30,
                                                    n_altered=3, seed=s))
             if out:
                 packs.append(out)
@@ -222,7 +237,7 @@ def section_altered(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[st
 # -- kill -9 --------------------------------------------------------------------------------
 
 def section_kill_index(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[str, Any]) -> None:
-    image, clean_ref, seconds, blobs = tf.build_kill_image(tmp / "kill-image")
+    image, clean_ref, seconds, blobs = sc.build_kill_image(tmp / "kill-image")
     fig["image"] = {"bytes": sum(map(len, image.files.values())), "files": len(image.files),
                     "layers": image.layers, "blobs": blobs, "clean_index_seconds": round(seconds, 2)}
     rounds: list[dict[str, Any]] = []
@@ -231,15 +246,15 @@ def section_kill_index(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict
         seed = cfg.seed * 1000 + r + (500 if kind == "s3" else 0)
         if kind == "file":
             url = f"file://{tmp / f'kill-store-{r}'}"
-            out = tf.kill_index_at_random_points(image, url, clean_ref, kills=6, seed=seed,
+            out = sc.kill_index_at_random_points(image, url, clean_ref, kills=6, seed=seed,
                                                  clean_seconds=seconds, total_blobs=blobs)
         else:
             url = f"s3://{seaweed.make_bucket()}/casfs"
-            with tf.s3_environment(seaweed), \
-                    tf.LatencyProxy("127.0.0.1", seaweed.s3_port, latency_ms=20) as proxy:
-                out = tf.kill_index_at_random_points(image, url, clean_ref, kills=6, seed=seed,
+            with sc.s3_environment(seaweed), \
+                    LatencyProxy("127.0.0.1", seaweed.s3_port, latency_ms=20) as proxy:
+                out = sc.kill_index_at_random_points(image, url, clean_ref, kills=6, seed=seed,
                                                      clean_seconds=seconds, total_blobs=blobs,
-                                                     env=tf.proxy_env(seaweed, proxy))
+                                                     env=sc.proxy_env(seaweed, proxy))
         out["store"] = kind
         return out
 
@@ -269,18 +284,18 @@ def section_kill_index(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict
 
 
 def section_kill_daemon(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dict[str, Any]) -> None:
-    image = tf.write_image(tmp / "daemon-image", [tf.boot_files(seed=cfg.seed + 7)])
+    image = sc.write_image(tmp / "daemon-image", [sc.boot_files(seed=cfg.seed + 7)])
     url = f"s3://{seaweed.make_bucket()}/casfs"
-    tf.index_cli(image, url, tag="img", env=tf.s3_env(seaweed))
+    sc.index_cli(image, url, tag="img", env=s3_env(seaweed))
     outs = []
-    with tf.s3_environment(seaweed), \
-            tf.LatencyProxy("127.0.0.1", seaweed.s3_port, latency_ms=5) as proxy:
+    with sc.s3_environment(seaweed), \
+            LatencyProxy("127.0.0.1", seaweed.s3_port, latency_ms=5) as proxy:
         for i, after in enumerate(cfg.daemon_kills):
             log(f"kill_daemon after {after} chunks")
             out = attempt(run, "kill_daemon", f"kill after {after} chunks", lambda a=after, i=i:
-                          tf.kill_daemon_during_boot(image, url, tmp / "daemon", seed=i,
+                          sc.kill_daemon_during_boot(image, url, tmp / "daemon", seed=i,
                                                      kill_after_chunks=a,
-                                                     env=tf.proxy_env(seaweed, proxy),
+                                                     env=sc.proxy_env(seaweed, proxy),
                                                      require_inflight=False))
             if out:
                 out["kill_after_chunks"] = after
@@ -296,7 +311,7 @@ def section_kill_daemon(run: Run, cfg: Config, seaweed: Any, tmp: Path, fig: dic
 # -- disk full, many mounts ------------------------------------------------------------------
 
 def section_disk_full(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -> None:
-    fig.update(tf.disk_full_scenario(tmp / "disk", rounds=2 if cfg.quick else 4,
+    fig.update(sc.disk_full_scenario(tmp / "disk", rounds=2 if cfg.quick else 4,
                                      seed=cfg.seed))
 
 
@@ -305,7 +320,7 @@ def section_many_mounts(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -
     for n in cfg.many_mounts:
         log(f"many_mounts: {n} mounts")
         out = attempt(run, "many_mounts", f"{n} mounts", lambda n=n:
-                      tf.many_mounts_scenario(tmp / f"many-{n}", mounts=n, n_images=3,
+                      sc.many_mounts_scenario(tmp / f"many-{n}", mounts=n, n_images=3,
                                               threads=max(24, 3 * n), rounds=cfg.many_rounds,
                                               seed=cfg.seed + n))
         if out:
@@ -326,147 +341,6 @@ def _tree(root: Path, skip: set[Path]) -> dict[str, tuple[int, int]]:
                 st = p.lstat()
                 out[str(p.relative_to(root))] = (st.st_size, int(st.st_mtime_ns))
     return out
-
-
-def _raw_tar(entries: list[dict[str, Any]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for e in entries:
-            info = tarfile.TarInfo(e["name"])
-            info.type = e.get("type", tarfile.REGTYPE)
-            info.mode = e.get("mode", 0o644)
-            for k in ("uid", "gid", "mtime", "devmajor", "devminor"):
-                if k in e:
-                    setattr(info, k, e[k])
-            info.pax_headers = e.get("pax", {})
-            data = None
-            if info.type == tarfile.REGTYPE:
-                payload = e.get("data", b"x")
-                data = io.BytesIO(payload)
-                info.size = len(payload)
-            else:
-                info.linkname = e.get("link", "")
-            tar.addfile(info, data)
-    return buf.getvalue()
-
-
-def hostile_layers(token: str, outside: Path) -> list[tuple[str, Any, str, dict[str, str]]]:
-    """(name, layer spec, expectation, env) of hostile layers. expectation: "refused", or
-    "contained:<path>": accepted, with the entry at that path inside the image. Symlinks
-    in an entry's parents are resolved inside the image root, as Docker, umoci and
-    containerd do: an absolute target starts at the image root and ".." stops there, so
-    such entries land inside the image, never outside it."""
-    from casfs.testing import ocibuild as ob
-
-    esc = f"casfs-escape-{token}"
-    cases: list[tuple[str, Any, str, dict[str, str]]] = []
-
-    def tar(name: str, entries: list[dict[str, Any]], expect: str = "refused",
-            comp: str = "gzip", env: dict[str, str] | None = None) -> None:
-        cases.append((name, ob.Layer(_raw_tar(entries), comp), expect, env or {}))  # type: ignore[arg-type]
-
-    tar("absolute path", [{"name": f"{outside}/abs"}])
-    tar("dot-dot", [{"name": f"../{esc}"}])
-    tar("nested dot-dot", [{"name": "ok", "data": b"ok"}, {"name": f"a/../../{esc}"}])
-    tar("deep dot-dot", [{"name": "/".join([".."] * 12) + f"/tmp/{esc}"}])
-    tar("symlink named ..", [{"name": "../link", "type": tarfile.SYMTYPE, "link": "/"}])
-    tar("symlink parent, relative target out of the root", [
-        {"name": "evil", "type": tarfile.SYMTYPE, "link": "../../../../../.." + str(outside)},
-        {"name": "evil/pwned", "data": b"pwned"}], expect=f"contained:{outside}/pwned")
-    tar("symlink parent, relative chain out of the root", [
-        {"name": "a", "type": tarfile.SYMTYPE, "link": ".."},
-        {"name": "a/b", "type": tarfile.SYMTYPE, "link": "../.."},
-        {"name": "a/b/pwned", "data": b"pwned"}], expect="contained:/pwned")
-    tar("symlink parent, absolute target", [
-        {"name": "evil", "type": tarfile.SYMTYPE, "link": str(outside)},
-        {"name": "evil/pwned", "data": b"pwned"}], expect=f"contained:{outside}/pwned")
-    tar("hardlink leaving the root", [{"name": "ok", "data": b"ok"},
-                                      {"name": "l", "type": tarfile.LNKTYPE, "link": "../../etc/passwd"}])
-    tar("hardlink to an absolute path", [{"name": "l", "type": tarfile.LNKTYPE, "link": "/etc/shadow"}])
-    tar("hardlink to a missing name", [{"name": "l", "type": tarfile.LNKTYPE, "link": "nowhere"}])
-    tar("hardlink to a directory", [{"name": "d", "type": tarfile.DIRTYPE},
-                                    {"name": "l", "type": tarfile.LNKTYPE, "link": "d"}])
-    tar("symlink loop as a parent", [
-        {"name": "a", "type": tarfile.SYMTYPE, "link": "b"},
-        {"name": "b", "type": tarfile.SYMTYPE, "link": "a"}, {"name": "a/x"}])
-    tar("file as a parent", [{"name": "f", "data": b"f"}, {"name": "f/x"}])
-    tar("NUL in a PAX path", [{"name": "x", "pax": {"path": "a\x00b"}}])
-    tar("whiteout of ..", [{"name": "dir/.wh...", "data": b""}])
-    tar("whiteout of nothing", [{"name": "etc/.wh.", "data": b""}])
-    tar("uid past 2^32", [{"name": "f", "uid": 2**32 + 5}])
-    tar("gid past 2^32", [{"name": "f", "gid": 2**40}])
-    tar("absurd mtime", [{"name": "f", "mtime": 2**62}])
-    # a member claiming 10 TB over a short stream
-    info = tarfile.TarInfo("big")
-    info.size = 10 << 40
-    huge = info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 2048
-    cases.append(("member size 10 TB", ob.Layer(huge, "none"), "refused", {}))
-    # a header with a garbage checksum in the middle of a good stream
-    good = _raw_tar([{"name": "a", "data": b"a" * 600}, {"name": "b", "data": b"b"}])
-    bad = bytearray(good)
-    second = 512 + 1024  # after a's header and its 600 bytes of data, padded
-    assert good[second:second + 1] == b"b"
-    bad[second + 148: second + 156] = b"9999999\0"
-    cases.append(("bad header checksum", ob.Layer(bytes(bad), "none"), "refused", {}))
-    # compressed streams
-    body = _raw_tar([{"name": f"f{i}", "data": bytes(range(256)) * 50} for i in range(8)])
-    gz = ob.compress(body, "gzip")
-    cases.append(("truncated gzip", _damaged(ob, body, "gzip", lambda b: b[: len(b) // 2]),
-                  "refused", {}))
-    cases.append(("gzip trailer cut", _damaged(ob, body, "gzip", lambda b: b[:-4]), "refused", {}))
-    cases.append(("gzip body flipped", _damaged(
-        ob, body, "gzip", lambda b: b[:100] + bytes(x ^ 0x5A for x in b[100:200]) + b[200:]),
-        "refused", {}))
-    cases.append(("truncated zstd", _damaged(ob, body, "zstd", lambda b: b[: len(b) // 2]),
-                  "refused", {}))
-    cases.append(("zstd frame declaring 2^60 bytes", _damaged(
-        ob, body, "zstd", lambda b: b"\x28\xb5\x2f\xfd\xe4" + (1 << 60).to_bytes(8, "little")
-        + b"\x01\x00\x00"), "refused", {}))
-    cases.append(("gzip of garbage", _damaged(ob, body, "gzip", lambda b: gz[:10] + os.urandom(4000)),
-                  "refused", {}))
-    # decompression bombs and size caps
-    zeros = ob.Layer.from_members([ob.file("zeros", b"\0" * (160 << 20))], "gzip")
-    cases.append(("gzip bomb (160 MB of zeros)", zeros, "refused", {"CASFS_MAX_EXPANSION": "100"}))
-    zbomb = ob.Layer.from_members([ob.file("zeros", b"\0" * (160 << 20))], "zstd")
-    cases.append(("zstd bomb (160 MB of zeros)", zbomb, "refused", {"CASFS_MAX_EXPANSION": "100"}))
-    cases.append(("layer over CASFS_MAX_LAYER_BYTES", ob.Layer.from_members(
-        [ob.file("f", os.urandom(3 << 20))], "gzip"), "refused",
-        {"CASFS_MAX_LAYER_BYTES": str(1 << 20)}))
-    return cases
-
-
-def _damaged(ob: Any, tar_bytes: bytes, comp: str, damage: Callable[[bytes], bytes]) -> Any:
-    layer = ob.Layer(tar_bytes, comp)
-    layer._blob = damage(layer.blob)
-    return layer
-
-
-def hostile_manifests() -> list[tuple[str, bytes]]:
-    """Manifests built to hurt (tests/test_hostile.py's cases): each is stored as a valid
-    object (its digest matches its bytes) and mounted."""
-    import test_hostile as th
-
-    G = th.GOOD  # noqa: N806
-    return [
-        ("cycle to root", th.patch_dirent(G, 0, ino=1)),
-        ("dir with two parents", th.patch_dirent(G, 1, ino=2)),
-        ("name with slash", th.patch_dirent(G, 2, name=b"/")),
-        ("name with NUL", th.patch_dirent(G, 2, name=b"\0")),
-        ("unsorted names", th.patch_dirent(G, 4, name=b"0")),
-        ("overlapping chunks", th.patch_chunk(G, 1, offset=150)),
-        ("zero-length chunk", th.patch_chunk(G, 1, length=0)),
-        ("size disagrees with chunks", th.patch_inode(G, 4, size=301)),
-        ("chunks out of range", th.patch_inode(G, 4, count=99)),
-        ("dirents out of range", th.patch_inode(G, 1, count=99)),
-        ("entry inode out of range", th.patch_dirent(G, 0, ino=999)),
-        ("symlink target out of range", th.patch_inode(G, 6, str_off=1 << 30)),
-        ("unknown file type", th.patch_inode(G, 5, mode=0o170644)),
-        ("truncated", G[:-3]),
-        ("bad magic", b"X" + G[1:]),
-        ("header counts overflow", G[:16] + (0xFFFFFFFF).to_bytes(4, "little") + G[20:]),
-        ("empty", b""),
-        ("garbage", os.urandom(4096)),
-    ]
 
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str | None:
@@ -525,7 +399,7 @@ def section_hostile(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -> No
         before = _tree(sandbox, {store_dir, sandbox / "layouts"})
         full_env = dict(os.environ, **env)
         full_env.pop("CASFS_STORE", None)
-        p = subprocess.run([*tf.CASFS, "index", f"oci:{layout}:t", "--store", url, "--tag", "h"],
+        p = subprocess.run([*CASFS, "index", f"oci:{layout}:t", "--store", url, "--tag", "h"],
                            cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300,
                            stdin=subprocess.DEVNULL)
         after = _tree(sandbox, {store_dir, sandbox / "layouts"})
@@ -580,7 +454,7 @@ def section_hostile(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -> No
             problems.append(why)
         if (cache / "manifests" / digest).exists():
             problems.append("kept in the cache")
-        if tf.is_mounted(mnt):
+        if is_mounted(mnt):
             problems.append("mounted")
             clear_leftovers(mnt)
         if _tree(sandbox, {store_dir, cache}) != before:
@@ -599,7 +473,7 @@ def section_hostile(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -> No
     store.backend.put(key, compress(store.get_manifest(good)[:-1] + b"\x01"))
     p = cli("mount", "good", str(mnt), "--store", url, "--cache-dir", str(sandbox / "cache2"))
     problems = [why] if (why := _one_line_error(p)) else []
-    if tf.is_mounted(mnt):
+    if is_mounted(mnt):
         problems.append("mounted")
         clear_leftovers(mnt)
     mres.append({"input": "manifest object altered in the store", "exit": p.returncode,
@@ -625,207 +499,24 @@ def section_hostile(run: Run, cfg: Config, tmp: Path, fig: dict[str, Any]) -> No
 
 # -- fuzzing -----------------------------------------------------------------------------------
 
-class FuzzTimeout(Exception):
-    pass
-
-
-def _alarm(signum: int, frame: Any) -> None:
-    raise FuzzTimeout()
-
-
-INTERESTING = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\x00\x00\x00\x00", b"\xff\xff\xff\xff",
-               b"\xff\xff\xff\x7f", b"\x01\x00\x00\x00", b"0000000\x00", b"7777777\x00",
-               b"../", b"/", b"\x00" * 8]
-
-
-def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.choice([1, 1, 1, 2, 3, 5, 8])):
-        if not buf:
-            buf += rng.randbytes(rng.randint(1, 64))
-            continue
-        op = rng.randrange(8)
-        at = rng.randrange(len(buf))
-        if op == 0:
-            buf[at] ^= 1 << rng.randrange(8)
-        elif op == 1:
-            buf[at] = rng.randrange(256)
-        elif op == 2:
-            v = rng.choice(INTERESTING)
-            buf[at:at + len(v)] = v
-        elif op == 3:
-            del buf[at:at + rng.randint(1, 512)]
-        elif op == 4:
-            buf[at:at] = rng.randbytes(rng.randint(1, 64))
-        elif op == 5:
-            del buf[at:]
-        elif op == 6:
-            other = rng.choice(corpus)
-            if other:
-                s = rng.randrange(len(other))
-                buf[at:at + 256] = other[s:s + rng.randint(1, 256)]
-        else:  # a 4- or 8-byte integer field set to something big
-            n = rng.choice([4, 8])
-            buf[at:at + n] = rng.choice([rng.randrange(1 << (8 * n)), (1 << (8 * n)) - 1,
-                                         1 << (8 * n - 1)]).to_bytes(n, "little")
-    return bytes(buf)
-
-
-class Target:
-    """A fuzz target: run(data) must return normally or raise a casfs error."""
-
-    def __init__(self, name: str, corpus: list[bytes], run: Callable[[bytes], str]) -> None:
-        self.name, self.corpus, self.run = name, corpus, run
-        self.stats = {"executions": 0, "accepted": 0, "refused": 0, "crashes": 0,
-                      "timeouts": 0, "seconds": 0.0, "mutational": 0, "hypothesis": 0}
-        self.crashes: list[dict[str, Any]] = []
-
-    def execute(self, data: bytes, crash_dir: Path, how: str) -> None:
-        from casfs.errors import CasfsError
-
-        self.stats["executions"] += 1
-        self.stats[how] += 1
-        signal.setitimer(signal.ITIMER_REAL, 20.0)
-        try:
-            outcome = self.run(data)
-            self.stats[outcome] += 1
-        except CasfsError:
-            self.stats["refused"] += 1
-        except FuzzTimeout:
-            self.stats["timeouts"] += 1
-            self._keep(data, "timeout (over 20 s)", crash_dir)
-        except Exception as exc:  # a crash: anything but a clear casfs error
-            self.stats["crashes"] += 1
-            self._keep(data, "".join(traceback.format_exception_only(exc)).strip(), crash_dir)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def _keep(self, data: bytes, why: str, crash_dir: Path) -> None:
-        crash_dir.mkdir(parents=True, exist_ok=True)
-        path = crash_dir / f"{self.name.replace(' ', '-')}-{len(self.crashes)}.bin"
-        path.write_bytes(data)
-        if len(self.crashes) < 20:
-            self.crashes.append({"input": str(path), "error": why[:1000]})
-
-
-def fuzz_targets() -> list[Target]:
-    import test_hostile as th
-
-    from casfs.manifest import Manifest, build_manifest
-    from casfs.testing import ocibuild as ob
-    from indexer.apply import TreeBuilder
-    from indexer.decompress import ExpansionGuard, open_decompressed
-    from indexer.layer import read_layer, resolve_chunks
-    from indexer.upload import BlobUploader
-
-    class NoStore:
-        def put_blob(self, data: bytes, digest: str | None = None) -> tuple[str, int]:
-            return digest or "", 0
-
-    uploader = BlobUploader(NoStore(), workers=2)  # type: ignore[arg-type]
-
-    def exercise_manifest(data: bytes) -> str:
-        th._exercise(Manifest(data))
-        return "accepted"
-
-    def ingest(stream: Any) -> str:
-        ops = read_layer(stream, uploader, "layer")
-        resolve_chunks(ops)
-        builder = TreeBuilder()
-        builder.apply_layer(ops, "layer")
-        data = build_manifest(builder.root, {"layers": []})
-        # what is accepted must make a manifest that validates and reads back
-        th._exercise(Manifest(data))
-        return "accepted"
-
-    def tar_target(data: bytes) -> str:
-        return ingest(io.BytesIO(data))
-
-    def compressed(comp: str) -> Callable[[bytes], str]:
-        def run(data: bytes) -> str:
-            stream = open_decompressed(io.BufferedReader(io.BytesIO(data)), comp, "layer")  # type: ignore[arg-type]
-            guarded = io.BufferedReader(ExpansionGuard(stream, lambda: len(data), "layer",
-                                                       256 << 20, 1000), 1 << 16)
-            return ingest(guarded)
-        return run
-
-    rich = ob.layer_tar([
-        ob.directory("etc"), ob.file("etc/passwd", "root:x:0:0\n", uid=0),
-        ob.file("bin/sh", b"\x7fELF" * 300, mode=0o755), ob.hardlink("bin/bash", "bin/sh"),
-        ob.symlink("lib", "usr/lib"), ob.directory("usr/lib"),
-        ob.file("usr/lib/libc.so", bytes(range(256)) * 40),
-        ob.whiteout("var/cache"), ob.opaque_whiteout("opt"),
-        ob.file("x/" + "n" * 150 + "/f", "long name"),
-        ob.file("x/attrs", "a", xattrs={"user.k": "v", "security.capability": b"\x01\x00"}),
-        ob.Member("dev/null", "char", devmajor=1, devminor=3),
-        ob.Member("fifo", "fifo"),
-    ])
-    tars = [th.TAR, rich]
-    manifests = [th.GOOD]
-    with contextlib.suppress(Exception):
-        builder = TreeBuilder()
-        ops = read_layer(io.BytesIO(rich), uploader, "seed")
-        resolve_chunks(ops)
-        builder.apply_layer(ops, "seed")
-        manifests.append(build_manifest(builder.root, {"layers": [{"digest": "sha256:" + "0" * 64}]}))
-    return [
-        Target("manifest reader", manifests, exercise_manifest),
-        Target("tar ingestion", tars, tar_target),
-        Target("gzip layer ingestion", [ob.compress(t, "gzip") for t in tars], compressed("gzip")),
-        Target("zstd layer ingestion", [ob.compress(t, "zstd") for t in tars], compressed("zstd")),
-    ]
-
-
-def _hypothesis_batch(target: Target, crash_dir: Path, seed: int, examples: int) -> None:
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import strategies as st
-
-    base = target.corpus[seed % len(target.corpus)]
-    edits = st.lists(st.tuples(st.integers(0, max(0, len(base) - 1)), st.integers(0, 255)),
-                     min_size=1, max_size=8)
-
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(edits, st.integers(0, len(base)), st.binary(max_size=64))
-    def run(mutations: list[tuple[int, int]], cut: int, tail: bytes) -> None:
-        buf = bytearray(base)
-        for at, value in mutations:
-            if buf:
-                buf[at % len(buf)] = value
-        target.execute(bytes(buf[:cut]) + tail if tail else bytes(buf), crash_dir, "hypothesis")
-
-    run()
-
-
 def section_fuzz(run: Run, cfg: Config, tmp: Path, crash_dir: Path, fig: dict[str, Any]) -> None:
-    targets = fuzz_targets()
+    fuzz.register_harness(__file__)
+    targets = fuzz.fuzz_targets()
+    fuzz.check_seeds(targets)  # a seed not accepted: HarnessError, before any counting
     per = cfg.fuzz_seconds / len(targets)
     sandbox = tmp / "fuzz-cwd"
     sandbox.mkdir(parents=True, exist_ok=True)
     old_cwd = os.getcwd()
-    old_handler = signal.signal(signal.SIGALRM, _alarm)
     os.chdir(sandbox)
     try:
         for i, target in enumerate(targets):
-            rng = random.Random(cfg.seed * 7919 + i)
-            t0 = time.monotonic()
-            deadline = t0 + per
-            batch = 0
             log(f"fuzz {target.name}: {per:.0f}s")
-            while time.monotonic() < deadline:
-                if batch % 4 == 3:  # a quarter of the batches: hypothesis-generated edits
-                    _hypothesis_batch(target, crash_dir, cfg.seed + batch, 50)
-                else:
-                    for _ in range(50):
-                        data = mutate(rng, rng.choice(target.corpus), target.corpus)
-                        target.execute(data, crash_dir, "mutational")
-                batch += 1
-            target.stats["seconds"] = round(time.monotonic() - t0, 1)
+            fuzz.fuzz_target(target, per, random.Random(cfg.seed * 7919 + i), crash_dir,
+                             cfg.seed, hypothesis_home=tmp / "hypothesis-home")
     finally:
         os.chdir(old_cwd)
-        signal.signal(signal.SIGALRM, old_handler)
+        fig["targets"] = {t.name: {**t.stats, "crash_inputs": t.crashes} for t in targets}
     written = [p.name for p in sandbox.rglob("*")]
-    fig["targets"] = {t.name: {**t.stats, "crash_inputs": t.crashes} for t in targets}
     fig["seconds"] = round(sum(t.stats["seconds"] for t in targets), 1)
     fig["executions"] = sum(t.stats["executions"] for t in targets)
     fig["crashes"] = sum(t.stats["crashes"] + t.stats["timeouts"] for t in targets)
@@ -856,6 +547,9 @@ def render_md(res: dict[str, Any]) -> str:
            f"- total time: {res['seconds'] / 60:.1f} min; result: "
            f"**{'PASS' if not res['violations'] else 'FAIL'}** "
            f"({len(res['violations'])} violations)", ""]
+    for h in res.get("harness_errors", []):
+        out += ["**HARNESS ERROR** (the benchmark's harness is broken, not casfs; its "
+                "section measured nothing):", "", "```", h[:3000], "```", ""]
     f = s.get("faults", {}).get("figures", {})
     if f.get("profiles"):
         img = f["image"]
@@ -1052,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(cfg).items()},
         "seconds": round(time.monotonic() - t0, 1),
         "wrong_bytes_served": bool(wrong),
+        "harness_errors": run.harness_errors,
         "sections": run.sections, "violations": run.violations,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1060,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(md)
     print(md)
     log(f"wrote {args.out / stem}.json and .md")
+    if run.harness_errors:
+        print(f"benchmarks.faults: HARNESS ERROR in {len(run.harness_errors)} section(s); "
+              "fix the harness, the figures of those sections are void", file=sys.stderr)
     return 1 if run.violations else 0
 
 
