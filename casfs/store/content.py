@@ -264,15 +264,18 @@ class Store:
 
     # -- layer records -------------------------------------------------------
 
+    def read_layer_record(self, layer_digest: str) -> bytes:
+        """A layer's record, decompressed (unparsed). Raises ObjectNotFound, BlobCorrupt."""
+        what = f"layer record {layer_digest}"
+        packed = self._get(layer_record_key(layer_digest), stored_bound(MAX_RECORD_SIZE), what)
+        return decompress(packed, MAX_RECORD_SIZE, what)
+
     def get_layer_record(self, layer_digest: str) -> bytes | None:
         """A layer's record, or None when there is none, or it is damaged (e.g. an
         aborted upload left an empty object): the layer is then indexed again and its
         record rewritten."""
-        what = f"layer record {layer_digest}"
         try:
-            packed = self._get(layer_record_key(layer_digest), stored_bound(MAX_RECORD_SIZE),
-                               what)
-            return decompress(packed, MAX_RECORD_SIZE, what)
+            return self.read_layer_record(layer_digest)
         except ObjectNotFound:
             return None
         except BlobCorrupt as exc:
