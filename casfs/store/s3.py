@@ -7,11 +7,20 @@ through boto3's chain (the only use of boto3, and the only module that imports i
 Every request (GET, ranged GET, HEAD, PUT, DELETE, list) goes through
 casfs.store.s3http, signed by casfs.store.sigv4. S3 PUTs are atomic, which gives the
 backend contract's no-partial-object rule for free.
+
+Every response is read to a cap, never whole (an endpoint answering gigabytes for the
+39-byte store marker must not take the process's memory): a whole-object GET to the
+`max_bytes` its caller gives, else to what the store format lets an object under that key
+be (`read_limit`: a zstd frame of at most 64 MiB for a blob, a few KiB for the marker or a
+tag, ...); a ranged GET to the range asked for; listings, HEAD, PUT and DELETE answers to
+small fixed caps (casfs.store.s3http). A longer answer is a StoreError ("response too
+large").
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import threading
@@ -24,10 +33,56 @@ from casfs.errors import (
     StoreUnreachable,
     TransientStoreError,
 )
+from casfs.store.content import MAX_BLOB_SIZE, MAX_MANIFEST_SIZE, STORE_MARKER
 
 if TYPE_CHECKING:
     from casfs.store.s3http import S3Http
     from casfs.store.sigv4 import S3Settings
+
+SMALL_OBJECT_LIMIT = 64 << 10
+"""The store marker (39 bytes), a tag (a digest), a lock (a line of JSON), a trace pointer
+(empty)."""
+TRACE_BYTES = 64 << 20
+"""At least the largest trace prefetch reads (prefetch.trace.MAX_TRACE_BYTES, not
+imported: the store does not depend on prefetch; docs/security.md's 64 MiB)."""
+
+
+def frame_bound(content: int) -> int:
+    """The most bytes one zstd frame of `content` bytes of content takes (zstd's own bound
+    is content + content/256 + a few hundred bytes; this is generous)."""
+    return content + (content >> 7) + 1024
+
+
+_limits: list[tuple[str, int]] = []
+
+
+def read_limit(key: str) -> int:
+    """The most bytes a whole-object GET of `key` may answer when its caller names no
+    bound: what the store format (casfs.store.content) lets an object under that key be,
+    compressed. The content layer passes each kind's exact bound as max_bytes; this is
+    the floor under every other caller."""
+    if not _limits:
+        from casfs.packindex import MAX_INDEX_BYTES
+
+        _limits.extend([
+            ("blobs/", frame_bound(MAX_BLOB_SIZE)),
+            ("manifests/", frame_bound(MAX_MANIFEST_SIZE)),
+            ("layers/", frame_bound(MAX_MANIFEST_SIZE)),
+            ("packidx/", frame_bound(MAX_INDEX_BYTES)),
+            ("traces/m/", frame_bound(TRACE_BYTES)),
+            ("traces/l/", SMALL_OBJECT_LIMIT),
+            ("tags/", SMALL_OBJECT_LIMIT),
+            ("locks/", SMALL_OBJECT_LIMIT),
+        ])
+    if key == STORE_MARKER:
+        return SMALL_OBJECT_LIMIT
+    for prefix, limit in _limits:
+        if key.startswith(prefix):
+            return limit
+    # Anything else (a pack, read whole by no one; an object of another tool): the
+    # largest object casfs reads whole.
+    return frame_bound(MAX_MANIFEST_SIZE)
+
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _UNREACHABLE = {
@@ -178,27 +233,31 @@ class S3Backend:
         return S3Settings(client.meta.endpoint_url, client.meta.region_name or "us-east-1",
                           client._request_signer._credentials)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The whole object, of at most max_bytes (None: read_limit(key)) bytes; a longer
+        answer raises StoreError ("response too large"), having read no more than that."""
         http = self._http
-        resp = http.request("GET", self._key(key))
-        http.check(resp, key)
-        return resp.data
+        limit = read_limit(key) if max_bytes is None else max_bytes
+        reply = http.request("GET", self._key(key), limit=limit)
+        http.check(reply, key)
+        return reply.data
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length): an answer longer than length is a StoreError
+        ("response too large"); one from a server that ignored the Range (the whole object)
+        is read only up to offset+length, keeping the range."""
         if length <= 0:
             return b""
         from casfs.store.s3http import RangeNotSatisfiable
 
         http = self._http
-        resp = http.request("GET", self._key(key),
-                            headers={"Range": f"bytes={offset}-{offset + length - 1}"})
+        reply = http.request("GET", self._key(key), limit=length, range_start=offset,
+                             headers={"Range": f"bytes={offset}-{offset + length - 1}"})
         try:
-            http.check(resp, key)
+            http.check(reply, key)
         except RangeNotSatisfiable:
             return b""
-        if resp.status == 200:  # a server that ignored the range sent the whole object
-            return resp.data[offset : offset + length]
-        return resp.data
+        return reply.data
 
     def put(self, key: str, data: bytes) -> None:
         # Content-MD5 makes the server check the body it got: without it, SeaweedFS
@@ -207,12 +266,12 @@ class S3Backend:
         http = self._http
         body = bytes(data)
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
-        http.check(http.request("PUT", self._key(key), body=body,
+        http.check(http.request("PUT", self._key(key), body=body, cut=True,
                                 headers={"Content-MD5": md5}), key)
 
     def exists(self, key: str) -> bool:
         http = self._http
-        resp = http.request("HEAD", self._key(key))
+        resp = http.request("HEAD", self._key(key), cut=True)
         if resp.status == 404:
             # HEAD has no body to tell a missing key from a missing bucket.
             return False
@@ -220,20 +279,19 @@ class S3Backend:
         return True
 
     def size(self, key: str) -> int | None:
-        """The object's size from one HEAD, None when it does not exist."""
+        """The object's size from one HEAD, None when it does not exist (-1: present, its
+        Content-Length missing or not a number)."""
         http = self._http
-        resp = http.request("HEAD", self._key(key))
+        resp = http.request("HEAD", self._key(key), cut=True)
         if resp.status == 404:
             return None
         http.check(resp, key)
-        try:
-            return int(resp.headers.get("Content-Length", "-1"))
-        except ValueError:
-            return -1
+        length = resp.headers.get("Content-Length", "").strip()
+        return int(length) if length.isascii() and length.isdigit() and len(length) < 20 else -1
 
     def delete(self, key: str) -> None:
         http = self._http
-        resp = http.request("DELETE", self._key(key))
+        resp = http.request("DELETE", self._key(key), cut=True)
         if resp.status != 404:  # deleting what is gone is done (S3 itself answers 204)
             http.check(resp, key)
 
@@ -247,3 +305,7 @@ class S3Backend:
 
     def sync(self) -> None:
         """S3 puts are durable when they return."""
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to defer: S3 puts are durable when they return."""
+        return contextlib.nullcontext()
