@@ -14,6 +14,10 @@ whose listings are strongly consistent (S3 since 2020, R2, SeaweedFS, a local
 directory) at least one of two racing processes sees the other. A lock whose
 last write is older than STALE_SECONDS is ignored: its process died. On top of
 this, gc never deletes anything younger than its grace period.
+
+There are only these two exclusive kinds; `casfs check` takes none (it writes
+nothing), and only looks for gc locks to say that a gc ran alongside it.
+Lock keys are built by casfs.store.keys (`locks/<kind>-<unix s>-<12 hex>`).
 """
 
 from __future__ import annotations
