@@ -37,13 +37,12 @@ from casfs.store.keys import (
     trace_pointer_key,
     traces_prefix,
     try_parse_key,
-    validate_tag,
 )
 
+# STORE_MARKER, blob_key and manifest_key are also imported from here by older callers.
 __all__ = [
     "MAX_BLOB_SIZE", "MAX_MANIFEST_SIZE", "MAX_STORED_BLOB_SIZE", "STORE_MARKER", "Store",
-    "blob_key", "compress", "decompress", "manifest_key", "stored_bound", "validate_tag",
-    "verify_blob",
+    "blob_key", "compress", "decompress", "manifest_key", "stored_bound", "verify_blob",
 ]
 
 STORE_FORMAT_VERSION = 1

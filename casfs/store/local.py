@@ -157,9 +157,15 @@ class FileBackend:
             changed_dirs.append(str(path.parent))
             if deferred:
                 with self._sync_lock:
-                    self._pending_files.add(str(path))
-                    self._pending_dirs.update(changed_dirs)
-            else:
+                    # A put that outlived every block (whose leaving synced) is owed no
+                    # later sync: it makes itself durable now.
+                    deferred = self._deferring > 0
+                    if deferred:
+                        self._pending_files.add(str(path))
+                        self._pending_dirs.update(changed_dirs)
+                if not deferred:
+                    _fsync_path(str(path))
+            if not deferred:
                 for d in changed_dirs:
                     _fsync_path(d)
         except OSError as exc:
