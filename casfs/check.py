@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from casfs import packindex
-from casfs.errors import BlobCorrupt, CasfsError, ObjectNotFound, StoreError, StoreUnreachable
+from casfs.errors import (
+    BlobCorrupt,
+    CasfsError,
+    CheckFailed,
+    ObjectNotFound,
+    StoreError,
+    StoreUnreachable,
+)
 from casfs.manifest import Manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store.content import (
@@ -62,9 +69,9 @@ from indexer.layerrecord import LayerRecordError
 from indexer.layerrecord import parse as parse_record
 from prefetch.trace import MAX_TRACE_BYTES, Trace, TraceError
 
-CHECK_FAILED_EXIT = 11
-"""Exit status when problems were found (TODO: casfs.errors.CheckFailed.exit_code once
-that lands; the store failing to answer is a StoreError, 3, as anywhere)."""
+CHECK_FAILED_EXIT = CheckFailed.exit_code
+"""Exit status when problems were found (the store failing to answer is a StoreError,
+3, as anywhere)."""
 READ_WORKERS = 8
 RANGE_BYTES = 8 << 20  # the most bytes one ranged GET of pack entries asks for
 T = TypeVar("T")
