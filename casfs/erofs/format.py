@@ -89,6 +89,8 @@ assert INODE_COMPACT.size == 32
 # i_mtime (seconds, signed), i_mtime_nsec, i_nlink, reserved
 INODE_EXTENDED = struct.Struct("<HHHHQIIIIqII16x")
 assert INODE_EXTENDED.size == 64
+I_U_OFFSET = 16  # i_u (start block, rdev or chunk format) sits at byte 16 of both forms
+assert struct.calcsize("<HHHHII") == struct.calcsize("<HHHHQ") == I_U_OFFSET
 
 # h_name_filter (0: no filter, the superblock does not enable it), h_shared_count, reserved
 XATTR_IBODY_HEADER = struct.Struct("<IB7x")

@@ -417,6 +417,9 @@ class _Build:
         chunk_layout = (fmt.DATALAYOUT_CHUNK_BASED << fmt.DATALAYOUT_BIT)
         inline_layout = (fmt.DATALAYOUT_FLAT_INLINE << fmt.DATALAYOUT_BIT)
         no_shared = xheader_pack(0, 0)
+        metacopy_id = shared_id.get(_METACOPY_ENTRY)
+        metacopy_shared = metacopy_id is not None
+        metacopy_head = xheader_pack(0, 1) + u32_pack(metacopy_id or 0)
         one_chunk_map = _U32.pack(fmt.NULL_ADDR32)
 
         meta = bytearray(META_START)  # block 0 up to the end of the superblock
@@ -432,7 +435,11 @@ class _Build:
             sz = size[ino]
             entries = entries_of[ino]
             if entries:
-                if shared_id:
+                if (metacopy_shared and len(entries) == 2 and entries[0] is _METACOPY_ENTRY
+                        and entries[1] not in shared_id):
+                    # The common case, a plain file: shared metacopy, inline redirect.
+                    xbody = metacopy_head + entries[1]
+                elif shared_id:
                     ids: list[int] = []
                     inline: list[bytes] = []
                     for e in entries:
@@ -464,7 +471,10 @@ class _Build:
                     # One chunk covering the whole file where it can (chunks up to 8 TiB),
                     # every chunk a hole: the content comes from overlayfs's data layers.
                     bits = (sz - 1).bit_length()
-                    bits = fmt.BLOCK_BITS if bits < fmt.BLOCK_BITS else min(bits, fmt.MAX_CHUNK_BITS)
+                    if bits < fmt.BLOCK_BITS:
+                        bits = fmt.BLOCK_BITS
+                    elif bits > fmt.MAX_CHUNK_BITS:
+                        bits = fmt.MAX_CHUNK_BITS
                     i_format = chunk_layout
                     i_u = bits - fmt.BLOCK_BITS
                     tail = one_chunk_map if sz <= 1 << bits else (
@@ -523,8 +533,8 @@ class _Build:
         self.data_blk = data_blk = len(meta) >> fmt.BLOCK_BITS
         if data_blk + n_data > 0xFFFFFFFF:
             raise ErofsUnsupported("image larger than 16 TiB")
-        for at, rel in patches:  # i_u sits at byte 16 of both inode forms
-            _U32.pack_into(meta, at + 16, data_blk + rel)
+        for at, rel in patches:
+            _U32.pack_into(meta, at + fmt.I_U_OFFSET, data_blk + rel)
         data = bytearray(n_data << fmt.BLOCK_BITS)
         for rel, link in long_links:
             data[rel << fmt.BLOCK_BITS:(rel << fmt.BLOCK_BITS) + len(link)] = link
