@@ -395,7 +395,7 @@ def test_faulty_backend_counts_and_injects() -> None:
         b.get("blobs/a")
     assert b.get("blobs/a") == b"x"  # the second get of the key goes through
     assert b.get("tags/t") == b"y"
-    assert b.gets("blobs/a") == 2 and b.calls["put"] == 2 and b.puts == ["blobs/a", "tags/t"]
+    assert b.gets["blobs/a"] == 2 and b.calls["put"] == 2 and b.puts == ["blobs/a", "tags/t"]
     assert b.injected == 1
     first = FaultyBackend(MemoryBackend(), fail_first(2))
     for _ in range(2):
@@ -458,9 +458,7 @@ def test_fuzz_counts_refusals_and_stops_on_a_harness_error(targets: list[fuzz.Ta
 
 
 def test_harness_errors_told_from_casfs_errors() -> None:
-    def call_drifted() -> None:
-        class MemoryBackendLike:
-            pass
+    def call_drifted() -> None:  # what Python raises at a caller passing what a double lacks
         raise TypeError("MemoryBackend.get() got an unexpected keyword argument 'max_bytes'")
 
     with pytest.raises(TypeError) as info:

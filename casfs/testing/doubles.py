@@ -144,9 +144,10 @@ def fail_first_per_key(n: int, error: type[BaseException] = TransientStoreError,
 
 
 class FaultyBackend:
-    """Wraps any backend: counts every call (`calls[op]`, `per_key[(op, key)]`, and the
-    keys put, in order, in `puts`), sleeps `delay` seconds before each (to widen races),
-    and raises what `fault` returns instead of calling the inner backend."""
+    """Wraps any backend: counts every call (`calls[op]`, `per_key[(op, key)]`, whole gets
+    per key in `gets[key]`, the keys put, in order, in `puts`), sleeps `delay` seconds
+    before each (to widen races), and raises what `fault` returns instead of calling the
+    inner backend."""
 
     def __init__(self, inner: ObjectBackend, fault: Fault | None = None, *,
                  delay: float = 0.0) -> None:
@@ -156,6 +157,7 @@ class FaultyBackend:
         self.delay = delay
         self.calls: Counter[str] = Counter()
         self.per_key: Counter[tuple[str, str]] = Counter()
+        self.gets: Counter[str] = Counter()
         self.puts: list[str] = []
         self.injected = 0
         self._lock = threading.Lock()
@@ -167,6 +169,8 @@ class FaultyBackend:
             nth = self.per_key[(op, key)]
             if op == "put":
                 self.puts.append(key)
+            elif op == "get":
+                self.gets[key] += 1
         if self.delay:
             time.sleep(self.delay)
         error = self.fault(op, key, nth) if self.fault is not None else None
@@ -217,7 +221,3 @@ class FaultyBackend:
     def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
         self._enter("deferred_syncs", "")
         return self.inner.deferred_syncs()
-
-    def gets(self, key: str) -> int:
-        """How many times key was got whole."""
-        return self.per_key[("get", key)]

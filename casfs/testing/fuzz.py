@@ -239,7 +239,7 @@ def check_seeds(targets: list[Target]) -> None:
                 raise HarnessError(f"{target.name}: seed {i} gave {outcome!r}, not 'accepted'")
 
 
-register_harness(__file__, names=("MemoryBackend", "FaultyBackend", "Target"))
+register_harness(__file__, names=("MemoryBackend", "FaultyBackend"))
 
 
 def _register_doubles() -> None:
