@@ -694,6 +694,12 @@ def test_kernel_mode_obstacle_and_unsupported(tmp_path: Path) -> None:
     reason = kernel_mode_obstacle(whiteout)
     assert reason and "whiteout" in reason and "\n" not in reason
     build(whiteout, tmp_path / "w")  # a valid EROFS image; overlayfs is what misreads it
+    if kernel_unavailable_reason() is None:
+        with mounted_erofs(tmp_path / "w", tmp_path / "lower") as lower:
+            assert stat.S_ISCHR(os.lstat(lower / "x").st_mode)
+            (tmp_path / "objects").mkdir()
+            with mounted_overlay(lower, [tmp_path / "objects"], tmp_path / "root") as root:
+                assert not os.path.lexists(root / "x")  # why it is an obstacle
     unsupported = [
         Node(mode=stat.S_IFCHR | 0o644, rdev=os.makedev(5000, 1)),
         Node(mode=stat.S_IFBLK | 0o644, rdev=os.makedev(1, 1 << 21)),
