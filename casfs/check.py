@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from casfs.errors import (
     ObjectNotFound,
     StoreError,
     StoreUnreachable,
+    TagNotFound,
 )
 from casfs.manifest import Manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
@@ -59,6 +61,7 @@ from casfs.store.keys import (
     ParsedKey,
     blob_key,
     layer_record_key,
+    manifest_key,
     pack_index_key,
     pack_key,
     tag_key,
@@ -141,7 +144,7 @@ class _Listing:
 class _Live:
     """What the tags reach: valid manifests, their chunks and layers."""
 
-    manifests: dict[str, Manifest] = field(default_factory=dict)
+    manifests: dict[str, frozenset[str]] = field(default_factory=dict)  # -> its chunks
     chunks: dict[str, str] = field(default_factory=dict)  # chunk -> a manifest naming it
     layers: set[str] = field(default_factory=set)
 
@@ -150,11 +153,11 @@ def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
     """fn over items in worker threads, at most 2 x workers submitted at once (so the
     bytes in flight stay bounded however many items there are); results in order."""
     with ThreadPoolExecutor(workers, thread_name_prefix="check") as pool:
-        window: list[Future[R]] = []
+        window: deque[Future[R]] = deque()
         for item in items:
             window.append(pool.submit(fn, item))
             if len(window) >= 2 * workers:
-                yield window.pop(0).result()
+                yield window.popleft().result()
         for fut in window:
             yield fut.result()
 
@@ -224,7 +227,7 @@ def _check_tags(store: Store, report: CheckReport, workers: int) -> _Live:
     def read_tag(name: str) -> tuple[str, str | None]:
         try:
             return name, store.get_tag(name)
-        except ObjectNotFound:
+        except TagNotFound:
             return name, None  # removed since the listing: nothing to check
         except CasfsError as exc:
             report.add(Kind.TAG, tag_key(name), _failure(exc))
@@ -243,7 +246,7 @@ def _check_tags(store: Store, report: CheckReport, workers: int) -> _Live:
             for name in tagged[digest]:
                 report.add(Kind.TAG, tag_key(name), f"names manifest {digest}, which is missing")
         except CasfsError as exc:
-            report.add(Kind.MANIFEST, f"manifests/{digest}",
+            report.add(Kind.MANIFEST, manifest_key(digest),
                        f"does not validate: {exc}" if not isinstance(exc, StoreError)
                        else _failure(exc))
         return digest, None
@@ -253,14 +256,14 @@ def _check_tags(store: Store, report: CheckReport, workers: int) -> _Live:
     for digest, m in _bounded_map(read_manifest, sorted(tagged), workers):
         if m is None:
             continue
-        live.manifests[digest] = m
-        for chunk in m.chunk_digests():
+        live.manifests[digest] = m.chunk_digests()  # not the manifest: its bytes can be big
+        for chunk in live.manifests[digest]:
             live.chunks.setdefault(chunk, digest)
         for layer in m.meta.get("layers", []):
             layer_digest = layer.get("digest") if isinstance(layer, dict) else None
             if not isinstance(layer_digest, str) or \
                     not isinstance(try_parse_key(layer_record_key(layer_digest)), ParsedKey):
-                report.add(Kind.MANIFEST, f"manifests/{digest}",
+                report.add(Kind.MANIFEST, manifest_key(digest),
                            f"names a malformed layer digest {layer_digest!r:.100}")
                 continue
             live.layers.add(layer_digest)
@@ -406,7 +409,7 @@ def _check_traces(store: Store, report: CheckReport, live: _Live, listing: _List
             report.add(Kind.TRACE, k.key, f"names manifest {trace.manifest}, not the one it "
                        "is stored under")
             return None
-        chunks = live.manifests[k.manifest].chunk_digests()
+        chunks = live.manifests[k.manifest]
         foreign = sum(1 for c in trace.chunks if c.digest not in chunks)
         if foreign:
             report.add(Kind.TRACE, k.key, f"{foreign} of its chunks are not its manifest's")
