@@ -32,8 +32,6 @@ import logging
 import os
 import signal
 import socket
-import stat
-import struct
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,15 @@ from pathlib import Path
 from casfs.errors import AgentError, AgentUnavailable, MountError
 from casfs.locations import mount_log_path
 from casfs.mountconfig import MountConfig
-from casfs.process import daemon_environment, detach, open_log, read_until
+from casfs.process import (
+    connect_private,
+    daemon_environment,
+    detach,
+    listen_private,
+    open_log,
+    peer_uid,
+    read_until,
+)
 
 SOCKET_NAME = "agent.sock"
 PID_NAME = "agent.pid"
@@ -69,22 +75,8 @@ def mount_via_agent(cfg: MountConfig, verbose: bool = False, timeout: float = 60
     """
     path = socket_path(cfg.cache_dir)
     log_path = mount_log_path(cfg.cache_dir, cfg.mountpoint)
-    if len(os.fsencode(path)) >= 108:
-        raise AgentUnavailable(f"{path}: path too long for a Unix socket")
+    sock = connect_private(path)
     try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise AgentUnavailable(f"{path}: {exc.strerror}") from exc
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
-        raise AgentUnavailable(f"{path} is not an agent socket of this user")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        try:
-            sock.connect(str(path))
-        except OSError as exc:  # ENOENT, ECONNREFUSED (stale), EACCES (not ours)
-            raise AgentUnavailable(f"{path}: {exc.strerror}") from exc
-        if _peer_uid(sock) != os.geteuid():
-            raise AgentUnavailable(f"{path} is served by another user's process")
         request = {"protocol": PROTOCOL, "config": cfg.as_dict(),
                    "env": daemon_environment(dict(os.environ)), "verbose": verbose}
         sock.sendall(json.dumps(request).encode() + b"\n")
@@ -92,10 +84,6 @@ def mount_via_agent(cfg: MountConfig, verbose: bool = False, timeout: float = 60
         return _await_ready(sock, log_path, time.monotonic() + timeout)
     finally:
         sock.close()
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
 def _await_ready(sock: socket.socket, log_path: Path, deadline: float) -> int:
@@ -216,19 +204,10 @@ def start_agent(cache_dir: str, foreground: bool = False, verbose: bool = False,
 def _listen(path: Path) -> socket.socket:
     if len(os.fsencode(path)) >= 108:
         raise AgentError(f"{path}: too long for a Unix socket; use a shorter --cache-dir")
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # stale: agent_status() found nobody answering on it
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        return listen_private(path)  # a stale one: agent_status() found nobody on it
     except OSError as exc:
-        sock.close()
         raise AgentError(f"cannot listen on {path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old_umask)
-    sock.listen(64)
-    return sock
 
 
 def _serve(listener: socket.socket, cache_dir: str, ready_fd: int | None = None) -> int:
@@ -296,7 +275,7 @@ def _serve(listener: socket.socket, cache_dir: str, ready_fd: int | None = None)
 
 def _handle(conn: socket.socket, listener: socket.socket, cache_dir: str,
             log: logging.Logger) -> None:
-    if _peer_uid(conn) != os.geteuid():
+    if peer_uid(conn) != os.geteuid():
         conn.sendall(b"refused: the agent serves its own uid only\n")
         return
     conn.settimeout(10.0)

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = "casfs-cache 1"
 _ENTRY = struct.Struct("<Qd")  # size, last use (unix time)
 _TOTAL_KEY = b"\0total"
+_OBJECT_PREFIX = b"o"
 _TOUCH_EVERY = 60.0
 DEFAULT_CACHE_SIZE = 10 << 30
 MAP_SIZE = 1 << 32
@@ -85,6 +86,7 @@ class CacheStats:
     evicted_bytes: int = 0
     corrupt_dropped: int = 0
     insert_failures: int = 0
+    objects_completed: int = 0
 
 
 _read_buffers = threading.local()
@@ -131,7 +133,7 @@ class ChunkCache:
         # say; only its owner may enter it (another user's directory is refused).
         ensure_private_dir(self.root)
         try:
-            for sub in ("chunks", "manifests", "tmp", "logs"):
+            for sub in ("chunks", "objects", "manifests", "tmp", "logs"):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
             version_file = self.root / "VERSION"
             if version_file.exists():
@@ -167,6 +169,84 @@ class ChunkCache:
 
     def chunk_path(self, digest: str) -> Path:
         return self.root / "chunks" / digest[:2] / digest
+
+    def object_path(self, name: str) -> Path:
+        """Where a multi-chunk file's whole content lives once complete (kernel mode)."""
+        return self.root / "objects" / name[:2] / name
+
+    def _key_path(self, key: bytes) -> Path:
+        """The file an index key names: a chunk (32-byte key) or an object (b"o" + 32)."""
+        if len(key) == 33 and key[:1] == _OBJECT_PREFIX:
+            return self.object_path(key[1:].hex())
+        return self.chunk_path(key.hex())
+
+    # -- objects (kernel serving: a file's whole content, read by the kernel) -------------
+
+    def has_object(self, name: str) -> bool:
+        """Whether a complete object is on the node (its file, as the kernel sees it)."""
+        return self.object_path(name).exists()
+
+    def complete_object(self, name: str, chunks: Sequence[tuple[str, int]]) -> bool:
+        """Make object `name` whole from its chunks (digest, length), in order, when the
+        cache holds every one of them (each verified on the way, as any lookup); the
+        object then enters the index like a chunk (counted, evicted least recently used
+        first). Blocking. Returns whether the object is complete now.
+
+        Written as a transaction: a temp file filled by in-kernel copies of the chunk
+        files, checked for its length, renamed into objects/ and indexed under the
+        write lock. A kill -9 leaves at worst a temp file (`prune` removes it)."""
+        path = self.object_path(name)
+        if path.exists():
+            return True
+        paths = []
+        for digest, _length in chunks:
+            found = self.lookup(digest, count=False)
+            if found is None:
+                return False
+            paths.append(found)
+        total = sum(length for _, length in chunks)
+        tmp = self.root / "tmp" / f"object.{name}.{uuid.uuid4().hex}"
+        key = _OBJECT_PREFIX + bytes.fromhex(name)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                for src, (_digest, length) in zip(paths, chunks, strict=True):
+                    _copy_whole(src, out, length)
+                if os.fstat(out).st_size != total:
+                    raise OSError(errno.EIO, "object shorter than its chunks")
+            finally:
+                os.close(out)
+            with self.env.begin(write=True) as txn:
+                os.rename(tmp, path)
+                if txn.get(key) is None:
+                    txn.put(_TOTAL_KEY, struct.pack("<Q", self._total(txn) + total))
+                txn.put(key, _ENTRY.pack(total, time.time()))
+                over = self._total(txn) > self.max_bytes
+        except (OSError, lmdb.Error) as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                self._warn_full(name)
+            else:
+                log.warning("cannot complete object %s: %s", name, exc)
+            return False
+        self.stats.objects_completed += 1
+        if over:
+            self._evict_quietly(None)
+        return True
+
+    def touch_object(self, name: str) -> None:
+        """Note that an object was used (the kernel reads it without telling casfs: the
+        mount that opened it says so, at most once a minute per object)."""
+        now = time.time()
+        if now - self._touched.get("o" + name, 0.0) < _TOUCH_EVERY:
+            return
+        self._touched["o" + name] = now
+        key = _OBJECT_PREFIX + bytes.fromhex(name)
+        with self.env.begin() as txn:
+            raw = txn.get(key)
+        if raw is not None:
+            self._touch(key, _ENTRY.unpack(raw)[0], now)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -484,8 +564,11 @@ class ChunkCache:
             self._close_open(victims)
         with self.env.begin(write=True) as txn:
             for digest in victims:
-                if txn.get(bytes.fromhex(digest)) is None:
-                    self.chunk_path(digest).unlink(missing_ok=True)
+                key = bytes.fromhex(digest)
+                if txn.get(key) is None:
+                    # An object a running container holds open stays readable: the
+                    # kernel keeps an unlinked file's data until its last user closes it.
+                    self._key_path(key).unlink(missing_ok=True)
         self.stats.evictions += len(victims)
         self.stats.evicted_bytes += freed
         if victims:
@@ -507,14 +590,37 @@ class ChunkCache:
             except OSError:
                 pass
         with self.env.begin() as txn:
-            for sub in (self.root / "chunks").iterdir():
-                for f in sub.iterdir():
-                    try:
-                        if txn.get(bytes.fromhex(f.name)) is None:
-                            size = f.stat().st_size
-                            f.unlink()
-                            removed += 1
-                            freed += size
-                    except (OSError, ValueError):
-                        pass
+            for kind, prefix in (("chunks", b""), ("objects", _OBJECT_PREFIX)):
+                removed, freed = self._prune_dir(txn, self.root / kind, prefix, removed, freed)
         return removed, freed
+
+    @staticmethod
+    def _prune_dir(txn: lmdb.Transaction, top: Path, prefix: bytes, removed: int,
+                   freed: int) -> tuple[int, int]:
+        if not top.is_dir():
+            return removed, freed
+        for sub in top.iterdir():
+            for f in sub.iterdir():
+                try:
+                    if txn.get(prefix + bytes.fromhex(f.name)) is None:
+                        size = f.stat().st_size
+                        f.unlink()
+                        removed += 1
+                        freed += size
+                except (OSError, ValueError):
+                    pass
+        return removed, freed
+
+
+def _copy_whole(src: Path, out: int, length: int) -> None:
+    """Append a chunk file's `length` bytes to the open file `out` (copied in the kernel)."""
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        left = length
+        while left > 0:
+            n = os.copy_file_range(fd, out, left)
+            if n == 0:
+                raise OSError(errno.EIO, "chunk file shorter than indexed", str(src))
+            left -= n
+    finally:
+        os.close(fd)

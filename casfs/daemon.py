@@ -19,10 +19,9 @@ from pathlib import Path
 import trio
 
 from casfs.cache import ChunkCache
-from casfs.digest import hash_bytes, parse_ref
 from casfs.errors import CasfsError, MountError
 from casfs.fetch import Fetcher
-from casfs.manifest import Manifest
+from casfs.localimage import open_image
 from casfs.metrics import MountMetrics
 from casfs.mountconfig import MountConfig
 from casfs.mounts import prepare_mountpoint, remove_record, tune_kernel, write_record
@@ -37,38 +36,10 @@ from casfs.process import (
     read_until,
     reap,
 )
-from casfs.refs import resolve_ref
-from casfs.store import Store, open_store
 from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
 
 log = logging.getLogger(__name__)
-
-
-def local_manifest(store: Store, cache: ChunkCache, digest: str) -> Manifest:
-    """The manifest, from the node's cache when there (verified), else from the store."""
-    path = cache.root / "manifests" / digest
-    try:
-        data = path.read_bytes()
-        if hash_bytes(data) == digest:
-            return Manifest.open(path, digest)
-        log.warning("cached manifest %s is corrupt; fetching it again", digest)
-    except FileNotFoundError:
-        pass
-    data = store.get_manifest(digest)
-    # The full structural check runs once per node, before the manifest is kept;
-    # later mounts re-hash the cached copy, which proves it is this same manifest.
-    Manifest(data, digest).validate()
-    tmp = cache.root / "tmp" / f"manifest.{digest}.{os.getpid()}"
-    try:
-        tmp.write_bytes(data)
-        os.rename(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.warning("cannot keep manifest %s in the cache (%s); serving it from memory",
-                    digest, exc.strerror)
-        return Manifest(data, digest)
-    return Manifest.open(path, digest)
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
@@ -82,19 +53,6 @@ def mount_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def open_image(cfg: MountConfig, cache: ChunkCache) -> tuple[Store, Manifest]:
-    """The store and the verified, local manifest a mount serves."""
-    digest = parse_ref(cfg.ref)
-    if digest is not None and (cache.root / "manifests" / digest).exists():
-        # Fast path: a digest whose manifest this node already holds needs no request
-        # before serving; the store is first asked when a chunk is missing.
-        store = open_store(cfg.store_url, probe=False)
-    else:
-        store = open_store(cfg.store_url)
-        digest = resolve_ref(store, cfg.ref)
-    return store, local_manifest(store, cache, digest)
-
-
 def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
     import pyfuse3
@@ -104,7 +62,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None) -> None:
     started = time.monotonic()
     raise_open_files_limit(8192)  # the cache holds up to OPEN_FILES_MAX chunk files open
     cache = ChunkCache(cfg.cache_dir, cfg.cache_size)
-    store, manifest = open_image(cfg, cache)
+    store, manifest = open_image(cfg.ref, cfg.store_url, cache)
     mountpoint = prepare_mountpoint(cfg.mountpoint)
     metrics = MountMetrics()
     fetcher = Fetcher(store, cache, metrics, fetch_concurrency=cfg.fetch_concurrency)

@@ -186,9 +186,12 @@ class AgentError(CasfsError):
     exit_code = 10
 
 
-class AgentUnavailable(Exception):  # noqa: N818 - a signal to fall back, not a failure
-    """No agent answers on this cache directory: the caller forks its daemon itself."""
+class ServiceUnavailable(Exception):  # noqa: N818 - a signal to fall back, not a failure
+    """No casfs process of this user answers on that socket (none, a stale socket, or
+    another user's): the caller starts one, or does the work itself."""
 
+
+AgentUnavailable = ServiceUnavailable
 
 class UnsafeSetting(CasfsError):
     """A setting is refused because it would hand something to another user."""

@@ -17,13 +17,13 @@ class MountConfig:
 
     __slots__ = ("ref", "mountpoint", "store_url", "cache_dir", "cache_size", "foreground",
                  "metrics_port", "allow_suid", "allow_dev", "fetch_concurrency", "readahead_kb",
-                 "max_background", "prefetch", "trace", "trace_idle", "extra")
+                 "max_background", "prefetch", "trace", "trace_idle", "mode", "extra")
 
     def __init__(self, ref: str, mountpoint: str, store_url: str | None, cache_dir: str,
                  cache_size: int, foreground: bool = False, metrics_port: int | None = None,
                  allow_suid: bool = False, allow_dev: bool = False, fetch_concurrency: int = 32,
                  readahead_kb: int = 1024, max_background: int = 64, prefetch: bool = True,
-                 trace: bool = True, trace_idle: float = 10.0,
+                 trace: bool = True, trace_idle: float = 10.0, mode: str = "fuse",
                  extra: dict[str, Any] | None = None) -> None:
         self.ref = ref
         self.mountpoint = mountpoint
@@ -40,6 +40,7 @@ class MountConfig:
         self.prefetch = prefetch
         self.trace = trace
         self.trace_idle = trace_idle
+        self.mode = mode  # "kernel", "fuse" or "auto" (kernel where the node supports it)
         self.extra = {} if extra is None else extra
 
     def as_dict(self) -> dict[str, Any]:

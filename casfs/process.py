@@ -13,6 +13,9 @@ import logging
 import os
 import select
 import signal
+import socket
+import stat
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +53,60 @@ def helper_command(name: str) -> str | None:
 def helper_env() -> dict[str, str]:
     """A clean environment for running a system helper."""
     return {"PATH": SAFE_PATH, "LC_ALL": "C"}
+
+
+def connect_private(path: Path, timeout: float | None = None) -> socket.socket:
+    """A connection to a Unix socket that this user's own process serves: the socket
+    file must be a socket this user owns and the peer must run as this user, checked
+    before anything is sent (requests carry store credentials). ServiceUnavailable
+    otherwise, or when nobody listens."""
+    from casfs.errors import ServiceUnavailable
+
+    if len(os.fsencode(path)) >= 108:
+        raise ServiceUnavailable(f"{path}: path too long for a Unix socket")
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ServiceUnavailable(f"{path}: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        raise ServiceUnavailable(f"{path} is not a socket of this user")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        if peer_uid(sock) != os.geteuid():
+            raise ServiceUnavailable(f"{path} is served by another user's process")
+    except OSError as exc:  # ENOENT, ECONNREFUSED (stale), EACCES
+        sock.close()
+        raise ServiceUnavailable(f"{path}: {exc.strerror}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket."""
+    return int(struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   12))[1])
+
+
+def listen_private(path: Path) -> socket.socket:
+    """A listening Unix socket only its owner may connect to (0600), replacing a stale
+    socket file (the caller has made sure nobody answers on it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.listen(64)
+    return sock
 
 
 def configure_daemon_logging(verbose: bool) -> None:

@@ -47,6 +47,8 @@ class PrefetchSession:
         self.recorder = Recorder(manifest, idle_seconds=trace_idle) if record else None
         self.heuristics: Heuristics | None = None
         self.failures = 0  # anything that went wrong inside prefetch (logged)
+        # Called (in the session's nursery) once the boot is over and its trace saved.
+        self.after_boot: list[Callable[[], Awaitable[None]]] = []
         self._guessing = prefetch
         self._closed = False
 
@@ -58,6 +60,15 @@ class PrefetchSession:
         fs.list_observers.append(self._on_list)
         if self.recorder is not None:
             fs.read_trackers.append(self.recorder.reading)
+
+    def observe_read(self, ino: int, chunks: list[ChunkRef]) -> None:
+        """A read of these chunks of file ino reached casfs (or, in kernel mode, the file
+        was opened where the kernel serves it: then its chunks stand for the read)."""
+        self._on_read(ino, chunks)
+
+    def observe_list(self, directory: int) -> None:
+        """A directory is being listed (or, in kernel mode, opened)."""
+        self._on_list(directory)
 
     def _on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         try:
@@ -129,6 +140,13 @@ class PrefetchSession:
     async def _record(self) -> None:
         assert self.recorder is not None
         await self.recorder.watch(self._save)
+        for hook in self.after_boot:
+            await self._guard("work after the boot", hook)
+
+    @property
+    def planned(self) -> set[str]:
+        """Every chunk the trace plan fetches (empty without one)."""
+        return self.prefetcher.planned if self.prefetcher is not None else set()
 
     def _no_trace_plan(self) -> bool:
         st = self.prefetcher.status if self.prefetcher is not None else None

@@ -32,7 +32,7 @@ FLOOR_OF: list[tuple[str, str]] = [  # (module prefix, floor): the longest prefi
     ("casfs.progress", "base"), ("casfs.mountconfig", "base"), ("casfs.__init__", "base"),
     ("casfs.store", "store"), ("casfs.packindex", "store"), ("casfs.refs", "store"),
     ("casfs.manifest", "manifest"), ("casfs.erofs", "manifest"),
-    ("casfs.cache", "cache"), ("casfs.fetch", "cache"),
+    ("casfs.cache", "cache"), ("casfs.fetch", "cache"), ("casfs.localimage", "cache"),
     ("casfs.vfs", "model"),
     ("prefetch", "prefetch"),
     ("indexer", "indexer"),

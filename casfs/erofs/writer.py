@@ -29,10 +29,11 @@ import os
 import stat
 import struct
 import tempfile
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from operator import itemgetter
 from typing import BinaryIO
@@ -97,6 +98,9 @@ class ErofsInfo:
     compact_inodes: int  # 32-byte inodes (the rest are 64-byte extended ones)
     xattrs: int  # xattrs written, the overlay ones included, counted per inode
     shared_xattrs: int  # distinct xattrs stored once in the shared area
+    # nids[ino]: the EROFS inode number (nid; st_ino on the mount) of manifest inode ino
+    # (index 0 unused). Inodes are written in manifest order, so nids only grow.
+    nids: array = field(default_factory=lambda: array("I"), repr=False, compare=False)
 
 
 def build_erofs(
@@ -210,7 +214,7 @@ class _Build:
             regular_files=c["reg"], empty_files=c["empty"], symlinks=c["lnk"],
             devices=c["dev"], fifos=c["fifo"], sockets=c["sock"], dirents=c["dirents"],
             hardlinked_inodes=c["hardlinked"], compact_inodes=c["compact"],
-            xattrs=c["xattrs"], shared_xattrs=c["shared"])
+            xattrs=c["xattrs"], shared_xattrs=c["shared"], nids=array("I", self.nid))
         return [meta, data], info
 
     # -- reading the manifest ---------------------------------------------------------------
