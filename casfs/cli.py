@@ -197,6 +197,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
         readahead_kb=args.readahead_kb,
     )
+    mode, why = _choose_mode(args.mode)
+    if mode == "kernel":
+        return _mount_kernel(args, cfg, mode_asked=args.mode)
     if args.foreground:
         from casfs.daemon import run_foreground
 
@@ -219,7 +222,50 @@ def cmd_mount(args: argparse.Namespace) -> int:
         ChunkCache(cache_dir, cfg.cache_size).close()  # fail early on a bad cache dir
         pid = spawn_background(cfg, log_path, verbose=args.verbose)
         via = ""
-    print(f"mounted {args.ref} at {args.mountpoint}{via} (daemon pid {pid}, log {log_path})")
+    print(f"mounted {args.ref} at {args.mountpoint}{via} (fuse mode{why}: daemon pid {pid}, "
+          f"log {log_path})")
+    print(f"casfs: {allowances(cfg.allow_suid, cfg.allow_dev)}", file=sys.stderr)
+    return 0
+
+
+def _choose_mode(asked: str) -> tuple[str, str]:
+    """The serving mode for `--mode asked` and, for FUSE in auto mode, why (", ..."). """
+    if asked == "fuse":
+        return "fuse", ""
+    from casfs.kernel.support import unsupported_reason
+
+    reason = unsupported_reason()
+    if reason is None:
+        return "kernel", ""
+    if asked == "kernel":
+        from casfs.errors import MountError
+
+        raise MountError(f"kernel mode is not available: {reason}")
+    return "fuse", f", as {reason}"
+
+
+def _mount_kernel(args: argparse.Namespace, cfg: object, mode_asked: str) -> int:
+    from casfs.kernel import client
+    from casfs.mountconfig import MountConfig
+
+    assert isinstance(cfg, MountConfig)
+    cfg.mode = "kernel"
+    cfg.mountpoint = os.path.abspath(args.mountpoint)
+    if args.foreground:
+        raise UsageError("--foreground is for FUSE mode: kernel-mode mounts are served by "
+                         "the node view (--mode fuse --foreground to debug a daemon)")
+    try:
+        pid = client.mount(cfg, verbose=args.verbose)
+    except client.KernelFallback as fb:
+        if mode_asked == "kernel":
+            from casfs.errors import MountError
+
+            raise MountError(f"this image cannot be served in kernel mode: {fb}") from None
+        args.mode = "fuse"
+        print(f"casfs: serving in fuse mode: {fb}", file=sys.stderr)
+        return cmd_mount(args)
+    print(f"mounted {args.ref} at {args.mountpoint} (kernel mode: daemon pid {pid}, "
+          f"log {client.log_path(cfg.cache_dir)})")
     print(f"casfs: {allowances(cfg.allow_suid, cfg.allow_dev)}", file=sys.stderr)
     return 0
 
@@ -262,10 +308,17 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     import errno
 
+    from casfs.mounts import find_record
     from casfs.vfs import STATS_XATTR
 
+    record = find_record(os.path.realpath(args.mountpoint))
     try:
-        raw = os.getxattr(args.mountpoint, STATS_XATTR)
+        if record and record.get("mode") == "kernel":
+            from casfs.kernel import client
+
+            raw = json.dumps(client.stats(str(record["cache_dir"]), args.mountpoint)).encode()
+        else:
+            raw = os.getxattr(args.mountpoint, STATS_XATTR)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise CasfsError(f"the daemon of {args.mountpoint} is gone (a stale mount): "
@@ -398,6 +451,11 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
                     "in flight (default 10)")
     sp.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
                     help="kernel readahead window on the mount (default 1024; as root)")
+    sp.add_argument("--mode", choices=["auto", "kernel", "fuse"],
+                    default=os.environ.get("CASFS_MODE", "auto"),
+                    help="kernel: EROFS + overlayfs, the kernel serves what the node holds "
+                    "(root, Linux 6.12+); fuse: every request through the daemon; auto "
+                    "(default, or $CASFS_MODE): kernel where the node supports it")
     sp.add_argument("--no-agent", action="store_true",
                     help="fork the daemon here even when a node agent serves the cache dir")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -135,15 +135,20 @@ def prepare_mountpoint(mountpoint: str) -> str:
 
 
 def unmount(mountpoint: str, timeout: float = 15.0) -> None:
-    """Cleanly unmount; waits for the daemon to exit."""
+    """Cleanly unmount; waits for the daemon to exit (for a kernel-mode mount, the node
+    view exits with its last mount)."""
     real = os.path.realpath(mountpoint)
-    if real not in mount_table():
+    table = mount_table()
+    if real not in table:
         raise MountError(f"{mountpoint} is not mounted")
+    record = find_record(real)
+    if table[real] == "overlay" and record and record.get("mode") == "kernel":
+        _unmount_kernel(real, record, timeout)
+        return
     if is_stale(real):
         force_unmount(real)
         remove_record(real)
         return
-    record = find_record(real)
     proc = run_helper("fusermount3", "-u", real)
     if proc is None:
         raise MountError("fusermount3 is not installed (Debian: apt-get install fuse3)")
@@ -152,6 +157,28 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         raise MountError(f"cannot unmount {mountpoint}: {msg}")
     if record:
         wait_for_exit(record.get("pid", 0), timeout)
+
+
+def _unmount_kernel(real: str, record: dict[str, Any], timeout: float) -> None:
+    """A kernel-mode mount: the node view takes it down (saving its trace); when the
+    view is gone (killed), the overlay is unmounted here."""
+    from casfs.errors import ServiceUnavailable
+    from casfs.kernel import client
+
+    pid = int(record.get("pid", 0))
+    try:
+        last = client.umount(str(record.get("cache_dir", "")), real)
+    except ServiceUnavailable:
+        try:
+            from casfs.kernel import syscalls
+
+            syscalls.umount(real)
+        except OSError as exc:
+            raise MountError(f"cannot unmount {real}: {exc.strerror}") from exc
+        remove_record(real)
+        return
+    if last:
+        wait_for_exit(pid, timeout)
 
 
 def process_running(pid: int) -> bool:

@@ -1,0 +1,166 @@
+"""`casfs mount|umount|stats` talking to the node view service (casfs.kernel.service):
+start it when no one serves the cache directory yet, send it a request, read its answer.
+Light on imports: the front end loads this before it knows whether it needs more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from casfs.errors import MountError, ServiceUnavailable
+from casfs.mountconfig import MountConfig
+from casfs.process import connect_private, daemon_environment
+
+SOCKET_NAME = "view.sock"
+LOG_NAME = "view.log"
+
+
+class KernelFallback(Exception):  # noqa: N818 - auto mode serves through FUSE instead
+    """This image cannot be served in kernel mode; the reason is the message."""
+
+
+def socket_path(cache_dir: str) -> Path:
+    return Path(cache_dir) / SOCKET_NAME
+
+
+def log_path(cache_dir: str) -> Path:
+    return Path(cache_dir) / "logs" / LOG_NAME
+
+
+def request(cache_dir: str, message: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """One request to the service; its answer. ServiceUnavailable when none runs,
+    KernelFallback for "fallback", MountError for "error"."""
+    sock = connect_private(socket_path(cache_dir), timeout=timeout)
+    try:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise MountError(f"the node view did not answer in {timeout:.0f}s; see "
+                                 f"{log_path(cache_dir)}") from None
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sock.close()
+    line = buf.split(b"\n", 1)[0].decode(errors="replace")
+    if line.startswith("ok"):
+        return json.loads(line[2:].strip() or "{}")
+    if line.startswith("fallback: "):
+        raise KernelFallback(line[len("fallback: "):])
+    if line.startswith("error: "):
+        raise MountError(line[len("error: "):])
+    raise MountError(f"the node view closed the connection; see {log_path(cache_dir)}")
+
+
+def ensure_service(cache_dir: str, cache_size: int, verbose: bool = False,
+                   timeout: float = 60.0) -> None:
+    """Make sure the node view serves cache_dir, starting it (forked from this process)
+    when nobody does. A lock file keeps two `casfs mount` from starting two."""
+    lock = os.open(Path(cache_dir) / "view.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(ServiceUnavailable):
+            connect_private(socket_path(cache_dir), timeout=5).close()
+            return
+        _spawn(cache_dir, cache_size, verbose, timeout)
+    finally:
+        os.close(lock)
+
+
+def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float) -> None:
+    from casfs.process import (
+        FAILED,
+        READY,
+        detach,
+        last_error_line,
+        open_log,
+        read_until,
+        reap,
+    )
+
+    logfile = log_path(cache_dir)
+    read_fd, write_fd = os.pipe()
+    log_fd = open_log(logfile)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            # A daemon of its own: it outlives this command and serves later mounts.
+            if os.fork() != 0:
+                os._exit(0)
+            env = daemon_environment(dict(os.environ))
+            os.environ.clear()
+            os.environ.update(env)
+            detach(log_fd, verbose)
+            code = _serve(cache_dir, cache_size, write_fd)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.close(log_fd)
+    reap(pid, 5.0)
+    try:
+        buf = read_until(read_fd, time.monotonic() + timeout, lambda got: b"\n" in got)
+    finally:
+        os.close(read_fd)
+    if buf.startswith(READY):
+        return
+    if buf.startswith(FAILED):
+        raise MountError(buf[len(FAILED):].decode(errors="replace").strip())
+    raise MountError(last_error_line(logfile) or f"the node view did not start; see {logfile}")
+
+
+def _serve(cache_dir: str, cache_size: int, ready_fd: int) -> int:
+    import logging
+
+    from casfs.errors import CasfsError
+    from casfs.kernel.service import serve_node
+    from casfs.process import ReadyPipe, raise_open_files_limit
+
+    pipe = ReadyPipe(ready_fd)
+    raise_open_files_limit(8192)
+    try:
+        serve_node(cache_dir, cache_size, pipe)
+    except CasfsError as exc:
+        print(f"casfs: error: {exc}", file=sys.stderr)
+        pipe.fail(str(exc))
+        return exc.exit_code
+    except BaseException as exc:
+        logging.getLogger("casfs.kernel").exception("the node view failed")
+        pipe.fail(f"the node view failed: {exc!r}")
+        return 1
+    return 0
+
+
+def mount(cfg: MountConfig, verbose: bool = False) -> int:
+    """Mount cfg in kernel mode; the service's pid. KernelFallback when the image cannot
+    be served so (auto mode then mounts it with FUSE)."""
+    ensure_service(cfg.cache_dir, cfg.cache_size, verbose)
+    answer = request(cfg.cache_dir, {"op": "mount", "config": cfg.as_dict(),
+                                     "env": daemon_environment(dict(os.environ))})
+    return int(answer["pid"])
+
+
+def umount(cache_dir: str, mountpoint: str) -> bool:
+    """Unmount a kernel-mode mount; whether it was the service's last (it then exits)."""
+    return bool(request(cache_dir, {"op": "umount", "mountpoint": mountpoint}).get("last"))
+
+
+def stats(cache_dir: str, mountpoint: str) -> dict[str, Any]:
+    return request(cache_dir, {"op": "stats", "mountpoint": mountpoint}, timeout=10.0)

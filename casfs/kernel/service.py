@@ -1,0 +1,564 @@
+"""The node view service: one process per cache directory that serves every kernel-mode
+mount of the node.
+
+For each mount it: makes the image local (manifest, EROFS image, object table), mounts
+the EROFS image straight from its file, mounts overlayfs at the mountpoint with the
+EROFS tree as its lower layer and three data-only layers (the cache's chunk files, its
+completed objects, and this process's FUSE view of every object), detaches the EROFS
+mount (overlayfs keeps its own reference), and runs the mount's prefetch session. The
+kernel then serves every lookup and every byte the node holds; this process only
+serves, through the view, the files whose content the node lacks, fetching as FUSE mode
+does. It watches opens on the mount (fanotify) to record boots and guess ahead, and it
+makes objects whole once a file's chunks are all on the node (so the next mount that
+opens the file reads it natively).
+
+It starts with the first kernel-mode mount of its cache directory (`casfs mount` forks
+it) and exits when the last one is unmounted. Requests come over `<cache>/view.sock`
+(0600, own uid only), one JSON line each:
+
+    {"op": "mount", "config": {...}, "env": {...}}  -> ok {"pid": N} | fallback: reason | error: msg
+    {"op": "umount", "mountpoint": "/abs"}          -> ok {"last": bool} | error: msg
+    {"op": "stats", "mountpoint": "/abs"}           -> ok {...stats...} | error: msg
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import stat
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from casfs.cache import ChunkCache
+from casfs.errors import CasfsError, MountError
+from casfs.fetch import Fetcher
+from casfs.kernel import syscalls
+from casfs.kernel.images import NodeImage, node_image
+from casfs.kernel.view import ObjectView
+from casfs.localimage import open_image
+from casfs.manifest import Manifest
+from casfs.manifest.objects import object_name_of
+from casfs.metrics import MountMetrics
+from casfs.mountconfig import MountConfig
+from casfs.mounts import prepare_mountpoint, remove_record, write_record
+from casfs.process import ReadyPipe, daemon_environment, listen_private, peer_uid
+from casfs.vfs import ImageFS
+from prefetch.session import PrefetchSession
+
+log = logging.getLogger(__name__)
+SOCKET_NAME = "view.sock"
+MAX_REQUEST = 1 << 20
+IDLE_EXIT_SECONDS = 30.0  # a service nobody asked to mount anything exits
+
+
+def lowerdir_escape(path: str) -> str:
+    """A path as overlayfs's lowerdir option wants it (":" and "," separate layers)."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+class KernelMount:
+    """One kernel-mode mount: its image, its reads through the view, its prefetch."""
+
+    def __init__(self, cfg: MountConfig, store: Any, manifest: Manifest, image: NodeImage,
+                 cache: ChunkCache) -> None:
+        self.cfg = cfg
+        self.mountpoint = cfg.mountpoint
+        self.manifest = manifest
+        self.cache = cache
+        self.table = image.table
+        self.image = image
+        self.metrics = MountMetrics()
+        self.fetcher = Fetcher(store, cache, self.metrics, fetch_concurrency=cfg.fetch_concurrency)
+        self.session = PrefetchSession(manifest, store, self.fetcher, prefetch=cfg.prefetch,
+                                       record=cfg.trace, trace_idle=cfg.trace_idle)
+        self.fs = ImageFS(manifest, self.fetcher, self.metrics, self.stats,
+                          security_xattrs=cfg.allow_suid)
+        self.session.attach(self.fs)
+        self.session.after_boot.append(self.complete_objects_fetching)
+        self.closed = False
+        self.started = time.monotonic()
+        self.through_view: set[int] = set()  # files whose content the view served
+        self.native_opens = 0  # files opened whose content the node held
+        self.view_opens = 0  # files opened whose content the view serves
+        self.objects_completed = 0
+        self.cancel = trio.CancelScope()
+        self.watch_stop: int | None = None  # write end of the fanotify thread's stop pipe
+        self.nids = image.nids
+
+    # -- the view's side ---------------------------------------------------------------------
+
+    def served(self, ino: int) -> None:
+        self.through_view.add(ino)
+
+    # -- opens the kernel served (fanotify) -------------------------------------------------
+
+    def ino_of_nid(self, nid: int) -> int:
+        nids = self.nids
+        i = bisect_left(nids, nid, 1)
+        return i if i < len(nids) and nids[i] == nid else 0
+
+    def opened(self, events: list[tuple[int, bool, bool]]) -> None:
+        """Opens on the mount: (nid, is a directory, the content was on the node)."""
+        for nid, is_dir, local in events:
+            ino = self.ino_of_nid(nid)
+            if not ino:
+                continue
+            if is_dir:
+                self.session.observe_list(ino)
+                continue
+            node = self.manifest.inode(ino)
+            if not stat.S_ISREG(node.mode) or node.size == 0:
+                continue
+            if not local:
+                self.view_opens += 1
+                continue  # its reads reach the view, which records them with offsets
+            self.native_opens += 1
+            chunks = self.manifest.chunks(ino)
+            if len(chunks) > 1:
+                # The kernel reads it: casfs sees no offsets. Stand in the chunks the
+                # plan had for it (what earlier boots read), else its first.
+                planned = self.session.planned
+                chunks = [c for c in chunks if c.digest in planned] or chunks[:1]
+            self.session.observe_read(ino, chunks)
+
+    def is_local(self, ino: int) -> bool:
+        """Whether the node holds file ino's whole content (blocking)."""
+        chunks = self.manifest.chunks(ino)
+        if len(chunks) == 1:
+            return self.cache.chunk_path(chunks[0].digest).exists()
+        return self.cache.object_path(object_name_of(chunks)).exists()
+
+    # -- objects ---------------------------------------------------------------------------
+
+    async def complete_objects(self, fetch: bool) -> int:
+        """Make whole the objects of the files read through the view that have several
+        chunks (one chunk is its own object), fetching their missing chunks first when
+        `fetch` (after the boot; prefetch priority, stopping short of the cache cap)."""
+        done = 0
+        for ino in sorted(self.through_view):
+            chunks = self.manifest.chunks(ino)
+            if len(chunks) < 2:
+                continue
+            name = object_name_of(chunks)
+            if fetch:
+                if not await self.fetcher.room_left(0.85):
+                    log.info("not completing more objects: the cache is near its cap")
+                    fetch = False
+                else:
+                    await self._fetch_all(c.digest for c in chunks)
+            ok = await trio.to_thread.run_sync(
+                self.cache.complete_object, name, [(c.digest, c.length) for c in chunks],
+                limiter=self.fetcher.disk_limiter)
+            if ok:
+                done += 1
+        self.objects_completed += done
+        return done
+
+    async def complete_objects_fetching(self) -> None:
+        n = await self.complete_objects(fetch=True)
+        log.info("%s: %d objects made whole after the boot", self.mountpoint, n)
+
+    async def _fetch_all(self, digests: Iterator[str]) -> None:
+        wanted = list(digests)
+        present = await self.fetcher.present(wanted)
+        missing = [d for d, have in zip(wanted, present, strict=True) if not have]
+        slots = trio.CapacityLimiter(16)
+
+        async def one(digest: str) -> None:
+            async with slots:
+                with contextlib.suppress(CasfsError):
+                    await self.fetcher.prefetch(digest)
+
+        async with trio.open_nursery() as nursery:
+            for digest in missing:
+                nursery.start_soon(one, digest)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mount": {"digest": self.manifest.digest, "pid": os.getpid(), "mode": "kernel",
+                      "mountpoint": self.mountpoint,
+                      "uptime_seconds": round(time.monotonic() - self.started, 3),
+                      "erofs_built_seconds": round(self.image.built_seconds, 3)},
+            "kernel": {"native_opens": self.native_opens, "view_opens": self.view_opens,
+                       "files_through_view": len(self.through_view),
+                       "objects_completed": self.objects_completed},
+            "prefetch": self.session.stats(),
+        }
+
+
+class NodeView:
+    """The service: the view, the control socket, every kernel mount of the node."""
+
+    def __init__(self, cache_dir: str, cache_size: int) -> None:
+        self.cache_dir = os.path.realpath(cache_dir)
+        self.cache = ChunkCache(self.cache_dir, cache_size)
+        self.root = Path(self.cache_dir)
+        self.view_dir = self.root / "view"
+        self.mounts: dict[str, KernelMount] = {}
+        self.ops = ObjectView(self._sources, self.view_stats)
+        self.nursery: trio.Nursery | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.ever_mounted = False
+        self.lock = trio.Lock()  # one mount or unmount at a time
+
+    def _sources(self) -> list[KernelMount]:
+        return sorted(self.mounts.values(), key=lambda m: -m.started)
+
+    def view_stats(self) -> dict[str, Any]:
+        return {"mounts": sorted(self.mounts), "lookups": self.ops.lookups,
+                "reads": self.ops.reads, "misses": self.ops.misses,
+                "io_errors": self.ops.io_errors}
+
+    # -- mounting ----------------------------------------------------------------------------
+
+    async def mount(self, cfg: MountConfig, env: dict[str, str]) -> dict[str, Any]:
+        from casfs.erofs import kernel_mode_obstacle
+
+        started = time.monotonic()
+        store, manifest = await trio.to_thread.run_sync(self._open_image, cfg, env)
+        reason = await trio.to_thread.run_sync(
+            lambda: kernel_mode_obstacle(manifest, drop_security_xattrs=not cfg.allow_suid))
+        if reason is not None:
+            raise _Fallback(reason)
+        image = await trio.to_thread.run_sync(
+            lambda: node_image(self.root, manifest, security_xattrs=cfg.allow_suid))
+        real = await trio.to_thread.run_sync(prepare_mountpoint, cfg.mountpoint)
+        cfg.mountpoint = real
+        if real in self.mounts:
+            raise MountError(f"{real} is already a casfs mount")
+        await trio.to_thread.run_sync(self._mount_stack, cfg, image)
+        km = KernelMount(cfg, store, manifest, image, self.cache)
+        self.mounts[real] = km
+        self.ever_mounted = True
+        try:
+            assert self.nursery is not None
+            await self.nursery.start(self._run_mount, km)
+            write_record(real, {"pid": os.getpid(), "mountpoint": real, "mode": "kernel",
+                                "digest": manifest.digest, "cache_dir": self.cache_dir})
+        except BaseException:
+            await self._teardown(km, lazy=True)
+            raise
+        log.info("mounted %s at %s in %.3fs (kernel mode; EROFS %s)", manifest.digest, real,
+                 time.monotonic() - started,
+                 f"built in {image.built_seconds:.3f}s" if image.built_seconds else "on the node")
+        return {"pid": os.getpid(), "built_seconds": image.built_seconds}
+
+    def _open_image(self, cfg: MountConfig, env: dict[str, str]) -> tuple[Any, Manifest]:
+        # The store is opened with the requester's settings (its AWS_* variables).
+        saved = dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            return open_image(cfg.ref, cfg.store_url, self.cache)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def _mount_stack(self, cfg: MountConfig, image: NodeImage) -> None:
+        """EROFS, then overlayfs over it and the data layers, then the EROFS mount
+        detached (overlayfs holds its own). In a worker thread: overlayfs looks at the
+        view's root while mounting, which this process itself must answer."""
+        meta = self.root / "kmnt" / f"{os.getpid()}.{abs(hash(cfg.mountpoint))}"
+        meta.mkdir(parents=True, exist_ok=True, mode=0o700)
+        flags = syscalls.MS_RDONLY | (0 if cfg.allow_suid else syscalls.MS_NOSUID) | \
+            (0 if cfg.allow_dev else syscalls.MS_NODEV)
+        try:
+            syscalls.mount(str(image.erofs), str(meta), "erofs", syscalls.MS_RDONLY |
+                           syscalls.MS_NOSUID | syscalls.MS_NODEV)
+        except OSError as exc:
+            meta.rmdir()
+            raise MountError(f"cannot mount the EROFS image of {cfg.ref}: {exc.strerror}") \
+                from exc
+        try:
+            layers = [str(meta), str(self.root / "chunks"), str(self.root / "objects"),
+                      str(self.view_dir)]
+            lower = lowerdir_escape(layers[0]) + "::" + \
+                "::".join(lowerdir_escape(p) for p in layers[1:])
+            data = f"lowerdir={lower},metacopy=on,redirect_dir=follow"
+            try:
+                syscalls.mount("casfs", cfg.mountpoint, "overlay", flags, data)
+            except OSError as exc:
+                raise MountError(f"cannot mount overlayfs at {cfg.mountpoint}: "
+                                 f"{exc.strerror}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                syscalls.umount(str(meta), syscalls.MNT_DETACH)
+            with contextlib.suppress(OSError):
+                meta.rmdir()
+
+    async def _run_mount(self, km: KernelMount,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with km.cancel:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(km.session.run)
+                self._start_watch(km)
+                task_status.started()
+                await trio.sleep_forever()
+
+    # -- opens (fanotify, in a thread of its own per mount) ------------------------------------
+
+    def _start_watch(self, km: KernelMount) -> None:
+        try:
+            fd = syscalls.fanotify_open_watch(km.mountpoint)
+        except OSError as exc:
+            log.warning("%s: cannot watch opens (%s): boots are recorded from the view's "
+                        "reads only", km.mountpoint, exc.strerror)
+            return
+        stop_r, stop_w = os.pipe()
+        km.watch_stop = stop_w
+        token = trio.lowlevel.current_trio_token()
+        threading.Thread(target=self._watch, args=(km, fd, stop_r, token),
+                         name="casfs-fanotify", daemon=True).start()
+
+    def _watch(self, km: KernelMount, fd: int, stop_r: int,
+               token: trio.lowlevel.TrioToken) -> None:
+        me = os.getpid()
+        try:
+            while True:
+                ready, _, _ = select.select([fd, stop_r], [], [])
+                if stop_r in ready:
+                    return
+                try:
+                    data = os.read(fd, 64 * 1024)
+                except OSError as exc:
+                    if exc.errno in (errno.EINTR, errno.EAGAIN):
+                        continue
+                    raise
+                events: list[tuple[int, bool, bool]] = []
+                for _mask, efd, pid in syscalls.fanotify_events(data):
+                    if efd < 0:
+                        continue
+                    try:
+                        if pid == me:
+                            continue
+                        st = os.fstat(efd)
+                        is_dir = stat.S_ISDIR(st.st_mode)
+                        local = True
+                        if stat.S_ISREG(st.st_mode) and st.st_size:
+                            ino = km.ino_of_nid(st.st_ino)
+                            local = bool(ino) and km.is_local(ino)
+                        events.append((st.st_ino, is_dir, local))
+                    except OSError:
+                        pass
+                    finally:
+                        os.close(efd)
+                if events:
+                    try:
+                        trio.from_thread.run_sync(km.opened, events, trio_token=token)
+                    except trio.RunFinishedError:
+                        return
+        except Exception:  # noqa: BLE001 - recording is a hint; the mount goes on
+            log.exception("%s: watching opens failed; boots are recorded from the view only",
+                          km.mountpoint)
+        finally:
+            os.close(fd)
+            os.close(stop_r)
+
+    # -- unmounting ---------------------------------------------------------------------------
+
+    async def umount(self, mountpoint: str) -> dict[str, Any]:
+        real = os.path.realpath(mountpoint) if mountpoint not in self.mounts else mountpoint
+        km = self.mounts.get(real)
+        if km is None:
+            raise MountError(f"{mountpoint} is not a kernel-mode mount of this node's casfs")
+        try:
+            await trio.to_thread.run_sync(syscalls.umount, real)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise MountError(f"cannot unmount {mountpoint}: target is busy") from exc
+            raise MountError(f"cannot unmount {mountpoint}: {exc.strerror}") from exc
+        await self._teardown(km, lazy=False)
+        return {"last": not self.mounts}
+
+    async def _teardown(self, km: KernelMount, lazy: bool) -> None:
+        """After the overlay is gone (or to undo a half-made mount): stop watching, save
+        the trace, make whole what can be without fetching, forget the mount."""
+        if lazy:
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(syscalls.umount, km.mountpoint,
+                                              syscalls.MNT_DETACH)
+        if km.watch_stop is not None:
+            with contextlib.suppress(OSError):
+                os.write(km.watch_stop, b"x")
+                os.close(km.watch_stop)
+            km.watch_stop = None
+        km.cancel.cancel()
+        with trio.CancelScope(shield=True):
+            await km.session.close()
+            try:
+                await km.complete_objects(fetch=False)
+            except Exception as exc:  # noqa: BLE001 - objects are an optimisation
+                log.warning("%s: completing objects failed: %r", km.mountpoint, exc)
+        km.closed = True
+        self.mounts.pop(km.mountpoint, None)
+        remove_record(km.mountpoint)
+        log.info("unmounted %s", km.mountpoint)
+
+    async def shutdown(self) -> None:
+        """Signalled: take every mount down (lazily: a busy one goes once its users do)."""
+        for km in list(self.mounts.values()):
+            await self._teardown(km, lazy=True)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def serve_requests(self, listener: trio.socket.SocketType, done: trio.Event) -> None:
+        assert self.nursery is not None
+        while not done.is_set():
+            conn, _ = await listener.accept()
+            self.nursery.start_soon(self._handle, conn, done)
+
+    async def _handle(self, conn: trio.socket.SocketType, done: trio.Event) -> None:
+        with conn:
+            if peer_uid(conn) != os.geteuid():  # type: ignore[arg-type]
+                await conn.send(b"error: the view serves its own uid only\n")
+                return
+            data = b""
+            with trio.move_on_after(10):
+                while b"\n" not in data and len(data) <= MAX_REQUEST:
+                    chunk = await conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            try:
+                reply = await self._answer(data)
+            except _Fallback as fb:
+                reply = f"fallback: {fb}"
+            except CasfsError as exc:
+                reply = "error: " + str(exc).replace("\n", " ")
+            except Exception as exc:  # noqa: BLE001 - one request failing is not the service's end
+                log.exception("request failed")
+                reply = f"error: the node view failed: {exc!r}"
+            with contextlib.suppress(OSError):
+                await conn.send(reply.encode() + b"\n")
+        if self.ever_mounted and not self.mounts:
+            done.set()
+
+    async def _answer(self, data: bytes) -> str:
+        if not data.strip():
+            return "ok {}"  # a probe
+        try:
+            request = json.loads(data)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CasfsError(f"bad request ({exc})") from None
+        if op == "mount":
+            cfg = _checked_config(request.get("config"), self.cache_dir)
+            env = daemon_environment({str(k): str(v)
+                                      for k, v in dict(request.get("env") or {}).items()})
+            self.cache.max_bytes = cfg.cache_size
+            async with self.lock:
+                return "ok " + json.dumps(await self.mount(cfg, env))
+        if op == "umount":
+            async with self.lock:
+                return "ok " + json.dumps(await self.umount(str(request["mountpoint"])))
+        if op == "stats":
+            km = self.mounts.get(os.path.realpath(str(request["mountpoint"])))
+            if km is None:
+                raise MountError(f"{request['mountpoint']} is not a kernel-mode mount")
+            out = km.stats()
+            out["metrics"] = km.metrics.as_dict()
+            out["cache"] = km.fetcher.cache_stats()
+            out["view"] = self.view_stats()
+            return "ok " + json.dumps(out)
+        raise CasfsError(f"unknown request {op!r}")
+
+
+class _Fallback(Exception):  # noqa: N818 - not an error: auto mode serves through FUSE instead
+    """The image cannot be served in kernel mode (the reason); auto mode uses FUSE."""
+
+
+def _checked_config(raw: Any, cache_dir: str) -> MountConfig:
+    if not isinstance(raw, dict):
+        raise CasfsError("bad request (no config)")
+    try:
+        cfg = MountConfig(**raw)
+    except TypeError as exc:
+        raise CasfsError(f"bad request ({exc})") from None
+    if os.path.realpath(cfg.cache_dir) != cache_dir:
+        raise CasfsError(f"cache directory {cfg.cache_dir!r} is not this view's")
+    mp = cfg.mountpoint
+    if not isinstance(mp, str) or not os.path.isabs(mp) or \
+            any(ord(ch) < 32 or ord(ch) == 127 for ch in mp):
+        raise CasfsError("the mountpoint must be an absolute path without control characters")
+    return cfg
+
+
+def _clear_stale_view(view_dir: Path) -> None:
+    """A view left mounted by a killed service answers nothing: detach it."""
+    from casfs.mounts import mount_table
+
+    if str(view_dir) in mount_table():
+        with contextlib.suppress(OSError):
+            syscalls.umount(str(view_dir), syscalls.MNT_DETACH)
+
+
+def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None) -> None:
+    """Run the node view service until its last mount is unmounted (blocks)."""
+    node = NodeView(cache_dir, cache_size)
+    node.view_dir.mkdir(mode=0o700, exist_ok=True)
+    _clear_stale_view(node.view_dir)
+    sock_path = node.root / SOCKET_NAME
+    listener = listen_private(sock_path)
+
+    async def main() -> None:
+        try:
+            pyfuse3.init(node.ops, str(node.view_dir),
+                         {"fsname=casfs-view", "subtype=casfs-view", "ro", "nosuid", "nodev",
+                          "default_permissions"})
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount the node view at {node.view_dir}: {exc}") from exc
+        done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                node.nursery = nursery
+                nursery.start_soon(pyfuse3.main)
+                tsock = trio.socket.from_stdlib_socket(listener)
+                nursery.start_soon(node.serve_requests, tsock, done)
+                nursery.start_soon(_watch_signals, node, done)
+                nursery.start_soon(_exit_if_unused, node, done)
+                await trio.to_thread.run_sync(os.statvfs, str(node.view_dir))
+                log.info("node view %d serving %s at %s", os.getpid(), node.cache_dir,
+                         node.view_dir)
+                if ready is not None:
+                    ready.ready()
+                await done.wait()
+                await node.shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(OSError):
+                if os.stat(sock_path).st_ino == os.fstat(listener.fileno()).st_ino:
+                    sock_path.unlink()
+            listener.close()
+            pyfuse3.close(unmount=True)
+            log.info("node view %d stopped", os.getpid())
+
+    trio.run(main)
+
+
+async def _watch_signals(node: NodeView, done: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting every kernel-mode mount", signum)
+            done.set()
+            return
+
+
+async def _exit_if_unused(node: NodeView, done: trio.Event) -> None:
+    await trio.sleep(IDLE_EXIT_SECONDS)
+    if not node.ever_mounted:
+        log.info("no mount asked for in %.0fs: exiting", IDLE_EXIT_SECONDS)
+        done.set()
