@@ -1,168 +1,148 @@
 """Image sources on local disk: an OCI image layout and a `docker save` archive (a
-registry is indexer.registry; open_image dispatches on the transport).
+registry is indexer.registry; indexer.open picks the source for a reference).
 
 A source resolves the reference to one image manifest (choosing a platform from
 an image index), and hands out its config and its layers in order. Every JSON
 document read is checked against the digest that names it; layer blobs are
 checked by the caller while (or before) they are read.
+
+A layout or an archive is untrusted input, like the layers in it. Every file read
+must be a regular file, checked on the opened descriptor: a blob that is a symlink to
+/dev/zero, a FIFO (opened without blocking, so it cannot hang the indexer), a device or
+a directory is refused with an ImageError. Symlinks are followed (Bazel's rules_oci
+links a layout's blobs into its output tree), since what they reach is then held to the
+same rules and hashed against its digest. JSON documents are read to MAX_JSON (configs
+to MAX_CONFIG), never further; a layer blob must be as long as its descriptor says. In
+a docker archive, blobs and JSON documents must be regular (non-sparse) tar members.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import platform as host_platform
+import stat
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from casfs.errors import ImageError, LayerDigestMismatch
 from indexer.imageref import ImageRef
-from indexer.mediatypes import INDEX_TYPES, LAYER_COMPRESSION, MANIFEST_TYPES
+from indexer.mediatypes import INDEX_TYPES, MANIFEST_TYPES
+from indexer.oci import (
+    MAX_CONFIG,
+    MAX_JSON,
+    Image,
+    Layer,
+    check_digest,
+    config_diff_ids,
+    descriptor,
+    host_platform_name,
+    json_list,
+    json_object,
+    parse_json,
+    parse_json_object,
+    pick_platform,
+)
 
-if TYPE_CHECKING:
-    from indexer.registry import RegistryOptions
+__all__ = [
+    # Re-exported for the callers that import them from here (indexer.index, tests):
+    # they live in indexer.oci.
+    "Image", "Layer", "host_platform_name", "json_object",
+    "open_docker_archive", "open_oci_layout", "read_regular", "open_regular",
+]
 
-MAX_JSON = 16 << 20
-
-
-@dataclass
-class Layer:
-    digest: str  # "sha256:<hex>" of the bytes open() returns
-    media_type: str
-    size: int  # -1 when unknown
-    open: Callable[[], IO[bytes]]
-    diff_id: str = ""  # sha256 of the uncompressed tar, from the config
-    # True when open() checks the bytes against `digest` itself while they stream (a
-    # registry blob: raises LayerDigestMismatch at the end of the stream), so the digest
-    # can name the layer before a byte is read; False for a local file, which the
-    # indexer hashes first.
-    verifies_digest: bool = False
-
-    @property
-    def compression(self) -> str:
-        """gzip, zstd, none, or "detect" (sniff the magic bytes)."""
-        return LAYER_COMPRESSION.get(self.media_type, "detect")
-
-
-@dataclass
-class Image:
-    ref: str
-    config: dict[str, Any]
-    config_digest: str
-    manifest_digest: str
-    layers: list[Layer]
-    platform: str
+MAX_ARCHIVE_MEMBERS = 100_000
+"""A docker archive holds a few members per layer; more than this is not one."""
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def host_platform_name() -> str:
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
-        host_platform.machine(), host_platform.machine()
-    )
-    return f"linux/{arch}"
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
-def check_digest(digest: str, data: bytes, what: str) -> None:
-    algo, _, want = digest.partition(":")
-    if algo not in ("sha256", "sha512"):
-        raise ImageError(f"{what}: unsupported digest algorithm {algo!r}")
-    if hashlib.new(algo, data).hexdigest() != want:
-        raise LayerDigestMismatch(f"{what} does not match its digest {digest}")
-
-
-def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
+def open_regular(path: Path, what: str) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of the regular file at path, symlinks followed. Anything else (a
+    device, a FIFO, a directory, a socket) is an ImageError: refused from a stat before
+    it is opened, and checked again on the opened descriptor (it may have been swapped
+    in between); the open never blocks (O_NONBLOCK: a FIFO with no writer)."""
     try:
-        doc = json.loads(data)
-    except ValueError as exc:
-        raise ImageError(f"{what} is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ImageError(f"{what} is not a JSON object")
-    return doc
+        before = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{what} is missing ({path})") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {what} ({path}): {exc.strerror}") from exc
+    if not stat.S_ISREG(before.st_mode):
+        raise ImageError(f"{what} ({path}) is {_file_kind(before.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise ImageError(f"{what} is missing ({path})") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {what} ({path}): {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{what} ({path}) is {_file_kind(st.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
-def json_list(doc: dict[str, Any], key: str, what: str) -> list[Any]:
-    """doc[key] as a list ([] when absent)."""
-    value = doc.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ImageError(f"{what}: {key!r} is not a list")
-    return value
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The whole regular file at path, of at most `limit` bytes (ImageError beyond:
+    no more than limit + 1 bytes are read, whatever its size says)."""
+    fd, st = open_regular(path, what)
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > limit:
+            raise ImageError(f"{what} ({path}) is larger than {limit} bytes")
+        try:
+            data = f.read(limit + 1)
+        except OSError as exc:
+            raise ImageError(f"cannot read {what} ({path}): {exc.strerror}") from exc
+    if len(data) > limit:
+        raise ImageError(f"{what} ({path}) is larger than {limit} bytes")
+    return data
 
 
-def json_object(value: Any) -> dict[str, Any]:
-    """A JSON value that should be an object, or {} when it is anything else."""
-    return value if isinstance(value, dict) else {}
-
-
-def descriptor(desc: Any, what: str) -> dict[str, Any]:
-    """A content descriptor, checked to carry a digest (and a sane size when it has one)."""
-    if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
-        raise ImageError(f"{what}: a descriptor has no digest")
-    size = desc.get("size", -1)
-    if not isinstance(size, int) or isinstance(size, bool):
-        raise ImageError(f"{what}: descriptor {desc['digest']} has a bad size {size!r}")
-    return desc
-
-
-def pick_platform(index: dict[str, Any], want: str | None, what: str) -> dict[str, Any]:
-    manifests = [descriptor(d, what) for d in json_list(index, "manifests", what)]
-    if not manifests:
-        raise ImageError(f"{what} lists no manifests")
-    target = want or host_platform_name()
-    os_, _, rest = target.partition("/")
-    arch, _, variant = rest.partition("/")
-    offered = []
-    for desc in manifests:
-        plat = json_object(desc.get("platform"))
-        offered.append(f"{plat.get('os')}/{plat.get('architecture')}")
-        if plat.get("os") == os_ and plat.get("architecture") == arch and (
-            not variant or plat.get("variant") == variant
-        ):
-            return desc
-    raise ImageError(f"{what} has no image for platform {target} (offers {', '.join(offered)})")
-
-
-def config_diff_ids(config: dict[str, Any], what: str) -> list[str]:
-    diff_ids = json_list(json_object(config.get("rootfs")), "diff_ids", what)
-    if not all(isinstance(d, str) for d in diff_ids):
-        raise ImageError(f"{what}: rootfs.diff_ids holds something other than digests")
-    return diff_ids
+def _open_blob(path: Path, size: int, what: str) -> IO[bytes]:
+    """A layer blob, open for reading: a regular file of the descriptor's size."""
+    fd, st = open_regular(path, what)
+    if size >= 0 and st.st_size != size:
+        os.close(fd)
+        raise LayerDigestMismatch(f"{what} is {st.st_size} bytes, its descriptor says {size}")
+    return os.fdopen(fd, "rb")
 
 
 def _descriptor_blob_path(root: Path, digest: str) -> Path:
     algo, _, hex_ = digest.partition(":")
-    if algo not in ("sha256", "sha512") or not hex_.isalnum():
+    if algo not in ("sha256", "sha512") or not hex_.isalnum() or not hex_.isascii():
         raise ImageError(f"bad digest {digest!r} in image layout {root}")
     return root / "blobs" / algo / hex_
 
 
 def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
     root = Path(ref.location)
-    if not (root / "index.json").is_file() or not (root / "oci-layout").is_file():
+    if not (root / "index.json").exists() or not (root / "oci-layout").exists():
         raise ImageError(f"{root} is not an OCI image layout (no index.json / oci-layout)")
+    parse_json_object(read_regular(root / "oci-layout", MAX_JSON, f"{root}/oci-layout"),
+                      f"{root}/oci-layout")
 
-    def read_blob(digest: str, what: str) -> bytes:
+    def read_blob(digest: str, what: str, limit: int = MAX_JSON) -> bytes:
         path = _descriptor_blob_path(root, digest)
-        try:
-            if path.stat().st_size > MAX_JSON:
-                raise ImageError(f"{what} {digest} is too large")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"{what} {digest} is missing from {root}") from None
+        data = read_regular(path, limit, f"{what} {digest}")
         check_digest(digest, data, f"{what} {digest}")
         return data
 
-    try:
-        index_bytes = (root / "index.json").read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read {root}/index.json: {exc.strerror}") from exc
     what = f"{root}/index.json"
-    index = parse_json_object(index_bytes, what)
+    index = parse_json_object(read_regular(root / "index.json", MAX_JSON, what), what)
     manifests = [descriptor(m, what) for m in json_list(index, "manifests", what)]
     if ref.tag:
         chosen = [m for m in manifests
@@ -199,19 +179,21 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
     if not isinstance(doc.get("config"), dict):
         raise ImageError(f"{what} has no config")
     config_desc = descriptor(doc["config"], what)
-    config = parse_json_object(read_blob(config_desc["digest"], "config"), "image config")
+    config = parse_json_object(read_blob(config_desc["digest"], "config", MAX_CONFIG),
+                               "image config")
     diff_ids = config_diff_ids(config, "image config")
     layers = []
     for i, ld in enumerate(json_list(doc, "layers", what)):
         ld = descriptor(ld, what)
         path = _descriptor_blob_path(root, ld["digest"])
-        if not path.is_file():
-            raise ImageError(f"layer {ld['digest']} is missing from {root}")
+        size = ld.get("size", -1)
+        layer_what = f"layer {ld['digest']}"
+        _open_blob(path, size, layer_what).close()  # there, regular, of its size
         layers.append(Layer(
             digest=ld["digest"],
             media_type=str(ld.get("mediaType", "")),
-            size=ld.get("size", -1),
-            open=lambda p=path: open(p, "rb"),
+            size=size,
+            open=lambda p=path, n=size, w=layer_what: _open_blob(p, n, w),
             diff_id=diff_ids[i] if i < len(diff_ids) else "",
         ))
     plat = f"{config.get('os', '?')}/{config.get('architecture', '?')}"
@@ -220,38 +202,55 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
 
 def open_docker_archive(ref: ImageRef, platform: str | None = None) -> Image:
     path = Path(ref.location)
-    if not path.is_file():
+    if not path.exists():
         raise ImageError(f"docker archive {path} not found")
-    try:
-        archive = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise ImageError(f"{path} is not a docker archive: {exc}") from exc
-    with archive:
+    fd, st = open_regular(path, "docker archive")
+    with os.fdopen(fd, "rb") as f:
         try:
-            members = {os.path.normpath(m.name): m for m in archive.getmembers() if m.isfile()}
+            archive = tarfile.open(fileobj=f, mode="r:")
         except (tarfile.TarError, OSError) as exc:
             raise ImageError(f"{path} is not a docker archive: {exc}") from exc
-        return _docker_archive_image(ref, path, archive, members)
+        with archive:
+            members: dict[str, tarfile.TarInfo] = {}
+            try:
+                for n, m in enumerate(archive):
+                    if n >= MAX_ARCHIVE_MEMBERS:
+                        raise ImageError(f"{path} is not a docker archive: more than "
+                                         f"{MAX_ARCHIVE_MEMBERS} members")
+                    members[os.path.normpath(m.name)] = m
+            except (tarfile.TarError, OSError) as exc:
+                raise ImageError(f"{path} is not a docker archive: {exc}") from exc
+            return _docker_archive_image(ref, path, (st.st_dev, st.st_ino), archive, members)
 
 
 def _docker_archive_image(
-    ref: ImageRef, path: Path, archive: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
+    ref: ImageRef, path: Path, identity: tuple[int, int], archive: tarfile.TarFile,
+    members: dict[str, tarfile.TarInfo],
 ) -> Image:
 
-    def read(name: str, limit: int = MAX_JSON) -> bytes:
+    def member(name: str, what: str) -> tarfile.TarInfo:
         m = members.get(os.path.normpath(name))
         if m is None:
-            raise ImageError(f"{name} is missing from docker archive {path}")
+            raise ImageError(f"{what} {name} is missing from docker archive {path}")
+        if not m.isfile() or m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
+            raise ImageError(f"{what} {name} in docker archive {path} is not a regular file")
+        return m
+
+    def read(name: str, what: str, limit: int = MAX_JSON) -> bytes:
+        m = member(name, what)
         if m.size > limit:
-            raise ImageError(f"{name} in {path} is too large")
+            raise ImageError(f"{what} {name} in {path} is larger than {limit} bytes")
         f = archive.extractfile(m)
         assert f is not None
-        return f.read()
+        try:
+            data = f.read(limit + 1)
+        except (tarfile.TarError, OSError) as exc:
+            raise ImageError(f"cannot read {name} from docker archive {path}: {exc}") from exc
+        if len(data) != m.size:
+            raise ImageError(f"{what} {name} in docker archive {path} is truncated")
+        return data
 
-    try:
-        manifest = json.loads(read("manifest.json"))
-    except ValueError as exc:
-        raise ImageError(f"manifest.json in {path} is not valid JSON") from exc
+    manifest = parse_json(read("manifest.json", "the image list"), f"manifest.json in {path}")
     if not isinstance(manifest, list) or not manifest:
         raise ImageError(f"manifest.json in {path} lists no image")
     if not all(isinstance(e, dict) for e in manifest):
@@ -269,7 +268,7 @@ def _docker_archive_image(
     layer_names = json_list(entry, "Layers", f"manifest.json in {path}")
     if not isinstance(config_name, str) or not all(isinstance(n, str) for n in layer_names):
         raise ImageError(f"manifest.json in {path} names no config or bad layers")
-    config_bytes = read(config_name)
+    config_bytes = read(config_name, "config", MAX_CONFIG)
     config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     config = parse_json_object(config_bytes, f"config {config_name}")
     diff_ids = config_diff_ids(config, f"config {config_name}")
@@ -278,12 +277,10 @@ def _docker_archive_image(
                          f"{len(diff_ids)} diff_ids in its config")
     layers = []
     for name, diff_id in zip(layer_names, diff_ids, strict=True):
-        m = members.get(os.path.normpath(name))
-        if m is None:
-            raise ImageError(f"layer {name} is missing from docker archive {path}")
+        m = member(name, "layer")
 
         def opener(m: tarfile.TarInfo = m) -> IO[bytes]:
-            return io.BufferedReader(_FileSlice(path, m.offset_data, m.size))
+            return io.BufferedReader(_FileSlice(path, identity, m.offset_data, m.size))
 
         # A docker-save layer may be stored compressed (newer engines keep the
         # registry's blob): its digest is then not the diff_id, so the layer is
@@ -296,10 +293,15 @@ def _docker_archive_image(
 
 class _FileSlice(io.RawIOBase):
     """Bytes [offset, offset+size) of a file: a member of an uncompressed tar archive,
-    read with its own file handle (closed with the reader)."""
+    read with its own file handle (closed with the reader), which must still be the
+    regular file the archive was read from."""
 
-    def __init__(self, path: Path, offset: int, size: int) -> None:
-        self._f = open(path, "rb")
+    def __init__(self, path: Path, identity: tuple[int, int], offset: int, size: int) -> None:
+        fd, st = open_regular(path, "docker archive")
+        if (st.st_dev, st.st_ino) != identity:
+            os.close(fd)
+            raise ImageError(f"docker archive {path} was replaced while it was read")
+        self._f = os.fdopen(fd, "rb")
         self._f.seek(offset)
         self._left = size
 
@@ -320,14 +322,10 @@ class _FileSlice(io.RawIOBase):
         super().close()
 
 
-def open_image(ref: ImageRef, platform: str | None = None,
-               registry: RegistryOptions | None = None) -> Image:
-    if ref.transport == "oci":
-        return open_oci_layout(ref, platform)
-    if ref.transport == "docker-archive":
-        return open_docker_archive(ref, platform)
-    if ref.transport == "docker":
-        from indexer.registry import open_registry_image
+def open_image(ref: ImageRef, platform: str | None = None, registry: Any = None) -> Image:
+    """Compatibility name for indexer.index, which still imports open_image from here:
+    delete this once it imports indexer.open.open_image (the import below makes a
+    source -> open -> source circle until then)."""
+    from indexer.open import open_image as dispatch
 
-        return open_registry_image(ref, platform, registry)
-    raise ImageError(f"{ref.transport} images are not supported")
+    return dispatch(ref, platform, registry)
