@@ -15,11 +15,19 @@ Authentication, as registries do it: each request goes out anonymously or with w
 last challenge asked for. A 401 carries ``WWW-Authenticate``: ``Bearer realm=…,service=…,
 scope=…`` sends the client to the realm for a token (with basic credentials when it has
 some; the answer's ``token`` or ``access_token``); ``Basic`` wants the credentials on every
-request. Credentials come from ``--creds user:pass``, else ``--authfile``, else
-``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+request. Credentials come from ``--creds user:pass`` (visible to every user in ``ps``),
+else ``--username`` with the password on stdin (``--password-stdin``) or in
+``$CASFS_REGISTRY_PASSWORD`` (``registry_options`` builds the options from those), else
+``--authfile``, else ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
 ``~/.config/containers/auth.json``, ``$DOCKER_CONFIG/config.json`` or
 ``~/.docker/config.json`` (``auths.<host>[/<repo>].auth`` = base64 of ``user:pass``, as
 docker, podman and skopeo write them; credential helpers are not run).
+
+Credentials stay on their origin (scheme, host, port): the registry's Authorization
+(basic or its bearer token) goes only to the registry's own origin, the token service's
+basic credentials only to the realm's origin; a redirect elsewhere (a blob to a CDN, a
+token request to another port) is followed without them. With TLS verification on, a
+plain-http token realm is refused, and so is any redirect from https to plain http.
 
 Retries: 5xx, 429 (waiting what Retry-After says, up to a cap) and dropped connections
 are retried with exponential backoff and jitter; a blob download that breaks resumes
@@ -39,12 +47,14 @@ import logging
 import os
 import random
 import re
+import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
@@ -65,7 +75,8 @@ from casfs.errors import (
 )
 from indexer.imageref import DOCKER_HUB, ImageRef
 from indexer.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
-from indexer.source import (
+from indexer.oci import (
+    MAX_CONFIG,
     MAX_JSON,
     Image,
     Layer,
@@ -89,14 +100,19 @@ READ_SIZE = 1 << 20
 MAX_REDIRECTS = 10
 DOCKER_HUB_API = "registry-1.docker.io"
 _DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+PASSWORD_ENV = "CASFS_REGISTRY_PASSWORD"
+"""The registry password for --username when it does not come on stdin."""
+MAX_PASSWORD_BYTES = 64 << 10
 
 
 @dataclass
 class RegistryOptions:
     """How to reach a registry. The retry knobs are for tests and impatient users."""
 
-    creds: str | None = None  # "user:pass"
+    creds: str | None = field(default=None, repr=False)  # "user:pass" (--creds: seen in ps)
     authfile: str | None = None
+    username: str | None = None  # with password: --username and --password-stdin / env
+    password: str | None = field(default=None, repr=False)
     tls_verify: bool = True
     retries: int = 6  # attempts after the first, per request (and per stalled blob offset)
     backoff: float = 0.5  # first wait; doubles each attempt, with jitter
@@ -153,13 +169,67 @@ def _entry_credentials(entry: Any, what: str) -> tuple[str, str] | None:
     return None
 
 
+def registry_options(*, creds: str | None = None, username: str | None = None,
+                     password_stdin: bool = False, authfile: str | None = None,
+                     tls_verify: bool = True, stdin: IO[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> RegistryOptions:
+    """RegistryOptions from the command line's registry flags: `--creds USER:PASS` (seen
+    by every user in `ps`), or `--username USER` with the password read from stdin
+    (`--password-stdin`, as podman and skopeo login: one line, its newline dropped) or
+    from $CASFS_REGISTRY_PASSWORD; `--authfile`; `--tls-verify`. stdin and environ
+    default to the process's."""
+    environ = os.environ if environ is None else environ
+    if creds is not None and (username is not None or password_stdin):
+        raise UsageError("--creds and --username/--password-stdin both name credentials: "
+                         "pass one")
+    if password_stdin and username is None:
+        raise UsageError("--password-stdin needs --username")
+    password = None
+    if username is not None:
+        if not username or ":" in username:
+            raise UsageError("--username wants a user name (without ':')")
+        if password_stdin:
+            password = _read_password(stdin if stdin is not None else sys.stdin)
+        elif environ.get(PASSWORD_ENV):
+            password = environ[PASSWORD_ENV]
+        else:
+            raise UsageError(f"--username needs the password on stdin (--password-stdin) or "
+                             f"in ${PASSWORD_ENV}")
+    elif environ.get(PASSWORD_ENV) and creds is None:
+        log.warning("$%s is set but no --username names whose password it is: ignored",
+                    PASSWORD_ENV)
+    return RegistryOptions(creds=creds, authfile=authfile, tls_verify=tls_verify,
+                           username=username, password=password)
+
+
+def _read_password(stream: IO[str]) -> str:
+    try:
+        text = stream.read(MAX_PASSWORD_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--password-stdin: cannot read the password: {exc}") from exc
+    if len(text) > MAX_PASSWORD_BYTES:
+        raise UsageError(f"--password-stdin: more than {MAX_PASSWORD_BYTES} bytes on stdin")
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if not text:
+        raise UsageError("--password-stdin: no password on stdin")
+    return text
+
+
 def find_credentials(host: str, repo: str, options: RegistryOptions) -> tuple[str, str] | None:
-    """(user, password) for host/repo: --creds, else the first auth file that names it."""
+    """(user, password) for host/repo: --creds, else --username with its password, else
+    the first auth file that names it."""
     if options.creds is not None:
         user, sep, password = options.creds.partition(":")
         if not sep or not user:
             raise UsageError("--creds wants USER:PASSWORD")
         return user, password
+    if options.username is not None:
+        if options.password is None:
+            raise UsageError("--username without a password")
+        return options.username, options.password
     # Most specific first: host/a/b, host/a, host.
     parts = repo.split("/")
     wanted = [f"{host}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)] + [host]
@@ -294,8 +364,7 @@ class RegistryClient:
                                       redirect=False, retries=False, timeout=self._timeout)
 
     def _same_origin(self, url: str) -> bool:
-        a, b = urlsplit(url), urlsplit(self.base)
-        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+        return _origin(url) == _origin(self.base)
 
     @staticmethod
     def _discard(resp: urllib3.BaseHTTPResponse, limit: int = 64 << 10) -> bytes:
@@ -311,11 +380,18 @@ class RegistryClient:
         return data
 
     def request(self, method: str, url: str, what: str, headers: dict[str, str] | None = None,
-                *, auth: bool = True) -> urllib3.BaseHTTPResponse:
-        """Send a request, following redirects (credentials stay on the registry's origin),
-        answering auth challenges, retrying 5xx / 429 / connection failures. Returns the
-        final response with its body unread (any status the caller has to judge)."""
+                *, auth: bool = True, credentials: str | None = None) -> urllib3.BaseHTTPResponse:
+        """Send a request, following redirects, answering auth challenges, retrying 5xx /
+        429 / connection failures. Returns the final response with its body unread (any
+        status the caller has to judge). No credential crosses an origin: with `auth` the
+        registry's Authorization goes only to the registry's origin; `credentials` (an
+        Authorization value for the first URL's origin, e.g. a token service's basic
+        credentials) only to that origin. With TLS verification on, a redirect from https
+        to plain http is refused."""
+        if headers and any(k.lower() == "authorization" for k in headers):
+            raise ValueError("pass credentials=, not an Authorization header")
         attempt = reauth = redirects = 0
+        credentials_origin = _origin(url)
         while True:
             hdrs = {"User-Agent": USER_AGENT, **(headers or {})}
             sent_auth = None
@@ -323,6 +399,8 @@ class RegistryClient:
                 sent_auth = self._authorization
                 if sent_auth:
                     hdrs["Authorization"] = sent_auth
+            elif credentials and _origin(url) == credentials_origin:
+                hdrs["Authorization"] = credentials
             try:
                 resp = self._send(method, url, hdrs)
             except SSLError as exc:
@@ -346,7 +424,15 @@ class RegistryClient:
                 redirects += 1
                 if redirects > MAX_REDIRECTS:
                     raise RegistryError(f"{what}: more than {MAX_REDIRECTS} redirects")
-                url = urljoin(url, resp.headers["Location"])
+                target = urljoin(url, resp.headers["Location"])
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise RegistryError(f"{what}: redirected to {target[:100]!r}, not http(s)")
+                if self.options.tls_verify and urlsplit(url).scheme == "https" and \
+                        urlsplit(target).scheme == "http":
+                    raise RegistryError(
+                        f"{what}: {urlsplit(url).netloc} redirects from https to plain http "
+                        f"({urlsplit(target).netloc}); refused with TLS verification on")
+                url = target
                 if status == 303:
                     method = "GET"
                 continue
@@ -373,7 +459,9 @@ class RegistryClient:
     def _final_401(self, what: str, body: bytes) -> NoReturn:
         detail = _registry_errors(body)
         who = f"as {self.creds[0]}" if self.creds else "anonymously"
-        hint = "" if self.creds else " (pass --creds USER:PASS, --authfile, or log in with skopeo/docker)"
+        hint = "" if self.creds else (" (pass --username with --password-stdin or "
+                                      f"${PASSWORD_ENV}, --creds USER:PASS, --authfile, or log "
+                                      "in with skopeo/docker)")
         raise RegistryAuthError(f"{what}: {self.host} denies access to {self.repo} {who}"
                                 f"{': ' + detail if detail else ''}{hint}")
 
@@ -417,7 +505,8 @@ class RegistryClient:
             if "basic" in challenges:
                 if not self.creds:
                     raise RegistryAuthError(
-                        f"{what}: {self.host} requires credentials (pass --creds USER:PASS or "
+                        f"{what}: {self.host} requires credentials (pass --username with "
+                        f"--password-stdin or ${PASSWORD_ENV}, --creds USER:PASS, or "
                         "--authfile, or log in with skopeo/docker)")
                 if sent and sent.startswith("Basic "):
                     raise RegistryAuthError(f"{what}: {self.host} rejected the credentials "
@@ -434,6 +523,11 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
             raise RegistryAuthError(f"{what}: the registry's Bearer challenge names no usable realm")
+        if urlsplit(realm).scheme == "http" and self.options.tls_verify:
+            raise RegistryAuthError(
+                f"{what}: the registry's token service {realm[:100]} is plain http; with TLS "
+                "verification on casfs asks for tokens only over https "
+                "(--tls-verify=false allows it)")
         scope = params.get("scope") or f"repository:{self.repo}:pull"
         query: list[tuple[str, str]] = []
         if params.get("service"):
@@ -443,12 +537,12 @@ class RegistryClient:
         if self.creds:
             query.append(("account", self.creds[0]))
         url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-        headers = {}
+        basic = None
         if self.creds:
             raw = base64.b64encode(f"{self.creds[0]}:{self.creds[1]}".encode()).decode()
-            headers["Authorization"] = f"Basic {raw}"
+            basic = f"Basic {raw}"
         token_what = f"token service {urlsplit(realm).netloc}"
-        resp = self.request("GET", url, token_what, headers, auth=False)
+        resp = self.request("GET", url, token_what, auth=False, credentials=basic)
         body = _read_limited(resp, 1 << 20, token_what)
         if resp.status in (401, 403):
             who = f"the credentials of {self.creds[0]}" if self.creds else "anonymous access"
@@ -512,9 +606,9 @@ class RegistryClient:
                                           f"({claimed}; its bytes hash to {digest})")
         return body, media_type, digest
 
-    def get_blob_small(self, digest: str, what: str) -> bytes:
+    def get_blob_small(self, digest: str, what: str, limit: int = MAX_CONFIG) -> bytes:
         url = f"{self.base}/v2/{self.repo}/blobs/{digest}"
-        resp, body = self._get_small(url, what)
+        resp, body = self._get_small(url, what, limit=limit)
         if resp.status != 200:
             raise self._not_found(resp.status, body, what, f"blob {digest}")
         check_digest(digest, body, what)
@@ -523,6 +617,17 @@ class RegistryClient:
     def open_blob(self, digest: str, size: int, what: str) -> io.BufferedReader:
         """A stream of a blob's bytes, verified against `digest` as they pass."""
         return io.BufferedReader(BlobStream(self, digest, size, what), READ_SIZE)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, the port made explicit (a bad one is -1)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
 
 
 def _exc_text(exc: BaseException) -> str:
