@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import hashlib
 import io
 import json
@@ -448,10 +449,10 @@ class RegistryClient:
                 continue
             if (status == 429 or 500 <= status <= 599) and status not in (501, 505) \
                     and attempt < self.options.retries:
-                hint = _retry_after(resp.headers.get("Retry-After"))
+                wait = _retry_after(resp.headers.get("Retry-After"))
                 body = self._discard(resp)
                 log.info("%s: HTTP %d (%s); retrying", what, status, _registry_errors(body))
-                self._sleep_backoff(attempt, hint)
+                self._sleep_backoff(attempt, wait)
                 attempt += 1
                 continue
             return resp
@@ -809,7 +810,7 @@ def open_registry_image(ref: ImageRef, platform: str | None = None,
             digest=d,
             media_type=str(ld.get("mediaType", "")),
             size=size,
-            open=lambda d=d, size=size, w=layer_what: client.open_blob(d, size, w),
+            open=functools.partial(client.open_blob, d, size, layer_what),
             diff_id=diff_ids[i] if i < len(diff_ids) else "",
             verifies_digest=True,
         ))

@@ -18,6 +18,7 @@ a docker archive, blobs and JSON documents must be regular (non-sparse) tar memb
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -193,7 +194,7 @@ def open_oci_layout(ref: ImageRef, platform: str | None = None) -> Image:
             digest=ld["digest"],
             media_type=str(ld.get("mediaType", "")),
             size=size,
-            open=lambda p=path, n=size, w=layer_what: _open_blob(p, n, w),
+            open=functools.partial(_open_blob, path, size, layer_what),
             diff_id=diff_ids[i] if i < len(diff_ids) else "",
         ))
     plat = f"{config.get('os', '?')}/{config.get('architecture', '?')}"

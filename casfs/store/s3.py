@@ -108,7 +108,7 @@ _TRANSIENT = {
 }
 
 
-def _classify(exc: Exception, what: str, url: str, endpoint: str = "") -> StoreError:
+def _classify(exc: BaseException, what: str, url: str, endpoint: str = "") -> StoreError:
     """Turn a boto3 exception into the backend contract's error classes."""
     import botocore.exceptions
 
