@@ -66,7 +66,7 @@ __all__ = ["CACHE_FORMAT", "CacheStats", "ChunkCache", "default_cache_dir"]
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "casfs-cache 1"
-_ENTRY = struct.Struct("<Qd")  # size, last use (unix time)
+_ENTRY = struct.Struct("<Qd")  # size, last use (unix time); an object's adds its BLAKE3
 _TOTAL_KEY = b"\0total"
 _OBJECT_PREFIX = b"o"
 _TOUCH_EVERY = 60.0
@@ -209,19 +209,21 @@ class ChunkCache:
         key = _OBJECT_PREFIX + bytes.fromhex(name)
         try:
             path.parent.mkdir(mode=0o700, exist_ok=True)
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 for src, (_digest, length) in zip(paths, chunks, strict=True):
                     _copy_whole(src, out, length)
                 if os.fstat(out).st_size != total:
                     raise OSError(errno.EIO, "object shorter than its chunks")
+                # Its content hash, for `casfs cache verify` (the name is the chunk list's).
+                content = _hash_file(out, total)
             finally:
                 os.close(out)
             with self.env.begin(write=True) as txn:
                 os.rename(tmp, path)
                 if txn.get(key) is None:
                     txn.put(_TOTAL_KEY, struct.pack("<Q", self._total(txn) + total))
-                txn.put(key, _ENTRY.pack(total, time.time()))
+                txn.put(key, _ENTRY.pack(total, time.time()) + content)
                 over = self._total(txn) > self.max_bytes
         except (OSError, lmdb.Error) as exc:
             tmp.unlink(missing_ok=True)
@@ -246,7 +248,7 @@ class ChunkCache:
         with self.env.begin() as txn:
             raw = txn.get(key)
         if raw is not None:
-            self._touch(key, _ENTRY.unpack(raw)[0], now)
+            self._touch(key, _ENTRY.unpack_from(raw)[0], now)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -259,7 +261,7 @@ class ChunkCache:
         if raw is None:
             self.stats.misses += count
             return None
-        size, last = _ENTRY.unpack(raw)
+        size, last = _ENTRY.unpack_from(raw)
         path = self.chunk_path(digest)
         if digest not in self._verified and not self._verify_once(digest, path, raw):
             self.stats.misses += count
@@ -378,7 +380,7 @@ class ChunkCache:
 
     def _verify_file(self, digest: str, path: Path, raw: bytes) -> bool:
         """Check a chunk file against the index entry `raw` just read for it; drop a bad one."""
-        size, _ = _ENTRY.unpack(raw)
+        size, _ = _ENTRY.unpack_from(raw)
         try:
             data = _read_whole(path, size)
         except OSError:
@@ -405,8 +407,9 @@ class ChunkCache:
     def _touch(self, key: bytes, size: int, now: float) -> None:
         try:
             with self.env.begin(write=True) as txn:
-                if txn.get(key) is not None:
-                    txn.put(key, _ENTRY.pack(size, now))
+                raw = txn.get(key)
+                if raw is not None:
+                    txn.put(key, _ENTRY.pack(size, now) + raw[_ENTRY.size:])
         except lmdb.Error as exc:
             log.debug("could not record chunk use: %s", exc)
 
@@ -503,6 +506,20 @@ class ChunkCache:
         with self.env.begin() as txn:
             return txn.stat()["entries"] - (1 if txn.get(_TOTAL_KEY) else 0)
 
+    def usage(self) -> dict[str, int]:
+        """What the cache holds: chunks and whole objects, counted and summed (a pass
+        over the index)."""
+        out = {"chunks": 0, "chunk_bytes": 0, "objects": 0, "object_bytes": 0}
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor():
+                if key == _TOTAL_KEY:
+                    continue
+                size = _ENTRY.unpack_from(raw)[0]
+                kind = "objects" if len(key) == 33 and key[:1] == _OBJECT_PREFIX else "chunks"
+                out[kind] += 1
+                out[kind[:-1] + "_bytes"] += size
+        return out
+
     # -- eviction --------------------------------------------------------------
 
     def _drop(self, digest: str, expect: bytes | None = None) -> bool:
@@ -514,7 +531,7 @@ class ChunkCache:
             if expect is not None and raw != expect:
                 return False
             if raw is not None:
-                size, _ = _ENTRY.unpack(raw)
+                size, _ = _ENTRY.unpack_from(raw)
                 txn.delete(key)
                 txn.put(_TOTAL_KEY, struct.pack("<Q", max(0, self._total(txn) - size)))
             self.chunk_path(digest).unlink(missing_ok=True)
@@ -543,7 +560,7 @@ class ChunkCache:
             for key, raw in txn.cursor():
                 if key == _TOTAL_KEY:
                     continue
-                size, last = _ENTRY.unpack(raw)
+                size, last = _ENTRY.unpack_from(raw)
                 entries.append((last, size, key))
             entries.sort()
             victims = []
@@ -574,6 +591,52 @@ class ChunkCache:
         if victims:
             log.info("evicted %d chunks (%d bytes) from the cache", len(victims), freed)
         return freed
+
+    def verify_all(self, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+        """Re-hash every chunk and object file the index names; drop (and count) the ones
+        that do not match (their next use fetches or rebuilds them). For kernel mode,
+        whose reads the kernel serves from these files without asking casfs. Blocking.
+        Returns (files checked, files dropped)."""
+        with self.env.begin() as txn:
+            entries = [(bytes(k), bytes(v)) for k, v in txn.cursor() if k != _TOTAL_KEY]
+        checked = 0
+        before = self.stats.corrupt_dropped
+        for key, raw in entries:
+            checked += 1
+            if len(key) == 33 and key[:1] == _OBJECT_PREFIX:
+                if not self._object_intact(key, raw):
+                    self._drop_object(key, raw)
+            elif self._verify_file(key.hex(), self.chunk_path(key.hex()), raw):
+                with self._lock:
+                    self._verified.add(key.hex())
+            if progress is not None:
+                progress(checked, len(entries))
+        return checked, self.stats.corrupt_dropped - before
+
+    def _object_intact(self, key: bytes, raw: bytes) -> bool:
+        size = _ENTRY.unpack_from(raw)[0]
+        want = raw[_ENTRY.size:]
+        try:
+            fd = os.open(self._key_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return os.fstat(fd).st_size == size and len(want) == 32 and \
+                _hash_file(fd, size) == want
+        finally:
+            os.close(fd)
+
+    def _drop_object(self, key: bytes, raw: bytes) -> int:
+        with self.env.begin(write=True) as txn:
+            if txn.get(key) != raw:
+                return 0
+            size = _ENTRY.unpack_from(raw)[0]
+            txn.delete(key)
+            txn.put(_TOTAL_KEY, struct.pack("<Q", max(0, self._total(txn) - size)))
+            self._key_path(key).unlink(missing_ok=True)
+        log.warning("object %s is damaged; dropped it", key[1:].hex())
+        self.stats.corrupt_dropped += 1
+        return 1
 
     def prune(self) -> tuple[int, int]:
         """Remove files that no index entry names (left by crashes), and stale temp
@@ -624,3 +687,18 @@ def _copy_whole(src: Path, out: int, length: int) -> None:
             left -= n
     finally:
         os.close(fd)
+
+
+def _hash_file(fd: int, size: int) -> bytes:
+    """BLAKE3 of a file's first `size` bytes, read in pieces (objects can be GBs)."""
+    import blake3
+
+    h = blake3.blake3()
+    offset = 0
+    while offset < size:
+        piece = os.pread(fd, min(8 << 20, size - offset), offset)
+        if not piece:
+            break
+        h.update(piece)
+        offset += len(piece)
+    return h.digest()

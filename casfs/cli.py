@@ -25,10 +25,11 @@ def _store(args: argparse.Namespace, create: bool = False):  # noqa: ANN202
 def cmd_index(args: argparse.Namespace) -> int:
     from casfs.progress import Progress
     from indexer.index import index_image
-    from indexer.registry import RegistryOptions
+    from indexer.registry import registry_options
 
-    registry = RegistryOptions(creds=args.creds, authfile=args.authfile,
-                               tls_verify=args.tls_verify)
+    registry = registry_options(creds=args.creds, username=args.username,
+                                password_stdin=args.password_stdin, authfile=args.authfile,
+                                tls_verify=args.tls_verify)
     store = _store(args, create=True)
     progress = Progress(enabled=False if args.quiet else None)
     result = index_image(args.image, store, tag=args.tag, platform=args.platform, progress=progress,
@@ -132,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")
     sp.add_argument("-q", "--quiet", action="store_true", help="print only the manifest reference")
     sp.add_argument("--creds", metavar="USER:PASS",
-                    help="registry credentials (default: --authfile, $REGISTRY_AUTH_FILE, "
-                    "containers auth.json, ~/.docker/config.json)")
+                    help="registry credentials, visible to every user in ps: prefer "
+                    "--username with --password-stdin (default: --authfile, "
+                    "$REGISTRY_AUTH_FILE, containers auth.json, ~/.docker/config.json)")
+    sp.add_argument("-u", "--username", metavar="USER",
+                    help="registry user; the password comes from stdin (--password-stdin) "
+                    "or $CASFS_REGISTRY_PASSWORD")
+    sp.add_argument("--password-stdin", action="store_true",
+                    help="read the registry password from stdin (needs --username)")
     sp.add_argument("--authfile", metavar="PATH",
                     help="auth file in docker/podman format ({\"auths\": {HOST: {\"auth\": ...}}})")
 
@@ -167,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 layer', '3 layers'."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
+
+
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5T', '4096' -> bytes (powers of 1024)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -197,7 +209,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
         readahead_kb=args.readahead_kb,
     )
-    mode, why = _choose_mode(args.mode)
+    mode, why = _choose_mode(args.mode, metrics_port=args.metrics_port)
     if mode == "kernel":
         return _mount_kernel(args, cfg, mode_asked=args.mode)
     if args.foreground:
@@ -228,10 +240,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose_mode(asked: str) -> tuple[str, str]:
+def _choose_mode(asked: str, metrics_port: int | None = None) -> tuple[str, str]:
     """The serving mode for `--mode asked` and, for FUSE in auto mode, why (", ..."). """
     if asked == "fuse":
         return "fuse", ""
+    if metrics_port is not None:
+        if asked == "kernel":
+            raise UsageError("--metrics-port is served by a FUSE-mode daemon; a kernel-mode "
+                             "mount reports through `casfs stats`")
+        return "fuse", ", as --metrics-port asks for a daemon of its own"
     from casfs.kernel.support import unsupported_reason
 
     reason = unsupported_reason()
@@ -308,6 +325,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     import errno
 
+    from casfs.errors import ServiceUnavailable
     from casfs.mounts import find_record
     from casfs.vfs import STATS_XATTR
 
@@ -316,7 +334,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if record and record.get("mode") == "kernel":
             from casfs.kernel import client
 
-            raw = json.dumps(client.stats(str(record["cache_dir"]), args.mountpoint)).encode()
+            try:
+                answer = client.stats(str(record["cache_dir"]), args.mountpoint)
+            except ServiceUnavailable:
+                raise CasfsError(f"the node view serving {args.mountpoint} is gone (a stale "
+                                 f"mount): run `casfs umount {args.mountpoint}`") from None
+            raw = json.dumps(answer).encode()
         else:
             raw = os.getxattr(args.mountpoint, STATS_XATTR)
     except OSError as exc:
@@ -347,16 +370,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from casfs.cache import ChunkCache, default_cache_dir
+    from casfs.progress import human_bytes
 
     cache = ChunkCache(args.cache_dir or default_cache_dir(), parse_size(args.cache_size))
     if args.action == "stats":
-        print(json.dumps({"dir": str(cache.root), "bytes": cache.total_bytes(),
-                          "chunks": cache.entries()}, indent=2))
+        usage = cache.usage()
+        info = {"dir": str(cache.root), "bytes": cache.total_bytes(),
+                "max_bytes": cache.max_bytes, **usage}
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"cache dir   {cache.root}")
+        print(f"held        {human_bytes(info['bytes'])} of {human_bytes(cache.max_bytes)}"
+              f" ({100 * info['bytes'] / max(cache.max_bytes, 1):.1f}%)")
+        print(f"chunks      {plural(usage['chunks'], 'chunk')}, "
+              f"{human_bytes(usage['chunk_bytes'])}")
+        print(f"objects     {plural(usage['objects'], 'whole file')} (kernel mode), "
+              f"{human_bytes(usage['object_bytes'])}")
+    elif args.action == "verify":
+        checked, dropped = cache.verify_all()
+        print(f"checked {plural(checked, 'file')}: {plural(dropped, 'damaged file')} dropped "
+              "(fetched again when next needed)")
+        return 5 if dropped else 0
     elif args.action == "prune":
         removed, freed = cache.prune()
         evicted = cache.evict()
         print(f"removed {removed} orphaned files ({freed} bytes); evicted {evicted} bytes")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from casfs.check import cmd_check as check
+
+    return check(args)
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
@@ -473,8 +519,10 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("mountpoint")
     sp.add_argument("--json", action="store_true")
 
-    sp = add("cache", cmd_cache, "the node cache: stats, or prune orphans and evict to the cap")
-    sp.add_argument("action", choices=["stats", "prune"])
+    sp = add("cache", cmd_cache, "the node cache: stats; prune orphans and evict to the cap; "
+             "verify (re-hash every file, drop damaged ones: kernel mode reads them unchecked)")
+    sp.add_argument("action", choices=["stats", "prune", "verify"])
+    sp.add_argument("--json", action="store_true", help="stats: as JSON")
     sp.add_argument("--cache-dir")
     sp.add_argument("--cache-size", default=os.environ.get("CASFS_CACHE_SIZE", "10G"))
 
@@ -489,6 +537,14 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("--dry-run", action="store_true", help="report what would be deleted")
     sp.add_argument("--grace", default="6h",
                     help="never delete objects younger than this (default 6h; e.g. 30m, 7d)")
+    store_arg(sp)
+
+    sp = add("check", cmd_check, "verify the store: tags, manifests, blobs, layer records, "
+             "pack indexes, packs, traces; exit 11 when it finds problems (changes nothing)")
+    sp.add_argument("--read-data", action="store_true",
+                    help="also download and verify every blob and every live pack entry")
+    sp.add_argument("--jobs", type=int, default=8, metavar="N",
+                    help="requests in flight (default 8)")
     store_arg(sp)
 
     sp = add("tag", cmd_tag, "list or remove tags")

@@ -57,8 +57,10 @@ class TransientStoreError(StoreError):
     """The store failed in a way that retrying may fix (timeouts, 5xx, throttling)."""
 
 
-class ResponseTooLarge(StoreError):
-    """The store answered with more bytes than the object can hold."""
+class ObjectTooLarge(StoreError):
+    """A store object is larger than its kind can be (damaged or hostile store)."""
+
+    exit_code = 5
 
 
 class ObjectNotFound(StoreError):
@@ -118,6 +120,16 @@ class TraceError(CasfsError):
     """A trace object is malformed."""
 
     exit_code = 5
+
+
+class LayerRecordError(CasfsError):
+    """A layer record object is malformed."""
+
+    exit_code = 5
+
+
+class BadKey(UsageError):
+    """A key, or a name for one, that is not part of the store's key layout."""
 
 
 # --- images ------------------------------------------------------------------

@@ -111,6 +111,17 @@ def run_helper(name: str, *args: str) -> subprocess.CompletedProcess[str] | None
     return subprocess.run([path, *args], capture_output=True, text=True, env=helper_env())
 
 
+def kernel_mount_orphaned(real: str, table: dict[str, str] | None = None) -> bool:
+    """Whether a kernel-mode mount's node view is gone (killed): the kernel still serves
+    what the node holds, but nothing fetches the rest, and a remount may replace it."""
+    table = mount_table() if table is None else table
+    if table.get(real) != "overlay":
+        return False
+    record = find_record(real)
+    return bool(record) and record.get("mode") == "kernel" and \
+        not process_running(int(record.get("pid", 0)))
+
+
 def force_unmount(mountpoint: str) -> None:
     """Lazily detach a mount (used for stale mounts)."""
     for cmd in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-l", mountpoint]):
@@ -125,8 +136,9 @@ def prepare_mountpoint(mountpoint: str) -> str:
     real = os.path.realpath(mountpoint)
     table = mount_table()
     if real in table:
-        if is_stale(real):
+        if is_stale(real) or kernel_mount_orphaned(real, table):
             force_unmount(real)
+            remove_record(real)
         else:
             raise MountError(f"{mountpoint} is already a mountpoint ({table[real]}); unmount it first")
     if not os.path.isdir(real):
@@ -169,12 +181,8 @@ def _unmount_kernel(real: str, record: dict[str, Any], timeout: float) -> None:
     try:
         last = client.umount(str(record.get("cache_dir", "")), real)
     except ServiceUnavailable:
-        try:
-            from casfs.kernel import syscalls
-
-            syscalls.umount(real)
-        except OSError as exc:
-            raise MountError(f"cannot unmount {real}: {exc.strerror}") from exc
+        # The node view is gone: nothing to save; detach the orphaned stack.
+        force_unmount(real)
         remove_record(real)
         return
     if last:

@@ -56,8 +56,9 @@ from indexer.layer import read_layer, resolve_chunks
 from indexer.layerrecord import LayerRecordError, files_size
 from indexer.layerrecord import encode as encode_record
 from indexer.layerrecord import parse as parse_record
+from indexer.oci import Image, Layer, json_object
+from indexer.open import open_image
 from indexer.registry import RegistryOptions
-from indexer.source import Image, Layer, json_object, open_image
 from indexer.upload import BlobUploader, UploadStats
 
 log = logging.getLogger(__name__)

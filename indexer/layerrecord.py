@@ -28,19 +28,12 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from casfs.digest import is_digest
-from casfs.errors import CasfsError
+from casfs.errors import LayerRecordError
 from casfs.store.content import MAX_BLOB_SIZE, MAX_RECORD_SIZE
 
 LAYER_RECORD_VERSION = 1
 MAX_RECORD_BYTES = MAX_RECORD_SIZE
 _INT_FIELDS = ("type", "perm", "uid", "gid", "mtime_ns")
-
-
-class LayerRecordError(CasfsError):
-    """A layer record object is malformed."""
-
-    # TODO(errors.py owner): move next to PackIndexError and TraceError.
-    exit_code = 5
 
 
 @dataclass

@@ -25,7 +25,7 @@ import os
 import stat
 import tarfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from casfs.errors import ImageError, LayerDigestMismatch
 from indexer.imageref import ImageRef
@@ -321,12 +321,3 @@ class _FileSlice(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
-
-
-def open_image(ref: ImageRef, platform: str | None = None, registry: Any = None) -> Image:
-    """Compatibility name for indexer.index, which still imports open_image from here:
-    delete this once it imports indexer.open.open_image (the import below makes a
-    source -> open -> source circle until then)."""
-    from indexer.open import open_image as dispatch
-
-    return dispatch(ref, platform, registry)

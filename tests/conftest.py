@@ -29,3 +29,13 @@ def s3_bucket_url(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> st
     for key, value in s3_env(seaweed).items():
         monkeypatch.setenv(key, value)
     return f"s3://{seaweed.make_bucket()}/casfs"
+
+
+@pytest.fixture(params=["fuse", "kernel"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """A serving mode: every test of what a mount shows runs in both (kernel mode needs
+    root and a kernel with EROFS and overlayfs data-only layers; in CI it may not skip)."""
+    from mounthelp import require_mode
+
+    require_mode(request.param)
+    return str(request.param)

@@ -28,6 +28,13 @@ class RecordingFetcher:
         self.got.append(digest)
         return self.store.get_blob(digest) if self.store is not None else None
 
-    async def get_pack_range(self, pack: str, offset: int, items: list) -> int:
-        self.ranges.append([d for d, _, _ in items])
-        return len(items)
+    async def read(self, ranges: list, *, prefetch: bool = False) -> bytes:
+        out = b""
+        for digest, start, length in ranges:
+            data = await self.get(digest, prefetch=prefetch) or b""
+            out += data[start : start + length]
+        return out
+
+    async def get_pack_range(self, run: Any) -> int:
+        self.ranges.append([d for d, _, _ in run.items])
+        return len(run.items)

@@ -76,12 +76,13 @@ def ensure_service(cache_dir: str, cache_size: int, verbose: bool = False,
         with contextlib.suppress(ServiceUnavailable):
             connect_private(socket_path(cache_dir), timeout=5).close()
             return
-        _spawn(cache_dir, cache_size, verbose, timeout)
+        _spawn(cache_dir, cache_size, verbose, timeout, lock)
     finally:
         os.close(lock)
 
 
-def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float) -> None:
+def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
+           lock: int) -> None:
     from casfs.process import (
         FAILED,
         READY,
@@ -102,6 +103,7 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float) -> No
         code = 1
         try:
             os.close(read_fd)
+            os.close(lock)  # the service must not hold the start lock for its whole life
             # A daemon of its own: it outlives this command and serves later mounts.
             if os.fork() != 0:
                 os._exit(0)

@@ -212,7 +212,8 @@ class NodeView:
         self.ops = ObjectView(self._sources, self.view_stats)
         self.nursery: trio.Nursery | None = None
         self.token: trio.lowlevel.TrioToken | None = None
-        self.ever_mounted = False
+        self.ever_mounted = False  # a mount was asked for (whether it worked or not)
+        self.pending = 0  # requests being answered
         self.lock = trio.Lock()  # one mount or unmount at a time
 
     def _sources(self) -> list[KernelMount]:
@@ -229,6 +230,7 @@ class NodeView:
         from casfs.erofs import kernel_mode_obstacle
 
         started = time.monotonic()
+        self.ever_mounted = True
         store, manifest = await trio.to_thread.run_sync(self._open_image, cfg, env)
         reason = await trio.to_thread.run_sync(
             lambda: kernel_mode_obstacle(manifest, drop_security_xattrs=not cfg.allow_suid))
@@ -243,7 +245,6 @@ class NodeView:
         await trio.to_thread.run_sync(self._mount_stack, cfg, image)
         km = KernelMount(cfg, store, manifest, image, self.cache)
         self.mounts[real] = km
-        self.ever_mounted = True
         try:
             assert self.nursery is not None
             await self.nursery.start(self._run_mount, km)
@@ -433,6 +434,7 @@ class NodeView:
                     if not chunk:
                         break
                     data += chunk
+            self.pending += 1
             try:
                 reply = await self._answer(data)
             except _Fallback as fb:
@@ -442,10 +444,12 @@ class NodeView:
             except Exception as exc:  # noqa: BLE001 - one request failing is not the service's end
                 log.exception("request failed")
                 reply = f"error: the node view failed: {exc!r}"
+            finally:
+                self.pending -= 1
             with contextlib.suppress(OSError):
                 await conn.send(reply.encode() + b"\n")
-        if self.ever_mounted and not self.mounts:
-            done.set()
+        if self.ever_mounted and not self.mounts and not self.pending:
+            done.set()  # the last mount is gone (or the only one asked for failed)
 
     async def _answer(self, data: bytes) -> str:
         if not data.strip():
@@ -509,8 +513,8 @@ def _clear_stale_view(view_dir: Path) -> None:
 def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None) -> None:
     """Run the node view service until its last mount is unmounted (blocks)."""
     node = NodeView(cache_dir, cache_size)
-    node.view_dir.mkdir(mode=0o700, exist_ok=True)
     _clear_stale_view(node.view_dir)
+    node.view_dir.mkdir(mode=0o700, exist_ok=True)
     sock_path = node.root / SOCKET_NAME
     listener = listen_private(sock_path)
 

@@ -167,16 +167,18 @@ class ObjectView(pyfuse3.Operations):
         self.reads += 1
         try:
             source, ino = self._resolve(fh)
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        try:
             source.served(ino)
             return await source.fs.read(ino, off, size)
-        except pyfuse3.FUSEError:
-            raise
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception as exc:  # noqa: BLE001 - anything else would take the view down
             self.io_errors += 1
-            log.error("read of object inode %d at %d failed, returning EIO: %s", fh, off, exc,
-                      exc_info=not hasattr(exc, "exit_code"))
+            source.fs.metrics.io_errors += 1
+            log.error("read of inode %d at %d (object inode %d) failed, returning EIO: %s",
+                      ino, off, fh, exc, exc_info=not hasattr(exc, "exit_code"))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def opendir(self, inode: int, ctx: Any) -> int:

@@ -52,15 +52,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
-from casfs.errors import StoreError
+from casfs.errors import ObjectTooLarge
 
-
-class ObjectTooLarge(StoreError):
-    """A store object is larger than its kind can be (damaged or hostile store)."""
-
-    # TODO(errors.py owner): move next to StoreError; exit code 5 as BlobCorrupt
-    # (the store holds bad data), see the exit-code table proposed with casfs check.
-    exit_code = 5
+__all__ = ["ObjectBackend", "ObjectTooLarge"]
 
 
 class ObjectBackend(Protocol):

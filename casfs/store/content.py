@@ -144,7 +144,8 @@ class Store:
             self._marker_checked = create
             return
         except (ValueError, AttributeError, BlobCorrupt) as exc:
-            raise StoreError(f"{self.url}/{STORE_MARKER} is not a casfs store marker") from exc
+            raise StoreError(f"{self.url}/{STORE_MARKER} is not a casfs store marker "
+                             f"({exc})") from exc
         if version > STORE_FORMAT_VERSION:
             raise StoreError(
                 f"store {self.url} has format version {version}; this casfs reads up to "
@@ -248,7 +249,8 @@ class Store:
         except ObjectNotFound:
             raise TagNotFound(f"tag {name!r} not found in {self.url}") from None
         except BlobCorrupt as exc:
-            raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest") from exc
+            raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest "
+                             f"({exc})") from exc
         value = raw.decode(errors="replace").strip()
         if not is_digest(value):
             raise StoreError(f"tag {name!r} in {self.url} holds no manifest digest")

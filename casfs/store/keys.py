@@ -37,7 +37,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from casfs.errors import CasfsError
+from casfs.errors import BadKey
 
 
 class Kind(enum.StrEnum):
@@ -76,10 +76,6 @@ LOCK_NAME = re.compile(r"([a-z]+)-([0-9]{1,12})-([0-9a-f]{12})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _LAYER_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
 _ANY_LAYER_HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
-
-
-class BadKey(CasfsError):
-    """A key, or a name for one, that is not part of the store's key layout."""
 
 
 # -- building -------------------------------------------------------------------------

@@ -56,6 +56,13 @@ def fuse_unavailable_reason() -> str | None:
     return None
 
 
+def kernel_mode_unavailable_reason() -> str | None:
+    """Why kernel-mode mounts cannot be made here, or None when they can."""
+    from casfs.kernel.support import unsupported_reason
+
+    return fuse_unavailable_reason() or unsupported_reason()
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -204,12 +211,17 @@ class Mount:
     pid: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    mode: str = "fuse"  # the serving mode the mount runs in ("fuse" or "kernel")
 
     def path(self, rel: str) -> Path:
         return self.mountpoint / rel.lstrip("/")
 
     def stats(self) -> dict[str, Any]:
         """The mount's counters (the JSON `casfs stats --json` prints)."""
+        if self.mode == "kernel":
+            from casfs.kernel import client
+
+            return client.stats(os.fspath(self.cache_dir), os.fspath(self.mountpoint))
         return json.loads(os.getxattr(self.mountpoint, STATS_XATTR))
 
     def log(self) -> str:
@@ -221,8 +233,12 @@ class Mount:
 
 def start_mount(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
                 cache_dir: str | os.PathLike[str], *args: str,
-                env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT) -> Mount:
-    """`casfs mount` in the background; returns once it serves (raises AssertionError if not)."""
+                env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT,
+                mode: str | None = None) -> Mount:
+    """`casfs mount` in the background; returns once it serves (raises AssertionError if not).
+    `mode`: the serving mode asked for (--mode); None leaves casfs's default."""
+    if mode is not None:
+        args = (*args, "--mode", mode)
     mnt = Path(mountpoint)
     if not is_mounted(mnt):  # a stale mount's stat fails with ENOTCONN
         mnt.mkdir(parents=True, exist_ok=True)
@@ -236,21 +252,30 @@ def start_mount(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
     if proc.returncode != 0:
         force_cleanup(mnt, None)
         raise AssertionError(f"casfs mount failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    m = re.search(r"daemon pid (\d+), log (.+)\)$", proc.stdout.strip())
+    m = re.search(r"\((\w+) mode[^:]*: daemon pid (\d+), log (.+)\)$", proc.stdout.strip())
     assert m, f"unexpected casfs mount output: {proc.stdout!r}"
     assert is_mounted(mnt), f"casfs mount returned but {mnt} is not mounted"
-    return Mount(mnt, ref, store_url, Path(cache_dir), int(m.group(1)), Path(m.group(2)),
-                 list(args))
+    return Mount(mnt, ref, store_url, Path(cache_dir), int(m.group(2)), Path(m.group(3)),
+                 list(args), m.group(1))
 
 
 def force_cleanup(mountpoint: str | os.PathLike[str], pid: int | None) -> None:
-    """Take a mount down whatever state it is in, and kill its daemon."""
+    """Take a mount down whatever state it is in, and kill its daemon (for a kernel-mode
+    mount, the node view: its FUSE view is aborted too)."""
+    view = None
+    entry = mount_entry(mountpoint)
+    if entry is not None and entry["fstype"] == "overlay":
+        lower = [opt for opt in entry["super_options"].split(",") if opt.startswith("lowerdir=")]
+        if lower:
+            view = lower[0].rsplit("::", 1)[-1]
     if is_mounted(mountpoint):
         abort_fuse(mountpoint)
     if pid is not None and process_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10)
+    if view is not None and is_mounted(view) and (pid is None or not process_alive(pid)):
+        abort_fuse(view)
     # A mount may have been stacked by a retry; clear all of them.
     for _ in range(5):
         if not is_mounted(mountpoint):
@@ -272,7 +297,9 @@ def unmount_checked(m: Mount, timeout: float = 30.0) -> None:
         problems.append(f"casfs umount failed ({proc.returncode}): {proc.stderr.strip()}")
     if is_mounted(m.mountpoint):
         problems.append(f"{m.mountpoint} is still mounted after casfs umount")
-    if not wait_gone(m.pid, 5):
+    if m.mode == "kernel" and _other_kernel_mounts(m):
+        pass  # the node view serves other mounts of this cache dir: it stays
+    elif not wait_gone(m.pid, 5):
         problems.append(f"daemon {m.pid} still running after casfs umount "
                         f"(state {process_state(m.pid)})")
     if problems:
@@ -280,12 +307,27 @@ def unmount_checked(m: Mount, timeout: float = 30.0) -> None:
         raise AssertionError("; ".join(problems) + f"\nlog:\n{m.log()[-3000:]}")
 
 
+def _other_kernel_mounts(m: Mount) -> bool:
+    """Whether the node view of m's cache dir serves another mount still."""
+    from casfs.mounts import records_dir
+
+    for path in records_dir().glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("mode") == "kernel" and record.get("pid") == m.pid and \
+                record.get("mountpoint") != os.path.realpath(m.mountpoint):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def mounted(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
             cache_dir: str | os.PathLike[str], *args: str,
-            env: dict[str, str] | None = None) -> Iterator[Mount]:
+            env: dict[str, str] | None = None, mode: str | None = None) -> Iterator[Mount]:
     """Mount in the background for the block; unmount (checked) after it, forcibly on error."""
-    m = start_mount(ref, mountpoint, store_url, cache_dir, *args, env=env)
+    m = start_mount(ref, mountpoint, store_url, cache_dir, *args, env=env, mode=mode)
     try:
         yield m
     except BaseException:
