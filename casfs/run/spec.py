@@ -161,12 +161,13 @@ def resolve_user(rootfs: RootFS, spec: str) -> User:
             gid_given = _number(found[0][2])
         assert gid_given is not None
         gid = gid_given
-    extra: list[int] = []
+    extra: list[int] = []  # as initgroups(3): the primary group and the user's others
     if name and not group_part:
+        extra.append(gid)
         for g in groups:
             if len(g) >= 4 and name in g[3].split(","):
                 n = _number(g[2])
-                if n is not None and n != gid and n not in extra:
+                if n is not None and n not in extra:
                     extra.append(n)
     return User(uid, gid, extra, home, name)
 
