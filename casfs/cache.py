@@ -1,13 +1,21 @@
 """The node's local chunk cache, shared by every mount (and daemon process) on the node.
 
-Layout of the cache directory (format version 1, checked at open):
+Layout of the cache directory (format version 2, checked at open; docs/format.md):
 
-    VERSION               "casfs-cache 1"
-    index.lmdb/           LMDB: chunk digest -> (size, last use); key b"\\0total" -> bytes held
-    chunks/<hh>/<hex>     a chunk's uncompressed bytes, so reads are plain preads
+    VERSION               "casfs-cache 2"
+    index.lmdb/           LMDB: chunk digest (32 bytes) -> (size, last use);
+                          b"o" + object name -> (size, last use, BLAKE3 of the content);
+                          b"\\0total" -> bytes held
+    chunks/<hh>/<hex>     a chunk's uncompressed bytes, so reads are plain preads (a file of
+                          one chunk: also its object, read by the kernel in kernel mode)
+    objects/<hh>/<name>   a file of several chunks made whole (kernel mode)
     manifests/<hex>       decompressed manifests, mmapped by mounts (never evicted)
+    erofs/                kernel mode: each manifest's EROFS image and object table
+    view/                 kernel mode: the node view's FUSE mountpoint
     tmp/                  files being written
     logs/                 daemon logs
+
+Version 1 (no objects) is upgraded in place when opened: nothing in it changes.
 
 The directory is its owner's alone (0700, tightened when opened; another user's
 directory is refused): it holds every image's content, whatever the image's modes.
@@ -65,7 +73,8 @@ __all__ = ["CACHE_FORMAT", "CacheStats", "ChunkCache", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "casfs-cache 1"
+CACHE_FORMAT = "casfs-cache 2"
+UPGRADABLE = ("casfs-cache 1",)  # formats this casfs upgrades in place when it opens them
 _ENTRY = struct.Struct("<Qd")  # size, last use (unix time); an object's adds its BLAKE3
 _TOTAL_KEY = b"\0total"
 _OBJECT_PREFIX = b"o"
@@ -136,14 +145,13 @@ class ChunkCache:
             for sub in ("chunks", "objects", "manifests", "tmp", "logs"):
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
             version_file = self.root / "VERSION"
-            if version_file.exists():
-                found = version_file.read_text().strip()
-                if found != CACHE_FORMAT:
-                    raise CacheError(
-                        f"cache {self.root} has format {found!r}, this casfs uses {CACHE_FORMAT!r}: "
-                        "remove the directory or point --cache-dir elsewhere"
-                    )
-            else:
+            found = version_file.read_text().strip() if version_file.exists() else None
+            if found is not None and found not in (CACHE_FORMAT, *UPGRADABLE):
+                raise CacheError(
+                    f"cache {self.root} has format {found!r}, this casfs uses {CACHE_FORMAT!r}: "
+                    "remove the directory or point --cache-dir elsewhere"
+                )
+            if found != CACHE_FORMAT:
                 tmp = self.root / "tmp" / f"VERSION.{uuid.uuid4().hex}"
                 try:
                     tmp.write_text(CACHE_FORMAT + "\n")

@@ -34,7 +34,7 @@ import stat
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from casfs.kernel.images import NodeImage, node_image
 from casfs.kernel.view import ObjectView
 from casfs.localimage import open_image
 from casfs.manifest import Manifest
-from casfs.manifest.objects import object_name_of
+from casfs.manifest.objects import multi_chunk_files, object_name_of
 from casfs.metrics import MountMetrics
 from casfs.mountconfig import MountConfig
 from casfs.mounts import prepare_mountpoint, remove_record, write_record
@@ -165,6 +165,34 @@ class KernelMount:
                 done += 1
         self.objects_completed += done
         return done
+
+    async def complete_planned(self) -> None:
+        """Once the trace plan is fetched: make whole the objects of the files the plan
+        brought every chunk of, so that the boot's own first opens of them, if still to
+        come, are served by the kernel."""
+        prefetcher = self.session.prefetcher
+        if prefetcher is None:
+            return
+        while prefetcher.status.state not in ("done", "failed"):
+            await trio.sleep(0.2)
+        planned = self.session.planned
+        if not planned:
+            return
+
+        def wanted() -> list[tuple[str, list[tuple[str, int]]]]:
+            out = []
+            for ino in multi_chunk_files(self.manifest):
+                chunks = self.manifest.chunks(ino)
+                if all(c.digest in planned for c in chunks):
+                    out.append((object_name_of(chunks), [(c.digest, c.length) for c in chunks]))
+            return out
+
+        done = 0
+        for name, chunks in await trio.to_thread.run_sync(wanted):
+            if await trio.to_thread.run_sync(self.cache.complete_object, name, chunks,
+                                             limiter=self.fetcher.disk_limiter):
+                done += 1
+        self.objects_completed += done
 
     async def complete_objects_fetching(self) -> None:
         n = await self.complete_objects(fetch=True)
@@ -306,6 +334,7 @@ class NodeView:
         with km.cancel:
             async with trio.open_nursery() as nursery:
                 await nursery.start(km.session.run)
+                nursery.start_soon(_guarded, "completing planned objects", km.complete_planned)
                 self._start_watch(km)
                 task_status.started()
                 await trio.sleep_forever()
@@ -551,6 +580,14 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None) 
             log.info("node view %d stopped", os.getpid())
 
     trio.run(main)
+
+
+async def _guarded(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Background work of a mount that must never take the mount down."""
+    try:
+        await fn()
+    except Exception:  # noqa: BLE001 - logged; the mount serves on
+        log.exception("%s failed", what)
 
 
 async def _watch_signals(node: NodeView, done: trio.Event) -> None:

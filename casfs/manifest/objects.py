@@ -76,6 +76,13 @@ def object_names(manifest: Manifest) -> dict[int, bytes]:
     return out
 
 
+def multi_chunk_files(manifest: Manifest) -> list[int]:
+    """The regular files of several chunks (the ones whose object must be made whole)."""
+    inodes = bytes(manifest.buf[manifest._inodes : manifest._dirents])
+    return [ino for ino, rec in enumerate(INODE.iter_unpack(inodes), start=1)
+            if stat.S_ISREG(rec[0]) and rec[8] > 1]
+
+
 def encode_table(names: dict[int, bytes]) -> bytes:
     """An object table: every (name, inode), sorted by name (an object several files
     share appears once, with the lowest inode: any of them has its content)."""

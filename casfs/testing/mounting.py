@@ -234,9 +234,10 @@ class Mount:
 def start_mount(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
                 cache_dir: str | os.PathLike[str], *args: str,
                 env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT,
-                mode: str | None = None) -> Mount:
+                mode: str | None = "fuse") -> Mount:
     """`casfs mount` in the background; returns once it serves (raises AssertionError if not).
-    `mode`: the serving mode asked for (--mode); None leaves casfs's default."""
+    `mode`: the serving mode asked for (--mode): FUSE unless a test asks (tests of what a
+    mount shows take the `mode` fixture, which runs them in both); None: casfs's default."""
     if mode is not None:
         args = (*args, "--mode", mode)
     mnt = Path(mountpoint)
@@ -325,7 +326,7 @@ def _other_kernel_mounts(m: Mount) -> bool:
 @contextlib.contextmanager
 def mounted(ref: str, mountpoint: str | os.PathLike[str], store_url: str,
             cache_dir: str | os.PathLike[str], *args: str,
-            env: dict[str, str] | None = None, mode: str | None = None) -> Iterator[Mount]:
+            env: dict[str, str] | None = None, mode: str | None = "fuse") -> Iterator[Mount]:
     """Mount in the background for the block; unmount (checked) after it, forcibly on error."""
     m = start_mount(ref, mountpoint, store_url, cache_dir, *args, env=env, mode=mode)
     try:

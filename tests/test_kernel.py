@@ -1,0 +1,282 @@
+"""Kernel serving mode, what only it does (what a mount shows is tested in both modes in
+test_mount.py): the choice of mode, boots served by the kernel and still recorded, objects
+made whole (after a boot, from a replayed plan), an object evicted under a reader, a file
+opened through the view kept readable, one view shared by several mounts."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+from mounthelp import (
+    build_and_index,
+    cli,
+    drop_file_cache,
+    is_mounted,
+    mounted,
+    process_alive,
+    require_mode,
+    start_mount,
+    unmount_checked,
+    wait_gone,
+    wait_stats,
+)
+
+from casfs.store import open_store
+from casfs.testing.ocibuild import Member, directory, file
+from indexer.chunking import SMALL_CHUNK as CHUNK
+
+pytestmark = pytest.mark.fuse
+IDLE = "1"  # seconds without a new first access that end a boot
+
+
+@pytest.fixture(autouse=True)
+def _kernel() -> None:
+    require_mode("kernel")
+
+
+def rnd(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def h(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def url(path: Path) -> str:
+    return f"file://{path}"
+
+
+def read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+SMALL = {f"app/s{i}": rnd(3000 + i, i) for i in range(6)}
+MULTI = {"app/multi": rnd(CHUNK * 3 + 11, 50)}  # several chunks: an object of its own
+BIG = {"data/big": rnd(CHUNK * 12 + 5, 60)}
+FILES = {**SMALL, **MULTI, **BIG}
+
+
+def members(files: dict[str, bytes]) -> list[Member]:
+    dirs = sorted({p.rsplit("/", 1)[0] for p in files})
+    return [*map(directory, dirs), *(file(p, d) for p, d in files.items())]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[str, Path]:
+    store = tmp_path / "store"
+    return build_and_index(tmp_path / "img", [members(FILES)], url(store)), store
+
+
+def objects_in(cache: Path) -> dict[str, bytes]:
+    d = cache / "objects"
+    return {f.name: f.read_bytes() for sub in d.iterdir() for f in sub.iterdir()} \
+        if d.is_dir() else {}
+
+
+def delete_traces(store: Path) -> None:
+    for p in (store / "traces").rglob("*"):
+        if p.is_file():
+            p.unlink()
+
+
+def traces_of(store: Path, ref: str) -> list:
+    from prefetch.trace import Trace
+
+    s = open_store(url(store))
+    digest = ref.removeprefix("blake3:")
+    return [Trace.parse(s.get_trace(digest, t, 64 << 20), t) for t in s.list_traces(digest)]
+
+
+# -- the choice of mode -------------------------------------------------------------------
+
+def test_auto_mode_serves_in_the_kernel_and_falls_back_for_a_whiteout_device(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    with mounted(ref, tmp_path / "mnt", url(store), tmp_path / "cache", mode="auto") as m:
+        assert m.mode == "kernel" and m.stats()["mount"]["mode"] == "kernel"
+        assert read(m.path("app/s1")) == FILES["app/s1"]
+    # overlayfs would hide a 0/0 character device (its whiteout): such an image is
+    # served through FUSE in auto mode, and refused in kernel mode, with the reason
+    odd = build_and_index(tmp_path / "odd", [[file("a", "x"),
+                                              Member("w", "char", mode=0o600, devmajor=0,
+                                                     devminor=0)]], url(store))
+    with mounted(odd, tmp_path / "mnt2", url(store), tmp_path / "cache", mode="auto") as m:
+        assert m.mode == "fuse" and os.path.exists(m.path("w"))
+    out = cli("mount", odd, str(tmp_path / "mnt2"), "--store", url(store), "--cache-dir",
+              str(tmp_path / "cache"), "--mode", "kernel")
+    assert out.returncode == 7 and "0/0" in out.stderr or "whiteout" in out.stderr, out.stderr
+    assert not is_mounted(tmp_path / "mnt2")
+
+
+# -- boots the kernel serves --------------------------------------------------------------
+
+def test_a_warm_boot_is_served_by_the_kernel_and_still_recorded(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    cache = tmp_path / "cache"
+    wanted = [*SMALL, "app/multi"]
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        for p in wanted:
+            assert read(m.path(p)) == FILES[p]
+        st = wait_stats(m, lambda s: s["prefetch"]["trace_saved"] != "", "a saved trace")
+        # the first file came through the view; its siblings, guessed and fetched while it
+        # was read, may already have been on the node when opened
+        k = st["kernel"]
+        assert k["view_opens"] >= 1 and k["view_opens"] + k["native_opens"] == len(wanted)
+    # the unmount made the file of several chunks whole: the next boot needs no daemon
+    assert h(FILES["app/multi"]) in {h(d) for d in objects_in(cache).values()}
+    delete_traces(store)
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        for p in wanted:
+            assert read(m.path(p)) == FILES[p]
+        st = wait_stats(m, lambda s: s["prefetch"]["trace_saved"] != "", "a saved trace")
+        assert st["metrics"]["reads"] == 0  # no byte through the view
+        assert st["kernel"]["native_opens"] == len(wanted) and st["kernel"]["view_opens"] == 0
+    # the boot was recorded from the opens the kernel served (fanotify)
+    (trace,) = traces_of(store, ref)
+    assert {c.path.lstrip("/") for c in trace.chunks} == set(wanted)
+
+
+def test_after_a_boot_the_files_it_read_are_fetched_whole(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    """A big file read in part through the view is fetched whole once the boot is over
+    and made an object: the next mount's reads of it never reach casfs."""
+    ref, store = image
+    cache = tmp_path / "cache"
+    big = FILES["data/big"]
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        with open(m.path("data/big"), "rb") as f:
+            assert f.read(100) == big[:100]
+        st = wait_stats(m, lambda s: s["kernel"]["objects_completed"] >= 1,
+                        "the big file's object", timeout=30)
+        assert st["prefetch"]["trace_saved"]
+    assert h(big) in {h(d) for d in objects_in(cache).values()}
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--no-prefetch", "--no-trace",
+                 mode="kernel") as m:
+        assert read(m.path("data/big")) == big
+        assert m.stats()["metrics"]["reads"] == 0
+
+
+def test_a_replayed_plan_lands_objects_before_the_boot_opens_them(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    wanted = [*SMALL, "app/multi"]
+    with mounted(ref, tmp_path / "mnt", url(store), tmp_path / "c1", "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        for p in wanted:
+            assert read(m.path(p)) == FILES[p]
+        wait_stats(m, lambda s: s["prefetch"]["trace_saved"] != "", "a saved trace")
+    # an empty cache: the plan is fetched and made whole before the process opens a file
+    with mounted(ref, tmp_path / "mnt", url(store), tmp_path / "c2", "--no-trace",
+                 mode="kernel") as m:
+        wait_stats(m, lambda s: s["prefetch"]["state"] == "done"
+                   and s["kernel"]["objects_completed"] >= 1, "the plan and its objects")
+        for p in wanted:
+            assert read(m.path(p)) == FILES[p]
+        st = m.stats()
+        assert st["kernel"]["native_opens"] == len(wanted) and st["metrics"]["reads"] == 0
+
+
+# -- objects under running processes ----------------------------------------------------------
+
+def test_an_object_evicted_under_a_reader_stays_readable(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    cache = tmp_path / "cache"
+    multi = FILES["app/multi"]
+    with mounted(ref, tmp_path / "mnt", url(store), cache, mode="kernel"):
+        pass  # nothing read yet
+    with mounted(ref, tmp_path / "mnt", url(store), cache, mode="kernel") as m:
+        assert read(m.path("app/multi")) == multi
+    assert objects_in(cache)
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--no-prefetch", "--no-trace",
+                 mode="kernel") as m:
+        reader = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys, time\n"
+             "f = open(sys.argv[1], 'rb')\n"
+             "print(f.read(10).hex(), flush=True)\n"
+             "sys.stdin.readline()\n"
+             "f.seek(0); sys.stdout.write(f.read().hex()); sys.stdout.flush()\n",
+             str(m.path("app/multi"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        assert reader.stdout is not None and reader.stdin is not None
+        assert bytes.fromhex(reader.stdout.readline().strip()) == multi[:10]
+        assert m.stats()["kernel"]["native_opens"] == 1
+        # evict everything: the object file is unlinked while the reader holds it open
+        pruned = cli("cache", "prune", "--cache-dir", str(cache), "--cache-size", "1",
+                     check=True)
+        assert "evicted" in pruned.stdout and not objects_in(cache)
+        drop_file_cache(m.path("app/multi"))
+        out, _ = reader.communicate("go\n", timeout=30)
+        assert bytes.fromhex(out) == multi
+
+
+def test_a_file_opened_through_the_view_stays_readable_after_its_object_completes(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    """overlayfs keeps the data layer a file was first opened from: the view must serve
+    an object the node has since made whole."""
+    ref, store = image
+    cache = tmp_path / "cache"
+    big = FILES["data/big"]
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        with open(m.path("data/big"), "rb") as f:
+            assert f.read(100) == big[:100]  # opened through the view
+            wait_stats(m, lambda s: s["kernel"]["objects_completed"] >= 1, "the object")
+            drop_file_cache(m.path("data/big"))
+            f.seek(0)
+            assert f.read() == big
+        with open(m.path("data/big"), "rb") as f:  # the same inode: still the view
+            assert f.read() == big
+        assert m.stats()["metrics"]["io_errors"] == 0
+
+
+# -- one view, several mounts --------------------------------------------------------------------
+
+def test_one_view_serves_every_kernel_mount_of_the_node(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    cache = tmp_path / "cache"
+    a = start_mount(ref, tmp_path / "a", url(store), cache, mode="kernel")
+    b = start_mount(ref, tmp_path / "b", url(store), cache, mode="kernel")
+    try:
+        assert a.pid == b.pid  # the node's view
+        assert read(a.path("app/s0")) == read(b.path("app/s0")) == FILES["app/s0"]
+        unmount_checked(a)
+        assert process_alive(b.pid) and read(b.path("data/big")) == FILES["data/big"]
+        unmount_checked(b)
+        assert wait_gone(b.pid, 10)
+        assert not is_mounted(cache / "view")
+    finally:
+        for m in (a, b):
+            if is_mounted(m.mountpoint):
+                subprocess.run(["umount", "-l", str(m.mountpoint)], check=False)
+
+
+def test_sigterm_to_the_view_takes_its_mounts_down(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    ref, store = image
+    cache = tmp_path / "cache"
+    a = start_mount(ref, tmp_path / "a", url(store), cache, mode="kernel")
+    b = start_mount(ref, tmp_path / "b", url(store), cache, mode="kernel")
+    os.kill(a.pid, signal.SIGTERM)
+    assert wait_gone(a.pid, 15)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (is_mounted(a.mountpoint) or is_mounted(b.mountpoint)):
+        time.sleep(0.05)
+    assert not is_mounted(a.mountpoint) and not is_mounted(b.mountpoint)
+    assert not is_mounted(cache / "view")
+    assert "unmounted" in (cache / "logs" / "view.log").read_text()
