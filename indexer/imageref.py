@@ -1,5 +1,7 @@
 """Image references in skopeo's transport syntax: `oci:<dir>[:<tag>]`,
-`docker-archive:<file.tar>`, `docker://<host>/<repo>[:<tag>][@<digest>]`.
+`docker-archive:<file.tar>`, `docker://<host>/<repo>[:<tag>][@<digest>]`; and casfs's own
+`tree:<path>`, a plain directory indexed as it is (indexer.tree; not skopeo's `dir:`,
+which is an image stored as files). Everything after `tree:` is the path, colons included.
 
 A docker reference follows the distribution grammar: the first path component is the
 registry host when it holds a '.' or ':' or is `localhost` (otherwise the image is on
@@ -26,7 +28,7 @@ _HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0
 
 @dataclass(frozen=True)
 class ImageRef:
-    transport: str  # "oci", "docker-archive" or "docker"
+    transport: str  # "oci", "docker-archive", "docker" or "tree"
     location: str  # a directory, a file, or host/repo
     tag: str | None = None
     digest: str | None = None  # docker only: "sha256:<hex>"
@@ -93,7 +95,8 @@ def parse_image_ref(text: str) -> ImageRef:
     transport, sep, rest = text.partition(":")
     if not sep or not rest:
         raise BadImageRef(f"bad image reference {text!r}: use oci:<dir>[:<tag>], "
-                          "docker-archive:<file.tar> or docker://<host>/<repo>:<tag>")
+                          "docker-archive:<file.tar>, docker://<host>/<repo>:<tag> "
+                          "or tree:<directory>")
     if transport == "oci":
         path, _, tag = rest.partition(":")
         return ImageRef("oci", path, tag or None)
@@ -104,5 +107,7 @@ def parse_image_ref(text: str) -> ImageRef:
         if not rest.startswith("//") or len(rest) <= 2:
             raise BadImageRef(f"bad image reference {text!r}: {_DOCKER_USAGE}")
         return parse_docker_ref(text, rest[2:])
+    if transport == "tree":
+        return ImageRef("tree", rest)
     raise BadImageRef(f"unknown transport {transport!r} in {text!r} "
-                      "(supported: oci:, docker-archive:, docker://)")
+                      "(supported: oci:, docker-archive:, docker://, tree:)")

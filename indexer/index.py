@@ -34,12 +34,19 @@ from typing import Any
 
 from casfs import packindex
 from casfs.digest import to_ref
-from casfs.errors import CasfsError, CorruptLayer, HostileLayer, LayerDigestMismatch
+from casfs.errors import (
+    CasfsError,
+    CorruptLayer,
+    HostileLayer,
+    ImageError,
+    LayerDigestMismatch,
+    StoreError,
+)
 from casfs.manifest import build_manifest
 from casfs.progress import Progress, ProgressBar, human_bytes
 from casfs.store import Store
-from casfs.store.keys import validate_tag
-from casfs.store.locks import index_lock
+from casfs.store.keys import layer_record_key, validate_tag
+from casfs.store.locks import Lock, index_lock
 from indexer.apply import TreeBuilder
 from indexer.chunking import SCHEME as CHUNKING
 from indexer.decompress import (
@@ -57,9 +64,11 @@ from indexer.layerrecord import LayerRecordError, files_size
 from indexer.layerrecord import encode as encode_record
 from indexer.layerrecord import parse as parse_record
 from indexer.oci import Image, Layer, json_object
-from indexer.open import open_image
+from indexer.open import open_image, open_tree
 from indexer.registry import RegistryOptions
-from indexer.upload import BlobUploader, UploadStats
+from indexer.tree import MEDIA_TYPE as TREE_MEDIA_TYPE
+from indexer.tree import TreeReader, TreeSource
+from indexer.upload import Aborted, BlobUploader, UploadStats, stoppable_store
 
 log = logging.getLogger(__name__)
 HASH_READ = 4 << 20
@@ -85,10 +94,6 @@ class IndexResult:
         return to_ref(self.digest)
 
 
-class _Aborted(Exception):
-    """Another layer failed (or the index was interrupted): stop reading this one."""
-
-
 class _Tracked(PassThrough):
     """A layer's stored byte stream: counts bytes onto a progress bar and stops when the
     index is aborted."""
@@ -101,7 +106,7 @@ class _Tracked(PassThrough):
 
     def pull(self, n: int) -> bytes:
         if self.abort.is_set():
-            raise _Aborted()
+            raise Aborted()
         return self.inner.read(n)
 
     def seen(self, data: bytes) -> None:
@@ -119,7 +124,7 @@ def _file_digest(layer: Layer, bar: ProgressBar | None = None,
     with layer.open() as f:
         while data := f.read(HASH_READ):
             if abort is not None and abort.is_set():
-                raise _Aborted()
+                raise Aborted()
             h.update(data)
             if bar is not None:
                 bar.advance(len(data))
@@ -177,25 +182,66 @@ def index_image(
     registry: RegistryOptions | None = None,
     layer_workers: int | None = None,
 ) -> IndexResult:
+    """Index an image (or a `tree:` directory) into the store; its manifest reference is
+    `result.ref`. The first failure stops the whole index (see indexer.upload), which
+    then publishes nothing and releases its lock."""
     start = time.monotonic()
     progress = progress or Progress(enabled=False)
     progress.update("resolving the image", force=True)
-    image = open_image(parse_image_ref(ref_text), platform, registry)
+    ref = parse_image_ref(ref_text)
+    tree = open_tree(ref) if ref.transport == "tree" else None
+    image = tree_image(tree) if tree is not None else open_image(ref, platform, registry)
     if tag:
         validate_tag(tag)  # refuse a bad tag before any work
     store.check_format(create=True)
+    # One fate for every request of this index: the first that runs out of retries
+    # stops the others (indexer.upload).
+    stop = threading.Event()
+    view = stoppable_store(store, stop)
     # Garbage collection must not sweep a blob this index finds present and so does
     # not upload: hold the store's index lock from the first upload to the tag.
-    lock = index_lock(store)
+    lock = index_lock(view)
     lock.keep_fresh()
     try:
-        return _index_locked(image, store, tag, progress, reuse_layers, layer_workers, start)
+        if tree is not None:
+            return _index_tree_locked(tree, image, view, tag, progress, start, stop)
+        return _index_locked(image, view, tag, progress, reuse_layers, layer_workers, start,
+                             stop)
+    except StoreError as exc:
+        if not stop.is_set():
+            raise
+        # The store failed under the index: one report, saying what became of it.
+        raise type(exc)(f"{exc}; the index stopped at this first failure and published "
+                        "nothing") from exc
     finally:
+        _release(lock, stop)
+
+
+def _release(lock: Lock, stop: threading.Event) -> None:
+    """Remove the index lock. After a failure (the store may be gone) one attempt, and a
+    lock that cannot be removed is left to go stale rather than replace the report."""
+    try:
         lock.release()
+    except StoreError as exc:
+        if not stop.is_set():
+            raise
+        log.warning("could not remove the index lock %s (%s): it goes stale in 15 minutes",
+                    lock.key, exc)
+
+
+def tree_image(tree: TreeSource) -> Image:
+    """The Image a tree stands as (its one pseudo-layer is named once it has been read)."""
+    return Image(ref=tree.ref, config={}, config_digest="", manifest_digest="", layers=[],
+                 platform="directory")
+
+
+def _no_layer_blob() -> Any:
+    raise ImageError("a tree has no layer blob to open")
 
 
 def _index_locked(image: Image, store: Store, tag: str | None, progress: Progress,
-                  reuse_layers: bool, layer_workers: int | None, start: float) -> IndexResult:
+                  reuse_layers: bool, layer_workers: int | None, start: float,
+                  stop: threading.Event) -> IndexResult:
     result = IndexResult(digest="", image=image)
     builder = TreeBuilder()
     layer_meta = []
@@ -204,12 +250,12 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     # no layer has, a layer whose bytes do not match its digest) leaves no record
     # behind, only unreferenced blobs.
     new_records: list[tuple[str, bytes, bytes | None]] = []  # (key, record, pack index)
-    uploader = BlobUploader(store)
+    abort = stop  # one event: a failed layer stops the uploads, a failed upload the layers
+    uploader = BlobUploader(store, stop=stop)
     layers = image.layers
     if layer_workers is None:
         remote = any(layer.verifies_digest for layer in layers)
         layer_workers = LAYER_WORKERS if remote else LOCAL_LAYER_WORKERS
-    abort = threading.Event()
     claims: dict[str, int] = {}  # layer key -> the first layer (index) that indexes it
     claims_lock = threading.Lock()
 
@@ -223,7 +269,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     def _process_layer(i: int, layer: Layer) -> _LayerDone:
         label = f"layer {i + 1}/{len(layers)}"
         if abort.is_set():
-            raise _Aborted()
+            raise Aborted()
         if layer.verifies_digest:
             key = layer.digest
             bar = None
@@ -261,7 +307,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
                                                  packer)
         except BaseException as exc:
             packer.close()  # waits for upload threads still spilling; later adds are no-ops
-            if unpacked is None or not isinstance(exc, CasfsError):
+            if unpacked is None or not isinstance(exc, CasfsError) or abort.is_set():
                 raise
             # Packing is an optimisation: a layer that cannot be read again now (its
             # blob gone from the registry) keeps its record, without packs.
@@ -310,12 +356,15 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
             abort.set()
             pool.shutdown(wait=True, cancel_futures=True)
             uploader.close(cancel=True)
-            if isinstance(exc, _Aborted):
+            if uploader.error is not None and exc is not uploader.error:
+                # An upload failed first: that is the cause of whatever stopped here.
+                raise uploader.error from None
+            if isinstance(exc, Aborted):
                 # This layer stopped because another one failed: report that failure.
                 for fut in futures:
                     if fut.done() and not fut.cancelled():
                         err = fut.exception()
-                        if err is not None and not isinstance(err, _Aborted):
+                        if err is not None and not isinstance(err, Aborted):
                             raise err from None
             raise
         result.upload = uploader.stats
@@ -348,6 +397,83 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
         f"in {result.seconds:.1f}s; {result.upload.new_blobs} new blobs "
         f"({human_bytes(result.upload.uploaded_bytes)} stored), "
         f"{result.packs.files} small files in {result.packs.packs} directory packs"
+    )
+    return result
+
+
+def _index_tree_locked(tree: TreeSource, image: Image, store: Store, tag: str | None,
+                       progress: Progress, start: float, stop: threading.Event) -> IndexResult:
+    """A directory as an image of one pseudo-layer, named by the sha256 of its record
+    (the tree's operations): the same tree gives the same name, so its record and
+    directory packs are written once, and a mount finds its pack index like a layer's."""
+    result = IndexResult(digest="", image=image)
+    uploader = BlobUploader(store, stop=stop)
+    packer = DirPacker(store)
+    bar = progress.bar(f"tree {tree.path}")
+    bar.set_phase("indexing")
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.advance(n)
+        bar.set_note(f"({human_bytes(done)} read)")
+
+    reader = TreeReader(tree, uploader, packer=packer, on_bytes=on_bytes, abort=stop)
+    with store.deferred_syncs():
+        try:
+            ops = reader.read()
+            resolve_chunks(ops)
+            uploader.close()
+        except BaseException as exc:
+            stop.set()
+            packer.close()
+            uploader.close(cancel=True)
+            if uploader.error is not None and exc is not uploader.error:
+                raise uploader.error from None
+            raise
+        record = encode_record(ops, CHUNKING)
+        key = "sha256:" + hashlib.sha256(record).hexdigest()
+        known = store.backend.exists(layer_record_key(key)) and _pack_index_usable(store, key)
+        pack_index = None
+        if known:
+            packer.close()  # the same tree was indexed before: its packs are there
+        else:
+            bar.set_note("(writing directory packs)")
+            pack_index = packer.finish(f"{tree.ref} ({key[:19]})")
+            result.packs = packer.stats
+        size = files_size(ops)
+        image.layers = [Layer(digest=key, media_type=TREE_MEDIA_TYPE, size=-1,
+                              open=_no_layer_blob)]
+        builder = TreeBuilder()
+        builder.apply_layer(ops, tree.ref)
+        meta = {
+            "casfs": "manifest",
+            # No path: the same tree gives the same manifest wherever it lies.
+            "source": "tree",
+            "config": {},
+            "layers": [{"digest": key, "media_type": TREE_MEDIA_TYPE, "size": size}],
+            "chunking": CHUNKING,
+        }
+        data = build_manifest(builder.root, meta)
+    result.upload = uploader.stats
+    result.uncompressed_bytes = size
+    if known:
+        result.layers_reused = 1
+    else:
+        if pack_index is not None:
+            store.put_pack_index(key, pack_index)
+        store.put_layer_record(key, record)
+    result.digest = store.put_manifest(data)
+    result.manifest_bytes = len(data)
+    if tag:
+        store.set_tag(tag, result.digest)
+    result.seconds = time.monotonic() - start
+    bar.finish(f"{reader.files} files, {human_bytes(size)}, {len(ops)} entries")
+    progress.done(
+        f"indexed {tree.ref}: {human_bytes(size)} in {result.seconds:.1f}s; "
+        f"{result.upload.new_blobs} new blobs ({human_bytes(result.upload.uploaded_bytes)} "
+        f"stored), {result.packs.files} small files in {result.packs.packs} directory packs"
     )
     return result
 

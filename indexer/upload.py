@@ -1,23 +1,48 @@
 """The blob upload pipeline: chunks are hashed, checked against the store, compressed
-and uploaded on worker threads, with bounded memory in flight.
+and uploaded on worker threads, with bounded memory in flight; and the index's shared
+fate when the store fails.
 
-The reading thread only decompresses and parses tar; everything per-chunk runs
-here, so indexing uses both cores and many uploads overlap their latency.
+The reading thread only decompresses and parses tar (or reads a tree's files);
+everything per-chunk runs here, so indexing uses both cores and many uploads overlap
+their latency.
+
+**Failing fast.** An index whose store goes away must stop, not retry every remaining
+chunk for the full retry deadline one after another. `stoppable_store()` gives the
+index a view of the store whose retries share one fate: the first request that runs
+out of retries (or fails for good) sets the index's `stop` event, and every other
+request then gives up at its next attempt instead of retrying on. The uploader records
+the first failure, refuses new chunks, drops the queued ones, and the reading threads
+see `stop` and end with `Aborted`; the index reports that first failure, once, and
+publishes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from casfs.digest import hash_bytes
+from casfs.errors import TransientStoreError
 from casfs.store import Store
+from casfs.store.backend import ObjectBackend
 from casfs.store.content import compress
+from casfs.store.retry import RetryingBackend
 
 # Told (digest, stored form) of a chunk, on the upload thread (indexer.dirpack).
 StoredHook = Callable[[str, bytes], None]
+T = TypeVar("T")
+UNIT = 1 << 16  # the memory bound's unit: 64 KiB
+
+
+class Aborted(Exception):
+    """The index is stopping (another part of it failed, or it was interrupted): stop
+    this part without a report of its own."""
 
 
 @dataclass
@@ -29,23 +54,123 @@ class UploadStats:
     new_bytes: int = 0  # uncompressed bytes of the new blobs
 
 
-class BlobUploader:
-    """Turns chunks into stored blobs; submit() returns a future of the digest."""
+class StoppableRetry:
+    """A backend wrapper that retries transient errors like casfs.store.retry (full
+    jitter, bounded total time per request), with one fate for every request of the
+    index: the first to give up sets `stop`, and once it is set no request retries
+    (each fails at its next error), and a retry's wait ends at once."""
 
-    def __init__(self, store: Store, workers: int = 16, max_pending_bytes: int = 128 << 20) -> None:
+    def __init__(self, inner: ObjectBackend, stop: threading.Event, *, deadline: float,
+                 base_delay: float = 0.05, max_delay: float = 2.0) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.stop = stop
+        self.deadline = deadline
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.retries = 0
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except TransientStoreError as exc:
+                attempt += 1
+                elapsed = time.monotonic() - start
+                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+                if self.stop.is_set():
+                    raise
+                if elapsed + delay > self.deadline:
+                    self.stop.set()
+                    raise TransientStoreError(
+                        f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)"
+                    ) from exc
+                self.retries += 1
+                if self.stop.wait(delay):
+                    raise
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self._call(lambda: self.inner.get(key, max_bytes=max_bytes))
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self._call(lambda: self.inner.get_range(key, offset, length))
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(lambda: self.inner.put(key, data))
+
+    def exists(self, key: str) -> bool:
+        return self._call(lambda: self.inner.exists(key))
+
+    def size(self, key: str) -> int | None:
+        size = getattr(self.inner, "size", None)
+        if size is None:
+            return -1 if self._call(lambda: self.inner.exists(key)) else None
+        return self._call(lambda: size(key))
+
+    def delete(self, key: str) -> None:
+        self._call(lambda: self.inner.delete(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return iter(self._call(lambda: list(self.inner.list(prefix))))
+
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        return iter(self._call(lambda: list(self.inner.list_info(prefix))))
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
+        return self.inner.deferred_syncs()
+
+
+def stoppable_store(store: Store, stop: threading.Event) -> Store:
+    """The same store for one index, its requests sharing the fate `stop` stands for
+    (see the module docstring). A store without retries (a local directory: its errors
+    are permanent) is wrapped too, so that its first failure stops the index as well."""
+    backend: Any = store.backend
+    deadline = 0.0
+    if isinstance(backend, RetryingBackend):
+        deadline = backend.deadline
+        backend = backend.inner
+    view = Store(StoppableRetry(backend, stop, deadline=deadline))
+    view.url = store.url
+    view._marker_checked = store._marker_checked  # noqa: SLF001 - the same store
+    return view
+
+
+class BlobUploader:
+    """Turns chunks into stored blobs; submit() returns a future of the digest.
+
+    The first chunk that fails sets `stop` (when given) and is kept as `error`: later
+    submits raise Aborted, queued chunks are dropped, and the index reports `error`."""
+
+    def __init__(self, store: Store, workers: int = 16, max_pending_bytes: int = 128 << 20,
+                 stop: threading.Event | None = None) -> None:
         self.store = store
         self.stats = UploadStats()
+        self.stop = stop if stop is not None else threading.Event()
+        self.error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
-        self._room = threading.Semaphore(max(1, max_pending_bytes >> 16))
+        self._room = threading.Semaphore(max(1, max_pending_bytes // UNIT))
         self._lock = threading.Lock()
         self._seen: set[str] = set()
 
     def submit(self, data: bytes, on_stored: StoredHook | None = None) -> Future[str]:
         """Upload a chunk unless the store has it; `on_stored` also gets its stored form."""
-        units = max(1, len(data) >> 16)
-        for _ in range(units):
-            self._room.acquire()
-        fut = self._pool.submit(self._store_chunk, data, on_stored)
+        units = max(1, len(data) // UNIT)
+        taken = 0
+        try:
+            while taken < units:
+                if self.stop.is_set():
+                    raise Aborted()
+                if self._room.acquire(timeout=0.25):
+                    taken += 1
+            fut = self._pool.submit(self._store_chunk, data, on_stored)
+        except BaseException:
+            self._release(taken)
+            raise
         fut.add_done_callback(lambda _f: self._release(units))
         return fut
 
@@ -53,19 +178,31 @@ class BlobUploader:
         for _ in range(units):
             self._room.release()
 
-    def _store_chunk(self, data: bytes, on_stored: StoredHook | None) -> str:
-        digest = hash_bytes(data)
-        packed = None
-        if on_stored is not None:
-            packed = compress(data)
-            on_stored(digest, packed)
+    def _fail(self, exc: BaseException) -> None:
         with self._lock:
-            self.stats.chunks += 1
-            self.stats.bytes += len(data)
-            if digest in self._seen:
-                return digest
-            self._seen.add(digest)
-        _, uploaded = self.store.put_blob(data, digest, packed)
+            if self.error is None and not isinstance(exc, Aborted):
+                self.error = exc
+        self.stop.set()
+
+    def _store_chunk(self, data: bytes, on_stored: StoredHook | None) -> str:
+        if self.stop.is_set():
+            raise Aborted()
+        try:
+            digest = hash_bytes(data)
+            packed = None
+            if on_stored is not None:
+                packed = compress(data)
+                on_stored(digest, packed)
+            with self._lock:
+                self.stats.chunks += 1
+                self.stats.bytes += len(data)
+                if digest in self._seen:
+                    return digest
+                self._seen.add(digest)
+            _, uploaded = self.store.put_blob(data, digest, packed)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
         if uploaded:
             with self._lock:
                 self.stats.new_blobs += 1
