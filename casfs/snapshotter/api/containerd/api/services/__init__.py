@@ -1,0 +1,1 @@
+"""Generated containerd API stubs (api/containerd/api/services)."""
