@@ -1,6 +1,7 @@
 """The cold-start benchmark: Python imports from a mounted image against the alternatives.
 
-    python -m benchmarks.coldstart [--quick] [--latency-ms 20] [--runs N] [--out DIR]
+    python -m benchmarks.coldstart [--quick] [--modes kernel,fuse] [--latency-ms 20]
+                                   [--runs N] [--out DIR]
 
 One run: build (or reuse) the image, extract it to local disk, start SeaweedFS and the
 latency proxy, index the image into SeaweedFS (directly: indexing is not what is measured
@@ -18,6 +19,17 @@ here), upload its layer blobs for the full pull, then per workload:
 - casfs warm cache: cache dir kept from the first boots, page cache dropped, fresh mount;
 - casfs hot: one mount, page cache warm.
 
+Every casfs scenario runs once per serving mode (`--modes kernel,fuse`, default both:
+`casfs mount --mode kernel` serves from an EROFS image + overlayfs with the node view
+service behind what the node lacks; `--mode fuse` serves every request through the
+daemon), interleaved scenario by scenario in the same run, each mode with cache dirs of
+its own; the natives and the full pull are measured once and every ratio is against the
+same run's figures. The warm-cache boots start from the cache of the last first boot
+after one more boot of the workload that is let run to its end (trace-idle), so whatever
+casfs does after a boot is done (kernel mode makes the boot's multi-chunk files whole
+objects, read natively from then on). Each boot reports the daemon's CPU seconds (the
+FUSE daemon's, or the node view service's, utime + stime over the import).
+
 Only the recording boot records a trace (--no-trace elsewhere), and traces are deleted
 between workloads, so each workload replays its own boot only. After each page-cache drop
 casfs's own code is re-read by a throwaway mount (unless --cold-agent): on a worker node
@@ -34,6 +46,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,9 +56,12 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.common import (
+    INCIDENTS,
+    MODES,
     RESULTS,
     WORK,
     BenchError,
+    Mounted,
     PageCache,
     Services,
     add_product_args,
@@ -53,17 +69,24 @@ from benchmarks.common import (
     casfs_index,
     casfs_mount,
     cleanup_mounts_under,
+    cleanup_stale_runs,
+    cpu_seconds,
     disk_device,
     disk_read_bytes,
     exit_on_sigterm,
     fresh_dir,
     log,
     machine_info,
+    mode_flags,
+    mode_support,
     now_iso,
+    parse_modes,
+    runs_base_for,
     s3_client,
     select_product,
     services,
     stat_counters,
+    stop_started_daemons,
     summarize,
     today,
     wait_for_quiet,
@@ -129,6 +152,10 @@ class ColdStart:
         # heuristics, replay) stays on: the rows measure the product as shipped.
         self.quiet = ["--no-trace"] if self.prefetch else []
         self.errors: list[str] = []
+        self.has_mode_flag = "--mode" in casfs_help("mount")
+        self.modes: list[str] = args.modes if self.has_mode_flag else ["fuse"]
+        # Per mode, why it cannot be measured on this node (None: it can).
+        self.unsupported = {m: r for m, r in mode_support().items() if m in self.modes}
 
     @property
     def runs(self) -> int:
@@ -207,26 +234,43 @@ class ColdStart:
 
     # -- casfs ----------------------------------------------------------------------
 
-    def drop_for_boot(self) -> None:
+    def flags(self, mode: str) -> list[str]:
+        """`--mode <mode>` when this casfs has the flag (else it only has FUSE)."""
+        return mode_flags(mode) if self.has_mode_flag else []
+
+    def mount(self, cache: Path, mode: str, extra: list[str], env: dict[str, str] | None = None,
+              mnt: Path | None = None) -> Any:
+        return casfs_mount(self.ref, mnt or self.mnt, self.store, cache,
+                           env or self.svc.env_proxy, [*self.flags(mode), *extra])
+
+    def drop_for_boot(self, mode: str) -> None:
         """Drop the page cache, then (unless --cold-agent) bring casfs's own code back into
-        it with a throwaway mount that reads nothing (--no-prefetch, its own cache dir): on
-        a worker node the casfs agent is resident; the image's content is what is cold."""
+        it with a throwaway mount in the same mode that reads nothing (--no-prefetch, its
+        own cache dir): on a worker node casfs is resident; the image is what is cold."""
         self.pc.drop()
         if self.args.cold_agent:
             return
-        scratch = fresh_dir(self.run_dir / "cache-prewarm")
-        with casfs_mount(self.ref, self.mnt, self.store, scratch, self.svc.env_direct,
-                         ["--no-prefetch", *self.quiet]):
-            pass
+        scratch = fresh_dir(self.run_dir / f"cache-prewarm-{mode}")
+        with self.mount(scratch, mode, ["--no-prefetch", *self.quiet], self.svc.env_direct) as m:
+            self.check_mode(m, mode)
         shutil.rmtree(scratch, ignore_errors=True)
 
-    def boot(self, wl: Workload, cache: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    def check_mode(self, m: Mounted, mode: str) -> None:
+        """A mount is measured in the mode asked for, or not at all."""
+        if self.has_mode_flag and m.mode != mode:
+            raise BenchError(f"casfs mount --mode {mode} served in {m.mode or 'an unknown'} "
+                             f"mode: {m.output}")
+
+    def boot(self, wl: Workload, cache: Path, mode: str,
+             extra: list[str] | None = None) -> dict[str, Any]:
         """Drop the page cache, mount fresh (cache dir as given), import, count, unmount."""
-        self.drop_for_boot()
+        self.drop_for_boot(mode)
         self.svc.proxy.reset()
-        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy,
-                         extra or []) as m:
+        with self.mount(cache, mode, extra or []) as m:
+            self.check_mode(m, mode)
+            cpu0 = cpu_seconds(m.pid)
             t = self.workload(wl, self.mnt)
+            cpu1 = cpu_seconds(m.pid)
             pcount = self.svc.proxy_counters()
             stats = m.stats()
             counters = stat_counters(stats)
@@ -241,82 +285,135 @@ class ColdStart:
                 **{f"daemon_{k}": v for k, v in counters.items()
                    if k not in ("read_bytes", "reads", "opens")},
                 "read_bytes": counters["read_bytes"], "reads": counters["reads"],
-                "opens": counters["opens"], "rss_bytes": rss}
+                "opens": counters["opens"], "rss_bytes": rss,
+                # CPU of the process serving the mount (the FUSE daemon, or the node view
+                # service in kernel mode) while the import ran.
+                "daemon_cpu": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+                **kernel_counters(stats)}
 
-    def casfs_first(self, wl: Workload) -> tuple[dict[str, Any], Path]:
+    def casfs_first(self, wl: Workload, mode: str) -> tuple[dict[str, Any], Path]:
         """Empty cache, no trace in the store: the first boot ever of this image."""
-        cache = self.run_dir / f"cache-{wl.name}"
-        runs = self.empty_cache_boots("first boot", wl, cache)
+        cache = self.run_dir / f"cache-{mode}-{wl.name}"
+        runs = self.empty_cache_boots(f"{mode}: first boot", wl, cache, mode)
         return ok(runs), cache  # the last run's cache is the warm cache
 
-    def empty_cache_boots(self, label: str, wl: Workload, cache: Path) -> list[dict[str, Any]]:
+    def empty_cache_boots(self, label: str, wl: Workload, cache: Path,
+                          mode: str) -> list[dict[str, Any]]:
         """self.runs boots of wl, each on an emptied cache dir, logged as they go."""
         runs = []
         for i in range(self.runs):
             fresh_dir(cache)
-            r = self.boot(wl, cache, self.quiet)
+            r = self.boot(wl, cache, mode, self.quiet)
             log(f"  {label} run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
                 f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
-                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE")
+                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE" + _kernel_note(r))
             runs.append(r)
         return runs
 
-    def casfs_noprefetch(self, wl: Workload) -> dict[str, Any]:
+    def casfs_noprefetch(self, wl: Workload, mode: str) -> dict[str, Any]:
         """Plain lazy loading: no replay, no heuristics (diagnostic row, --no-prefetch-row)."""
         if not self.prefetch:
             return na("casfs mount has no --no-prefetch flag: same as the first boot")
-        cache = self.run_dir / f"cache-np-{wl.name}"
+        cache = self.run_dir / f"cache-np-{mode}-{wl.name}"
         runs = []
         for i in range(self.runs):
             fresh_dir(cache)
-            r = self.boot(wl, cache, ["--no-prefetch", *self.quiet])
-            log(f"  --no-prefetch run {i + 1}: {r['wall']:.2f}s, {r['requests']} requests")
+            r = self.boot(wl, cache, mode, ["--no-prefetch", *self.quiet])
+            log(f"  {mode}: --no-prefetch run {i + 1}: {r['wall']:.2f}s, "
+                f"{r['requests']} requests")
             runs.append(r)
         shutil.rmtree(cache, ignore_errors=True)
         return ok(runs)
 
-    def record_boot(self, wl: Workload, cache: Path) -> dict[str, Any]:
+    def trace_extra(self) -> list[str]:
+        return [] if self.args.trace_idle is None else ["--trace-idle", f"{self.args.trace_idle:g}"]
+
+    def wait_boot_end(self, m: Mounted, log_offset: int) -> dict[str, Any]:
+        """Mounted, after the workload: wait (up to --trace-wait) until the daemon reports
+        the boot's trace saved and, in kernel mode, the view has finished making the
+        boot's files whole ("N objects made whole after the boot" in view.log)."""
+        t0 = time.monotonic()
+        deadline = t0 + self.args.trace_wait
+        saved, objects = "", None
+        while time.monotonic() < deadline:
+            saved = saved or (m.stats().get("prefetch") or {}).get("trace_saved") or ""
+            if saved and m.mode == "kernel" and objects is None:
+                objects = objects_made_whole(m, log_offset)
+            if saved and (m.mode != "kernel" or objects is not None):
+                break
+            time.sleep(0.5)
+        if not saved:
+            log(f"WARNING: the boot's trace was not reported saved within "
+                f"{self.args.trace_wait:.0f}s; it may be saved at unmount")
+        elif m.mode == "kernel" and objects is None:
+            log(f"WARNING: the view did not report the objects made whole after the boot "
+                f"within {self.args.trace_wait:.0f}s")
+        return {"trace_saved": saved, "objects_made_whole": objects,
+                "boot_end_wait": time.monotonic() - t0}
+
+    def record_boot(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
         """A boot that records its trace; waits (mounted) until the daemon says it saved
         it, so the trace and its pack are in the store before the next boot."""
-        self.drop_for_boot()
+        self.drop_for_boot(mode)
         self.svc.proxy.reset()
-        extra = [] if self.args.trace_idle is None else ["--trace-idle", f"{self.args.trace_idle:g}"]
-        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy, extra) as m:
+        log_offset = view_log_size(cache)
+        with self.mount(cache, mode, self.trace_extra()) as m:
+            self.check_mode(m, mode)
             t = self.workload(wl, self.mnt)
             pcount = self.svc.proxy_counters()
-            deadline = time.monotonic() + self.args.trace_wait
-            saved = ""
-            while time.monotonic() < deadline:
-                saved = (m.stats().get("prefetch") or {}).get("trace_saved") or ""
-                if saved:
-                    break
-                time.sleep(1.0)
+            end = self.wait_boot_end(m, log_offset)
             counters = stat_counters(m.stats())
-        if not saved:
-            log(f"WARNING: the recording boot's trace was not reported saved within "
-                f"{self.args.trace_wait:.0f}s; it may be saved at unmount")
         traces = self.list_keys("traces/m/")
-        log(f"  recording boot: {m.seconds + t:.2f}s, trace {saved or '(not reported)'}, "
-            f"{len(traces)} trace object(s) in the store")
+        log(f"  {mode}: recording boot: {m.seconds + t:.2f}s, trace "
+            f"{end['trace_saved'] or '(not reported)'}, {len(traces)} trace object(s) in the "
+            f"store")
         return {"wall": m.seconds + t, "mount": m.seconds, "import": t,
                 "requests": pcount["requests"], "fetched_bytes": pcount["body_bytes_down"],
-                "read_bytes": counters["read_bytes"], "trace_saved": saved,
-                "traces_in_store": len(traces)}
+                "read_bytes": counters["read_bytes"], **end, "traces_in_store": len(traces)}
 
-    def casfs_prefetched(self, wl: Workload) -> dict[str, Any]:
+    def casfs_prefetched(self, wl: Workload, mode: str) -> dict[str, Any]:
         if not self.prefetch:
             return na("prefetch not built yet (`casfs mount` has no --no-prefetch flag)")
-        cache = self.run_dir / f"cache-pf-{wl.name}"
+        self.clear_traces()  # replay this mode's recording boot, and nothing else
+        cache = self.run_dir / f"cache-pf-{mode}-{wl.name}"
         fresh_dir(cache)
-        recording = self.record_boot(wl, cache)
+        recording = self.record_boot(wl, cache, mode)
         if not recording["traces_in_store"]:
             raise BenchError("the recording boot left no trace in the store")
-        runs = self.empty_cache_boots("prefetched boot", wl, cache)
+        runs = self.empty_cache_boots(f"{mode}: prefetched boot", wl, cache, mode)
         shutil.rmtree(cache, ignore_errors=True)
         return ok(runs, recording=recording)
 
-    def casfs_warm(self, wl: Workload, cache: Path) -> dict[str, Any]:
-        return ok([self.boot(wl, cache, self.quiet) for _ in range(self.runs)])
+    def settle(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
+        """One more boot on the first boot's cache, recording, let run until the boot has
+        ended and what casfs does after a boot is done: what a node that has run the image
+        before holds (kernel mode: the boot's multi-chunk files made whole objects)."""
+        if self.prefetch:
+            self.clear_traces()  # the warm boots then replay this boot's trace only
+        self.drop_for_boot(mode)
+        log_offset = view_log_size(cache)
+        with self.mount(cache, mode, self.trace_extra() if self.prefetch else []) as m:
+            self.check_mode(m, mode)
+            t = self.workload(wl, self.mnt)
+            end = self.wait_boot_end(m, log_offset) if self.prefetch else {}
+            stats = m.stats()
+        out = {"wall": m.seconds + t, **end,
+               "cache_bytes": int((stats.get("cache") or {}).get("bytes", 0)),
+               **kernel_counters(stats)}
+        log(f"  {mode}: settling boot {out['wall']:.2f}s, then {end.get('boot_end_wait', 0):.1f}s "
+            f"to the boot's end" + (f"; {end.get('objects_made_whole')} objects made whole"
+                                    if mode == "kernel" else ""))
+        return out
+
+    def casfs_warm(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
+        settled = self.settle(wl, cache, mode)
+        runs = []
+        for i in range(self.runs):
+            r = self.boot(wl, cache, mode, self.quiet)
+            log(f"  {mode}: warm run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
+                f"daemon CPU {r['daemon_cpu'] or 0:.2f}s" + _kernel_note(r))
+            runs.append(r)
+        return ok(runs, settle=settled)
 
     # -- the store's traces ---------------------------------------------------------
 
@@ -345,21 +442,25 @@ class ColdStart:
             client.delete_object(Bucket=bucket, Key=key)
         return len(keys)
 
-    def casfs_hot(self, wl: Workload, cache: Path) -> dict[str, Any]:
-        with casfs_mount(self.ref, self.mnt, self.store, cache, self.svc.env_proxy,
-                         self.quiet) as m:
+    def casfs_hot(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
+        with self.mount(cache, mode, self.quiet) as m:
+            self.check_mode(m, mode)
             verify_workload(self.meta, self.mnt, wl, self.home)  # warm-up + checks paths
             runs = []
             for _ in range(self.runs):
                 before = stat_counters(m.stats())
                 self.svc.proxy.reset()
+                cpu0 = cpu_seconds(m.pid)
                 t = self.workload(wl, self.mnt)
+                cpu1 = cpu_seconds(m.pid)
                 after = stat_counters(m.stats())
                 pcount = self.svc.proxy_counters()
                 runs.append({"wall": t, "import": t, "requests": pcount["requests"],
                              "fetched_bytes": pcount["body_bytes_down"],
                              "read_bytes": after["read_bytes"] - before["read_bytes"],
-                             "reads": after["reads"] - before["reads"], "rss_bytes": m.rss()})
+                             "reads": after["reads"] - before["reads"], "rss_bytes": m.rss(),
+                             "daemon_cpu": None if cpu0 is None or cpu1 is None
+                             else cpu1 - cpu0})
         return ok(runs)
 
     # -- driving --------------------------------------------------------------------
@@ -385,6 +486,9 @@ class ColdStart:
 
     def run(self, workloads: list[Workload]) -> list[dict[str, Any]]:
         scen: dict[str, dict[str, Any]] = {wl.name: {} for wl in workloads}
+        # Per workload and mode, the casfs scenarios.
+        per_mode: dict[str, dict[str, dict[str, Any]]] = {
+            wl.name: {mode: {} for mode in self.modes} for wl in workloads}
         for wl in workloads:
             verify_workload(self.meta, self.root, wl, self.home)
             scen[wl.name]["native_cold"] = self.guarded(
@@ -396,33 +500,102 @@ class ColdStart:
             scen[wl.name]["full_pull"] = (pulls.get(wl.name) if pulls.get("status") != "error"
                                           else pulls)
         for wl in workloads:
-            s = scen[wl.name]
+            pm = per_mode[wl.name]
+            live = [mode for mode in self.modes if self.unsupported.get(mode) is None]
+            for mode in self.modes:
+                if mode not in live:
+                    note = f"{mode} mode not measurable here: {self.unsupported[mode]}"
+                    for key in ("casfs_first", "casfs_prefetched", "casfs_warm", "casfs_hot"):
+                        pm[mode][key] = na(note)
+            # Scenario by scenario, the modes side by side (a drifting machine moves both).
             if self.prefetch:
                 self.guarded("deleting traces and packs from the store", self.clear_traces)
-            first = self.guarded(f"[{wl.name}] casfs first boot", self.casfs_first, wl)
-            cache = None
-            if isinstance(first, tuple):
-                first, cache = first
-            s["casfs_first"] = first
+            caches: dict[str, Path] = {}
+            for mode in live:
+                first = self.guarded(f"[{wl.name}] {mode}: casfs first boot", self.casfs_first,
+                                     wl, mode)
+                if isinstance(first, tuple):
+                    first, caches[mode] = first
+                pm[mode]["casfs_first"] = first
             if self.args.no_prefetch_row:
-                s["casfs_noprefetch"] = self.guarded(
-                    f"[{wl.name}] casfs --no-prefetch", self.casfs_noprefetch, wl)
-            s["casfs_prefetched"] = self.guarded(
-                f"[{wl.name}] casfs prefetched boot", self.casfs_prefetched, wl)
-            if cache is not None:
-                s["casfs_warm"] = self.guarded(
-                    f"[{wl.name}] casfs warm cache", self.casfs_warm, wl, cache)
-                s["casfs_hot"] = self.guarded(f"[{wl.name}] casfs hot", self.casfs_hot, wl, cache)
-                shutil.rmtree(cache, ignore_errors=True)
-            else:
-                s["casfs_warm"] = s["casfs_hot"] = {"status": "error",
-                                                    "note": "no cache: the first boot failed"}
+                for mode in live:
+                    pm[mode]["casfs_noprefetch"] = self.guarded(
+                        f"[{wl.name}] {mode}: casfs --no-prefetch", self.casfs_noprefetch, wl,
+                        mode)
+            for mode in live:
+                pm[mode]["casfs_prefetched"] = self.guarded(
+                    f"[{wl.name}] {mode}: casfs prefetched boot", self.casfs_prefetched, wl,
+                    mode)
+            for mode in live:
+                if mode in caches:
+                    pm[mode]["casfs_warm"] = self.guarded(
+                        f"[{wl.name}] {mode}: casfs warm cache", self.casfs_warm, wl,
+                        caches[mode], mode)
+                else:
+                    pm[mode]["casfs_warm"] = {"status": "error",
+                                              "note": "no cache: the first boot failed"}
+            for mode in live:
+                if mode in caches:
+                    pm[mode]["casfs_hot"] = self.guarded(
+                        f"[{wl.name}] {mode}: casfs hot", self.casfs_hot, wl, caches[mode],
+                        mode)
+                    shutil.rmtree(caches[mode], ignore_errors=True)
+                else:
+                    pm[mode]["casfs_hot"] = {"status": "error",
+                                             "note": "no cache: the first boot failed"}
         out = []
         for i, wl in enumerate(workloads):
+            modes = {mode: {"scenarios": per_mode[wl.name][mode],
+                            "targets": report.evaluate_targets(
+                                {**scen[wl.name], **per_mode[wl.name][mode]})}
+                     for mode in self.modes}
             out.append({"name": wl.name, "code": wl.code, "primary": i == 0,
-                        "scenarios": scen[wl.name],
-                        "targets": report.evaluate_targets(scen[wl.name])})
+                        "scenarios": scen[wl.name], "modes": modes})
         return out
+
+
+def kernel_counters(stats: dict[str, Any]) -> dict[str, int]:
+    """The kernel-mode counters of `casfs stats --json` ("kernel" section), prefixed."""
+    k = stats.get("kernel")
+    if not isinstance(k, dict):
+        return {}
+    return {f"kernel_{key}": int(v) for key, v in k.items() if isinstance(v, int | float)}
+
+
+def _kernel_note(r: dict[str, Any]) -> str:
+    if "kernel_native_opens" not in r:
+        return ""
+    return (f"; opens: {r['kernel_native_opens']} native, {r.get('kernel_view_opens', 0)} "
+            f"through the view")
+
+
+def view_log_size(cache: Path) -> int:
+    """Where the node view's log ends now (kernel mode; 0 when there is none yet)."""
+    try:
+        return (cache / "logs" / "view.log").stat().st_size
+    except OSError:
+        return 0
+
+
+_OBJECTS_RE = re.compile(r" (\S+): (\d+) objects made whole after the boot")
+
+
+def objects_made_whole(m: Mounted, offset: int) -> int | None:
+    """How many objects the node view made whole after this mount's boot (from its log,
+    past ``offset``); None while it has not said."""
+    if m.cache_dir is None:
+        return None
+    try:
+        with open(m.cache_dir / "logs" / "view.log", "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    mnt = os.path.realpath(m.mountpoint)
+    for where, n in _OBJECTS_RE.findall(text):
+        if where == mnt:
+            return int(n)
+    return None
 
 
 def upload_layers(svc: Services, meta: dict[str, Any]) -> None:
@@ -445,6 +618,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="added per request by the proxy in front of SeaweedFS (default 20)")
     p.add_argument("--runs", type=int, help="runs per scenario (default 3, --quick 2)")
     p.add_argument("--workloads", help="comma-separated workload names (default: all)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="serving modes to measure every casfs scenario in, side by side "
+                   "(`casfs mount --mode`; default kernel,fuse)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument("--work", type=Path, default=WORK, help="cache of built images, scratch")
     p.add_argument("--stem", help="results file name stem (default <date>-coldstart[-quick])")
@@ -465,6 +641,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true")
     add_product_args(p)
     args = p.parse_args(argv)
+    try:
+        args.modes = parse_modes(args.modes)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.runs is None:
         args.runs = 2 if args.quick else 3
     if args.image is None:
@@ -486,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     product = select_product(args.casfs_src, args.casfs_rev, args.work)
     log(f"casfs under test: {product['source']}")
-    runs_base = args.work / "runs"
-    cleanup_mounts_under(runs_base)
+    runs_base = runs_base_for(args.work)
+    cleanup_stale_runs(runs_base)
     meta = build_image(spec, args.work, rebuild=args.rebuild)
     root = native_root(meta, args.work)
     run_dir = fresh_dir(runs_base / f"coldstart-{os.getpid()}")
@@ -509,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                 "product": product,
                 "config": {"latency_ms": args.latency_ms, "runs": args.runs, "quick": args.quick,
                            "cold_agent": args.cold_agent,
+                           "modes": bench.modes,
+                           "modes_unsupported": {m: r for m, r in bench.unsupported.items()
+                                                 if r},
                            "image": spec.name, "store": svc.note,
                            "workloads": [w.name for w in workloads],
                            "pull_concurrency": PULL_CONCURRENCY},
@@ -519,10 +702,11 @@ def main(argv: list[str] | None = None) -> int:
                              "note": "casfs mount has --no-prefetch: prefetched rows measured"
                              if bench.prefetch else "not built yet (no --no-prefetch flag)"},
                 "workloads": wl_results,
-                "errors": bench.errors,
+                "errors": bench.errors + INCIDENTS,
             })
     finally:
         cleanup_mounts_under(run_dir)
+        stop_started_daemons()
         shutil.rmtree(run_dir, ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["machine"]["loadavg_end"] = os.getloadavg()

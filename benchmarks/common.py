@@ -318,10 +318,12 @@ def casfs_index(oci_dir: Path, tag: str, store: str, env: dict[str, str],
 @dataclass
 class Mounted:
     mountpoint: Path
-    pid: int | None
+    pid: int | None  # the FUSE daemon's, or (kernel mode) the node view service's
     seconds: float
     output: str
     env: dict[str, str] = field(repr=False, default_factory=dict)
+    mode: str | None = None  # "kernel" or "fuse", as `casfs mount` reported it
+    cache_dir: Path | None = None
 
     def stats(self) -> dict[str, Any]:
         return casfs_stats(self.mountpoint, self.env)
@@ -331,6 +333,54 @@ class Mounted:
 
 
 _PID_RE = re.compile(r"daemon pid (\d+)")
+_MODE_RE = re.compile(r"\((kernel|fuse) mode\b")
+MODES = ("kernel", "fuse")
+
+# Every daemon / view service pid a `casfs mount` of this process reported, until it is
+# seen gone: what a benchmark stops in its finally block (stop_started_daemons).
+STARTED_PIDS: set[int] = set()
+# Daemons or services that did not exit on their own after `casfs umount` and had to be
+# signalled: a casfs bug the results should show (each benchmark copies these into its
+# errors).
+INCIDENTS: list[str] = []
+
+
+def mode_support() -> dict[str, str | None]:
+    """Per serving mode, why this casfs / node cannot measure it (None: it can)."""
+    help_text = casfs_help("mount")
+    if "--mode" not in help_text:
+        return {"kernel": "this casfs has no `casfs mount --mode`", "fuse": None}
+    from casfs.kernel.support import unsupported_reason
+
+    return {"kernel": unsupported_reason(), "fuse": None}
+
+
+def parse_modes(text: str) -> list[str]:
+    """`--modes kernel,fuse` -> ["kernel", "fuse"] (order kept, duplicates dropped)."""
+    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, "
+                         f"not {text!r}")
+    return modes
+
+
+def mode_flags(mode: str | None) -> list[str]:
+    """The `casfs mount` arguments selecting a mode (none for a casfs without --mode)."""
+    return [] if mode is None else ["--mode", mode]
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is the state (field 3 of stat(5)); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def casfs_mount_start(ref: str, mountpoint: Path, store: str, cache_dir: Path,
@@ -346,12 +396,24 @@ def casfs_mount_start(ref: str, mountpoint: Path, store: str, cache_dir: Path,
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
         raise BenchError(f"casfs mount failed ({p.returncode}): {(p.stderr or p.stdout).strip()}")
-    m = _PID_RE.search(p.stdout + p.stderr)
-    return Mounted(mountpoint, int(m.group(1)) if m else None, seconds, p.stdout.strip(), env)
+    out = p.stdout + p.stderr
+    m = _PID_RE.search(out)
+    mode = _MODE_RE.search(out)
+    pid = int(m.group(1)) if m else None
+    if pid:
+        STARTED_PIDS.add(pid)
+    return Mounted(mountpoint, pid, seconds, p.stdout.strip(), env,
+                   mode.group(1) if mode else None, cache_dir)
 
 
-def casfs_umount(mounted: Mounted, timeout: float = 60) -> None:
-    """Unmount cleanly; if that fails, detach lazily and stop the daemon we started."""
+def casfs_umount(mounted: Mounted, timeout: float = 60, last: bool = True) -> None:
+    """Unmount cleanly; if that fails, detach lazily and stop the daemon we started.
+
+    ``last``: this was the last mount its daemon serves, so it must exit (a kernel-mode
+    mount's pid is the node view service, which serves every kernel-mode mount of its
+    cache dir and exits with the last one): wait for the pid to be gone, signalling it
+    (and recording an incident) if it lingers. With ``last=False`` the service is left
+    running for the mounts still up."""
     mnt = str(mounted.mountpoint)
     try:
         p = subprocess.run([*casfs_argv(), "umount", mnt], capture_output=True, text=True,
@@ -363,20 +425,59 @@ def casfs_umount(mounted: Mounted, timeout: float = 60) -> None:
         ok = False
         log(f"WARNING: casfs umount {mnt} timed out after {timeout:.0f}s")
     if not ok and is_mountpoint(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
-    if mounted.pid:
-        _stop_pid(mounted.pid, clean=ok)
+        detach(mnt)
+    if mounted.pid and (last or not ok):
+        how = _stop_pid(mounted.pid, clean=ok)
+        if how != "exited":
+            what = "view service" if mounted.mode == "kernel" else "daemon"
+            msg = (f"{what} {mounted.pid} of {mnt} did not exit after `casfs umount` "
+                   f"({'umount ok' if ok else 'umount failed'}): {how}")
+            log("WARNING: " + msg)
+            INCIDENTS.append(msg)
+        STARTED_PIDS.discard(mounted.pid)
 
 
-def _stop_pid(pid: int, clean: bool) -> None:
-    """Wait for a daemon we started to exit; TERM, then KILL it if it lingers."""
+def _stop_pid(pid: int, clean: bool) -> str:
+    """Wait for a daemon we started to exit; TERM, then KILL it if it lingers. Returns
+    how it ended: "exited" (on its own), "SIGTERM", "SIGKILL" or "still running"."""
     if clean and _wait_exit(pid, 10):
-        return
+        return "exited"
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         if _wait_exit(pid, 5):
-            return
+            return sig.name
+    return "still running"
+
+
+def stop_started_daemons() -> None:
+    """Stop every daemon / view service this process's mounts started that is still
+    running (a benchmark's finally block, after detaching its mounts)."""
+    for pid in sorted(STARTED_PIDS):
+        if _alive(pid):
+            log(f"stopping casfs process {pid} left running")
+            _stop_pid(pid, clean=False)
+    STARTED_PIDS.clear()
+
+
+def detach(mountpoint: str) -> None:
+    """Lazily detach a mount: fusermount3 for FUSE, umount for overlayfs and the rest."""
+    fstype = mount_fstype(mountpoint)
+    if fstype is not None and fstype.startswith("fuse"):
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+    else:
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+
+
+def mount_fstype(path: str) -> str | None:
+    """The filesystem type of the mount at ``path`` (None: not a mountpoint)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if pre.split()[4].replace("\\040", " ") == real:
+                return post.split()[0]
+    return None
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -407,12 +508,13 @@ def is_mountpoint(path: str) -> bool:
 
 @contextlib.contextmanager
 def casfs_mount(ref: str, mountpoint: Path, store: str, cache_dir: Path,
-                env: dict[str, str], extra: Sequence[str] = ()) -> Iterator[Mounted]:
+                env: dict[str, str], extra: Sequence[str] = (),
+                last: bool = True) -> Iterator[Mounted]:
     mounted = casfs_mount_start(ref, mountpoint, store, cache_dir, env, extra)
     try:
         yield mounted
     finally:
-        casfs_umount(mounted)
+        casfs_umount(mounted, last=last)
 
 
 def casfs_stats(mountpoint: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -515,14 +617,51 @@ def s3_client(endpoint_url: str, max_pool: int = 32) -> Any:
     )
 
 
+# What a run dir's cache dirs append to it, at the longest (a kernel-mode cache dir holds
+# the node view's Unix socket, whose path must fit in 108 bytes).
+RUN_DIR_TAIL = "/coldstart-4194304/cache-np-kernel-numpy_pandas/view.sock"
+
+
+def runs_base_for(work: Path) -> Path:
+    """Where a benchmark's run dirs (mountpoints, cache dirs) go: ``<work>/runs``, or a
+    shorter path under the temp dir when ``work`` is too deep for the node view's socket
+    (casfs puts it in the cache dir; a Unix socket path must fit in 108 bytes)."""
+    base = work.resolve() / "runs"
+    if len(os.fsencode(str(base) + RUN_DIR_TAIL)) < 108:
+        return base
+    return Path(tempfile.gettempdir()) / "casfs-bench-runs"
+
+
+def cleanup_stale_runs(runs_base: Path) -> None:
+    """Detach the mounts and remove the scratch dirs of earlier runs that were
+    interrupted: run dirs are named ``<suite>-<pid>``, and a dir whose pid still runs
+    belongs to a benchmark running now (another engineer's, on a shared machine) and is
+    left alone."""
+    if not runs_base.exists():
+        return
+    for d in sorted(runs_base.iterdir()):
+        m = re.fullmatch(r"[a-z_]+-(\d+)", d.name)
+        if m is None or not d.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        cleanup_mounts_under(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def cleanup_mounts_under(base: Path) -> None:
-    """Detach any mount left under ``base`` by an earlier interrupted run (ours only)."""
+    """Detach any mount left under ``base`` by an earlier interrupted run (ours only):
+    FUSE daemons' mounts, kernel-mode overlays and node views. Overlays first (they hold
+    the node views they read through), deepest paths first."""
     if not base.exists():
         return
     real = os.path.realpath(base)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
-    for p in points:
-        if p.startswith(real + "/"):
-            log(f"detaching stale mount {p}")
-            subprocess.run(["fusermount3", "-u", "-z", p], capture_output=True)
+    points = [p for p in points if p.startswith(real + "/")]
+    overlays = [p for p in points if mount_fstype(p) == "overlay"]
+    rest = [p for p in points if p not in overlays]
+    for p in [*overlays, *sorted(rest, key=len, reverse=True)]:
+        log(f"detaching stale mount {p}")
+        detach(p)
