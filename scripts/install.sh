@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config patch umoci skopeo docker-registry apache2-utils erofs-utils attr; do
+for pkg in fuse3 libfuse3-dev pkg-config patch umoci skopeo docker-registry apache2-utils erofs-utils attr \
+    runc crun containerd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
