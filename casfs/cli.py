@@ -316,9 +316,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from casfs.mounts import unmount
+    from casfs.mounts import kernel_record, unmount
 
-    unmount(args.mountpoint)
+    record = kernel_record(args.mountpoint)
+    if record is not None:
+        from casfs.kernel import client
+
+        client.unmount(os.path.realpath(args.mountpoint), record)
+    else:
+        unmount(args.mountpoint)
     return 0
 
 

@@ -146,17 +146,23 @@ def prepare_mountpoint(mountpoint: str) -> str:
     return real
 
 
+def kernel_record(mountpoint: str) -> dict[str, Any] | None:
+    """The record of a kernel-mode mount at mountpoint, or None (not one, or not mounted)."""
+    real = os.path.realpath(mountpoint)
+    if mount_table().get(real) != "overlay":
+        return None
+    record = find_record(real)
+    return record if record and record.get("mode") == "kernel" else None
+
+
 def unmount(mountpoint: str, timeout: float = 15.0) -> None:
-    """Cleanly unmount; waits for the daemon to exit (for a kernel-mode mount, the node
-    view exits with its last mount)."""
+    """Cleanly unmount a FUSE-mode mount; waits for the daemon to exit. (A kernel-mode
+    mount is the node view's to take down: casfs.kernel.client.unmount.)"""
     real = os.path.realpath(mountpoint)
     table = mount_table()
     if real not in table:
         raise MountError(f"{mountpoint} is not mounted")
     record = find_record(real)
-    if table[real] == "overlay" and record and record.get("mode") == "kernel":
-        _unmount_kernel(real, record, timeout)
-        return
     if is_stale(real):
         force_unmount(real)
         remove_record(real)
@@ -169,24 +175,6 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
         raise MountError(f"cannot unmount {mountpoint}: {msg}")
     if record:
         wait_for_exit(record.get("pid", 0), timeout)
-
-
-def _unmount_kernel(real: str, record: dict[str, Any], timeout: float) -> None:
-    """A kernel-mode mount: the node view takes it down (saving its trace); when the
-    view is gone (killed), the overlay is unmounted here."""
-    from casfs.errors import ServiceUnavailable
-    from casfs.kernel import client
-
-    pid = int(record.get("pid", 0))
-    try:
-        last = client.umount(str(record.get("cache_dir", "")), real)
-    except ServiceUnavailable:
-        # The node view is gone: nothing to save; detach the orphaned stack.
-        force_unmount(real)
-        remove_record(real)
-        return
-    if last:
-        wait_for_exit(pid, timeout)
 
 
 def process_running(pid: int) -> bool:

@@ -80,7 +80,7 @@ def test_agent_starts_daemons_that_outlive_it(image: tuple[str, str], tmp_path: 
         assert again.returncode != 0 and "already serves" in again.stderr
 
         out = cli("mount", ref, mnt(tmp_path, "m1"), "--store", store, "--cache-dir",
-                  str(cache), check=True).stdout
+                  str(cache), "--mode", "fuse", check=True).stdout
         assert "by the node agent" in out
         m = start_mount(ref, tmp_path / "m2", store, cache)
         try:
@@ -89,7 +89,7 @@ def test_agent_starts_daemons_that_outlive_it(image: tuple[str, str], tmp_path: 
             assert (m.path("app/data")).read_bytes() == DATA
             # a mount that fails reports its own one-line error through the agent
             bad = cli("mount", "blake3:" + "0" * 64, mnt(tmp_path, "m3"), "--store", store,
-                      "--cache-dir", str(cache))
+                      "--cache-dir", str(cache), "--mode", "fuse")
             assert bad.returncode != 0 and "not found" in bad.stderr
             assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
             stop = cli("agent", "stop", "--cache-dir", str(cache), check=True)
@@ -102,7 +102,7 @@ def test_agent_starts_daemons_that_outlive_it(image: tuple[str, str], tmp_path: 
 
     # no agent: `casfs mount` forks the daemon itself
     out = cli("mount", ref, mnt(tmp_path, "m4"), "--store", store, "--cache-dir",
-              str(cache), check=True).stdout
+              str(cache), "--mode", "fuse", check=True).stdout
     try:
         assert "by the node agent" not in out
         assert (tmp_path / "m4" / "app" / "data").read_bytes() == DATA
@@ -121,7 +121,7 @@ def test_dead_or_stale_agent_falls_back_to_forking(image: tuple[str, str], tmp_p
             assert (m.path("app/data")).read_bytes() == DATA
             # nobody accepts on the socket now (the daemons do not hold it): mount forks
             out = cli("mount", ref, mnt(tmp_path, "m2"), "--store", store, "--cache-dir",
-                      str(cache), "--no-trace", check=True, timeout=30).stdout
+                      str(cache), "--no-trace", "--mode", "fuse", check=True, timeout=30).stdout
             assert "by the node agent" not in out
             assert (tmp_path / "m2" / "app" / "data").read_bytes() == DATA
             cli("umount", str(tmp_path / "m2"), check=True)

@@ -70,9 +70,14 @@ def module_name(path: Path) -> str:
 
 
 def all_modules() -> dict[str, Path]:
+    """Every source file of the packages (scratch directories under them, such as the
+    benchmarks' work/ copies of sources, are not part of the house)."""
     out = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT / package).parts
+            if any(part in ("work", "results", "__pycache__") for part in rel[:-1]):
+                continue
             out[module_name(path)] = path
     return out
 

@@ -175,8 +175,9 @@ def scan(root: Path = REPO) -> list[Double]:
     out = []
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
-            if path.name == "test_doubles.py":
-                continue
+            scratch = {"work", "results", "__pycache__"} & set(path.relative_to(root).parts)
+            if path.name == "test_doubles.py" or scratch:
+                continue  # not the project's code: the benchmarks' copies of sources
             out += doubles_in(path.read_text(), str(path.relative_to(root)))
     return out
 

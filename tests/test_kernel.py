@@ -185,7 +185,9 @@ def test_a_replayed_plan_lands_objects_before_the_boot_opens_them(
                    and s["kernel"]["objects_completed"] >= 1, "the plan and its objects")
         for p in wanted:
             assert read(m.path(p)) == FILES[p]
-        st = m.stats()
+        # opens reach the view's counters a moment later (fanotify, read by a thread)
+        st = wait_stats(m, lambda s: s["kernel"]["native_opens"] >= len(wanted), "the opens",
+                        timeout=10)
         assert st["kernel"]["native_opens"] == len(wanted) and st["metrics"]["reads"] == 0
 
 
@@ -214,7 +216,7 @@ def test_an_object_evicted_under_a_reader_stays_readable(
             text=True)
         assert reader.stdout is not None and reader.stdin is not None
         assert bytes.fromhex(reader.stdout.readline().strip()) == multi[:10]
-        assert m.stats()["kernel"]["native_opens"] == 1
+        wait_stats(m, lambda s: s["kernel"]["native_opens"] == 1, "the open", timeout=10)
         # evict everything: the object file is unlinked while the reader holds it open
         pruned = cli("cache", "prune", "--cache-dir", str(cache), "--cache-size", "1",
                      check=True)

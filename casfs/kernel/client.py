@@ -16,23 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from casfs.errors import MountError, ServiceUnavailable
+from casfs.kernel.paths import log_path, socket_path
 from casfs.mountconfig import MountConfig
 from casfs.process import connect_private, daemon_environment
-
-SOCKET_NAME = "view.sock"
-LOG_NAME = "view.log"
 
 
 class KernelFallback(Exception):  # noqa: N818 - auto mode serves through FUSE instead
     """This image cannot be served in kernel mode; the reason is the message."""
-
-
-def socket_path(cache_dir: str) -> Path:
-    return Path(cache_dir) / SOCKET_NAME
-
-
-def log_path(cache_dir: str) -> Path:
-    return Path(cache_dir) / "logs" / LOG_NAME
 
 
 def request(cache_dir: str, message: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
@@ -166,3 +156,20 @@ def umount(cache_dir: str, mountpoint: str) -> bool:
 
 def stats(cache_dir: str, mountpoint: str) -> dict[str, Any]:
     return request(cache_dir, {"op": "stats", "mountpoint": mountpoint}, timeout=10.0)
+
+
+def unmount(real: str, record: dict[str, Any], timeout: float = 15.0) -> None:
+    """A kernel-mode mount: the node view takes it down (saving its trace); when the
+    view is gone (killed), the overlay is unmounted here."""
+    from casfs.mounts import force_unmount, remove_record, wait_for_exit
+
+    pid = int(record.get("pid", 0))
+    try:
+        last = umount(str(record.get("cache_dir", "")), real)
+    except ServiceUnavailable:
+        # The node view is gone: nothing to save; detach the orphaned stack.
+        force_unmount(real)
+        remove_record(real)
+        return
+    if last:
+        wait_for_exit(pid, timeout)

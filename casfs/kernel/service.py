@@ -13,8 +13,8 @@ makes objects whole once a file's chunks are all on the node (so the next mount 
 opens the file reads it natively).
 
 It starts with the first kernel-mode mount of its cache directory (`casfs mount` forks
-it) and exits when the last one is unmounted. Requests come over `<cache>/view.sock`
-(0600, own uid only), one JSON line each:
+it) and exits when the last one is unmounted. Requests come over a socket in the user's
+runtime directory (`view-<key>.sock`, 0600, own uid only), one JSON line each:
 
     {"op": "mount", "config": {...}, "env": {...}}  -> ok {"pid": N} | fallback: reason | error: msg
     {"op": "umount", "mountpoint": "/abs"}          -> ok {"last": bool} | error: msg
@@ -58,7 +58,6 @@ from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
 
 log = logging.getLogger(__name__)
-SOCKET_NAME = "view.sock"
 MAX_REQUEST = 1 << 20
 IDLE_EXIT_SECONDS = 30.0  # a service nobody asked to mount anything exits
 
@@ -544,7 +543,9 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None) 
     node = NodeView(cache_dir, cache_size)
     _clear_stale_view(node.view_dir)
     node.view_dir.mkdir(mode=0o700, exist_ok=True)
-    sock_path = node.root / SOCKET_NAME
+    from casfs.kernel.paths import socket_path
+
+    sock_path = socket_path(node.cache_dir)
     listener = listen_private(sock_path)
 
     async def main() -> None:
