@@ -45,6 +45,8 @@ class MountMetrics:
     prefetch_hits: int = 0  # reads served by a chunk prefetch had fetched
     prefetch_joined: int = 0  # reads that waited on a prefetch already in flight
     warmed_chunks: int = 0  # cached chunks verified ahead of a streaming reader
+    read_waits: int = 0  # reads that waited on the store (a fetch of their own or in flight)
+    read_wait_seconds: float = 0.0  # the time those reads took, in all
     fetch_latency: Histogram = field(default_factory=Histogram)
 
     def as_dict(self) -> dict[str, Any]:

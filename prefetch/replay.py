@@ -76,7 +76,7 @@ def load_traces(store: Store, manifest: Manifest, status: PrefetchStatus,
         refs = sorted(found, key=lambda r: (found[r], r[1]))[-max_traces:]
         status.source = "shared layers" if refs else ""
     traces = []
-    ours: set[str] | None = None
+    ours: frozenset[str] | None = None
     for m, t in refs:
         try:
             try:

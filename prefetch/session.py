@@ -1,6 +1,8 @@
 """One mount's prefetch, from start to end: the one object that owns recording this
-boot, replaying earlier boots' traces, guessing ahead when there are none, and the
-image's directory pack indexes they share.
+boot, replaying earlier boots' traces, guessing ahead when there are none, streaming
+the rest of the image in the background on a first boot (prefetch.stream), the
+image's directory pack indexes they share, and counting the reads that still waited
+on the network (prefetch.waits).
 
 The daemon creates a PrefetchSession, attaches it to the filesystem model (it observes
 reads and listings) and starts `run()` in its nursery; `close()` at unmount saves a
@@ -29,15 +31,35 @@ from casfs.vfs import ImageFS
 from prefetch.heuristics import Heuristics
 from prefetch.recorder import Recorder, save_trace
 from prefetch.replay import Prefetcher
+from prefetch.stream import OFF, BackgroundStream, PolicyError, StreamPolicy
+from prefetch.waits import ReadWaits
 
 log = logging.getLogger(__name__)
 
 
+def _policy(background: StreamPolicy | str | None) -> StreamPolicy:
+    """The stream's policy; a bad setting is logged and the default used (the mount
+    goes on: the CLI checks its flags before it gets here)."""
+    try:
+        if isinstance(background, str):
+            return StreamPolicy.from_settings({"background_fetch": background})
+        return background if background is not None else StreamPolicy.from_settings()
+    except PolicyError as exc:
+        log.warning("background fetch: %s; using the default", exc)
+        return StreamPolicy()
+
+
 class PrefetchSession:
-    """Recording (`record`), replay and first-boot guessing (`prefetch`) for one mount."""
+    """Recording (`record`), replay, first-boot guessing and the background stream
+    (`prefetch`; the stream as `background` says) for one mount.
+
+    background: the stream's policy (a StreamPolicy, or just its mode: off, likely, all,
+    auto); None takes it from the node's environment (CASFS_BACKGROUND_FETCH, _CAP,
+    _RATE), else `auto`."""
 
     def __init__(self, manifest: Manifest, store: Store, fetcher: Fetcher, *,
-                 prefetch: bool = True, record: bool = True, trace_idle: float = 10.0) -> None:
+                 prefetch: bool = True, record: bool = True, trace_idle: float = 10.0,
+                 background: StreamPolicy | str | None = None) -> None:
         self.manifest = manifest
         self.store = store
         self.fetcher = fetcher
@@ -46,6 +68,18 @@ class PrefetchSession:
                            if prefetch else None)
         self.recorder = Recorder(manifest, idle_seconds=trace_idle) if record else None
         self.heuristics: Heuristics | None = None
+        self.waits = ReadWaits(fetcher)
+        self.policy = _policy(background)
+        self.stream: BackgroundStream | None = None
+        self._boot: Recorder | None = None  # tells the boot's end when not recording
+        if self.packs is not None and self.policy.mode_for(manifest.meta) != OFF:
+            # The boot's end stops the stream: the recorder's idle rule, from a recorder
+            # of its own when this boot is not recorded.
+            boot = self.recorder or Recorder(manifest, idle_seconds=trace_idle)
+            if boot is not self.recorder:
+                self._boot = boot
+            self.stream = BackgroundStream(manifest, fetcher, self.packs, policy=self.policy,
+                                           boot_over=boot.boot_over)
         self.failures = 0  # anything that went wrong inside prefetch (logged)
         # Called (in the session's nursery) once the boot is over and its trace saved.
         self.after_boot: list[Callable[[], Awaitable[None]]] = []
@@ -57,9 +91,13 @@ class PrefetchSession:
     def attach(self, fs: ImageFS) -> None:
         """Observe the model's reads and listings (before the mount serves)."""
         fs.read_observers.append(self._on_read)
+        fs.read_observers.append(self.waits.observe)  # last: no checkpoint before its tracker
         fs.list_observers.append(self._on_list)
         if self.recorder is not None:
             fs.read_trackers.append(self.recorder.reading)
+        elif self._boot is not None:
+            fs.read_trackers.append(self._boot.reading)
+        fs.read_trackers.append(self.waits.reading)
 
     def observe_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         """A read of these chunks of file ino reached casfs (or, in kernel mode, the file
@@ -74,8 +112,12 @@ class PrefetchSession:
         try:
             if self.recorder is not None:
                 self.recorder.on_read(ino, chunks)
+            elif self._boot is not None:
+                self._boot.on_read(ino, chunks)
             if self.heuristics is not None:
                 self.heuristics.on_read(ino, chunks)
+            if self.stream is not None:
+                self.stream.on_read(ino, chunks)
         except Exception as exc:  # noqa: BLE001 - a hint must never fail a read
             self._failed("observing a read", exc)
             self._drop_heuristics()
@@ -133,6 +175,13 @@ class PrefetchSession:
     async def _replay(self) -> None:
         assert self.prefetcher is not None
         await self.prefetcher.run()
+        if self.stream is not None and self.prefetcher.status.source != "manifest":
+            # No trace of this image (none at all, or only of images sharing layers,
+            # replayed by now): stream the rest behind the guesses and the reads.
+            await self._guard("streaming the image", self.stream.run)
+        elif self.stream is not None:
+            self.stream.status.state = "off"
+            self.stream.status.stopped = "trace replayed"
         # Prefetch's buffers (ranges in flight, decompressed chunks) are freed by now,
         # but glibc keeps freed heap mapped; hand it back so RSS is what the daemon holds.
         await trio.to_thread.run_sync(release_free_memory)
@@ -193,5 +242,7 @@ class PrefetchSession:
         if self.recorder is not None:
             out["recorded_chunks"] = len(self.recorder.order)
             out["trace_saved"] = self.recorder.saved or ""
+        out["stream"] = (self.stream.status.as_dict() if self.stream is not None
+                         else {"mode": OFF, "state": "off"})
         out["failures"] = self.failures + (self.heuristics.failures if self.heuristics else 0)
         return out

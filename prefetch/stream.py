@@ -1,0 +1,550 @@
+"""The background stream: on a first boot (no trace for the image), use the idle link to
+bring the rest of the image into the node cache while the process boots.
+
+After the guesses (prefetch.heuristics) the link sits idle between the serial misses of
+a boot nobody recorded yet. The stream fills it: large ranged GETs of the image's
+directory packs and single GETs of big chunks, in the order a boot is likely to want
+them, each chunk verified and inserted into the node cache like any other (so the next
+boot on the node finds it there):
+
+1. **code**: compiled modules (`__pycache__/*.pyc`), package metadata (`*.dist-info`,
+   `*.egg-info`, `.pth` files) and the sources of packages that have no `__pycache__`;
+2. **libraries**: shared libraries (`*.so`, `*.so.*`) of at most `whole_library_max`
+   bytes whole, of bigger ones what the dynamic loader reads (prefetch.elf);
+3. **rest**: everything else (policy `all` only).
+
+Within a tier, the package the process is importing comes first: each read moves the
+stream's *focus* to the top-level package of the file read (`site-packages/torch/...`),
+whose code then streams ahead of the others (in pack order: a directory at a time).
+
+Policy (StreamPolicy, per mount): `off`; `likely` (tiers 1 and 2); `all` (the whole
+image); `auto` (the default: `likely` for images, `off` for directory trees indexed
+with `casfs index tree:` such as model weights, which their reader streams itself and
+may read only in part). A byte cap (`cap`, default the image's stored size: the mount
+as a whole never fetches more than that) and a bandwidth cap (`rate`, bytes per second
+of the stream's own requests; default none).
+
+The stream always stays behind the process: it goes through the fetcher as prefetch (its
+own limiter below reads'; a read of a chunk the stream is fetching joins that fetch),
+a few requests at a time, skipping chunks already on the node or being fetched. It stops
+when the boot ends (the recorder's idle rule: `--trace-idle` seconds with no read in
+flight and no new first access), when the cap is reached, near the cache's size cap, or
+at unmount, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from casfs.errors import CasfsError
+from casfs.fetch import Fetcher
+from casfs.manifest import Manifest
+from casfs.manifest.reader import ChunkRef
+from casfs.packindex import PackIndex
+from casfs.ranges import PackLocation, PackRange, merge_pack_runs, ranges_of
+from prefetch.elf import parse_headers
+
+log = logging.getLogger(__name__)
+
+OFF, LIKELY, ALL, AUTO = "off", "likely", "all", "auto"
+MODES = (OFF, LIKELY, ALL, AUTO)
+DEFAULT_FOR_IMAGES = LIKELY  # measured: docs/benchmarks.md, "First boot"
+DEFAULT_FOR_TREES = OFF
+ENV_MODE = "CASFS_BACKGROUND_FETCH"
+ENV_CAP = "CASFS_BACKGROUND_CAP"
+ENV_RATE = "CASFS_BACKGROUND_RATE"
+ROOM_SHARE = 0.85  # as replay: stop once the cache holds this share of its cap
+CODE, LIBRARIES, REST = 0, 1, 2
+TIER_NAMES = ("code", "libraries", "rest")
+PYCACHE = b"__pycache__"
+METADATA_DIRS = (b".dist-info", b".egg-info")
+SITE_DIRS = (b"site-packages", b"dist-packages")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class PolicyError(ValueError):
+    """A background-fetch setting that does not parse."""
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """'512M', '2G', '1.5T', '4096' -> bytes (powers of 1024); None/'' -> None."""
+    if text is None or isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
+    if not t:
+        return None
+    num, unit = (t[:-1], t[-1]) if t[-1] in _UNITS else (t, "")
+    try:
+        value = int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise PolicyError(f"bad size {text!r}: use e.g. 512M, 10G") from None
+    if value < 0:
+        raise PolicyError(f"bad size {text!r}: negative")
+    return value
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    """What a mount's background stream may do (docs/operations.md, prefetch knobs).
+
+    mode: off | likely | all | auto. cap: bytes the mount may fetch in all before the
+    stream stops (None: the image's stored size). rate: bytes per second of the
+    stream's own requests (None: no limit)."""
+
+    mode: str = AUTO
+    cap: int | None = None
+    rate: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PolicyError(f"background fetch {self.mode!r}: one of {', '.join(MODES)}")
+        if self.rate is not None and self.rate <= 0:
+            raise PolicyError("a background fetch rate must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None = None,
+                      env: Mapping[str, str] | None = None) -> StreamPolicy:
+        """A policy from a mount's settings (keys `background_fetch`, `background_cap`,
+        `background_rate`: MountConfig fields, or its `extra`), each unset one from the
+        node's environment (CASFS_BACKGROUND_FETCH, _CAP, _RATE), else the default."""
+        settings = settings or {}
+        env = os.environ if env is None else env
+
+        def pick(key: str, var: str) -> Any:
+            value = settings.get(key)
+            return env.get(var) or None if value is None or value == "" else value
+
+        mode = pick("background_fetch", ENV_MODE)
+        return cls(mode=str(mode).strip().lower() if mode is not None else AUTO,
+                   cap=parse_bytes(pick("background_cap", ENV_CAP)),
+                   rate=parse_bytes(pick("background_rate", ENV_RATE)))
+
+    def mode_for(self, meta: Mapping[str, Any]) -> str:
+        """The mode for an image with this manifest meta (`auto` resolved)."""
+        if self.mode != AUTO:
+            return self.mode
+        return DEFAULT_FOR_TREES if is_tree(meta) else DEFAULT_FOR_IMAGES
+
+
+def is_tree(meta: Mapping[str, Any]) -> bool:
+    """Whether a manifest was indexed from a directory (`casfs index tree:`) rather
+    than from an OCI image: image manifests name their image and its platform."""
+    kind = str(meta.get("kind") or meta.get("source_kind") or "")
+    if kind == "tree" or meta.get("casfs") == "tree" or "tree" in meta:
+        return True
+    source = str(meta.get("source") or meta.get("image") or "")
+    if source.startswith("tree:"):
+        return True
+    return not meta.get("image") and not meta.get("platform")
+
+
+# -- planning -------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    """One chunk to stream: where a directory pack holds it (else a GET of its own)."""
+
+    digest: str
+    length: int  # uncompressed
+    location: PackLocation | None
+    focus: int  # index into StreamPlan.roots: the package it belongs to (-1: none)
+
+
+@dataclass
+class StreamPlan:
+    tiers: list[list[Item]] = field(default_factory=lambda: [[], [], []])
+    big_libraries: list[int] = field(default_factory=list)  # inodes: loader parts only
+    roots: list[bytes] = field(default_factory=list)  # package directories, for focus
+    root_of_dir: dict[int, int] = field(default_factory=dict)  # directory ino -> root
+    stored_bytes: int = 0  # the image's unique chunks: stored size where packs say it,
+    chunks: int = 0  # else their uncompressed size (an upper bound)
+
+    def planned(self, tiers: int) -> tuple[int, int]:
+        """(chunks, bytes as stored where known) of the first `tiers` tiers."""
+        items = [it for tier in self.tiers[:tiers] for it in tier]
+        return len(items), sum(_stored(it) for it in items)
+
+
+def _stored(item: Item) -> int:
+    return item.location.length if item.location is not None else item.length
+
+
+def _is_library(name: bytes) -> bool:
+    return name.endswith(b".so") or b".so." in name
+
+
+def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mode: str,
+               whole_library_max: int = 64 << 20) -> StreamPlan:
+    """Every chunk of the image in streaming order (tiers as in the module docstring;
+    the `rest` tier only for mode `all`). Blocking: walks the manifest (~0.3 s for 27k
+    files). Packed chunks in each tier are in pack order (a directory's files lie
+    together), the others in the walk's order."""
+    plan = StreamPlan()
+    seen: set[str] = set()
+    pack_rank: dict[str, int] = {}
+    for where in packs.values():  # layer order: the base layer's packs first
+        pack_rank.setdefault(where[0], len(pack_rank))
+    root_index: dict[bytes, int] = {}
+    has_pycache: dict[int, bool] = {}
+
+    def root_for(path: bytes, parent: int) -> int:
+        root = package_root(path)
+        if root is None:
+            return -1
+        idx = root_index.get(root)
+        if idx is None:
+            idx = root_index[root] = len(plan.roots)
+            plan.roots.append(root)
+        plan.root_of_dir[parent] = idx
+        return idx
+
+    for path, ino in manifest.walk():
+        node = manifest.inode(ino)
+        if not stat.S_ISREG(node.mode) or node.size == 0:
+            continue
+        slash = path.rfind(b"/")
+        name, dirpath = path[slash + 1 :], path[:slash]
+        dirname = dirpath[dirpath.rfind(b"/") + 1 :]
+        if dirname == PYCACHE:
+            tier = CODE if name.endswith(b".pyc") else REST
+        elif dirname.endswith(METADATA_DIRS) or name.endswith(b".pth"):
+            tier = CODE
+        elif name.endswith(b".py"):
+            parent = node.parent
+            if parent not in has_pycache:
+                has_pycache[parent] = bool(manifest.lookup(parent, PYCACHE))
+            tier = REST if has_pycache[parent] else CODE
+        elif _is_library(name):
+            tier = LIBRARIES
+            if node.size > whole_library_max:
+                plan.big_libraries.append(ino)
+                tier = REST
+        else:
+            tier = REST
+        focus = root_for(path, node.parent)
+        for c in manifest.chunks(ino):
+            if c.digest in seen:
+                continue
+            seen.add(c.digest)
+            loc = packs.get(c.digest)
+            item = Item(c.digest, c.length, PackLocation(*loc) if loc else None, focus)
+            plan.stored_bytes += _stored(item)
+            plan.chunks += 1
+            if tier == REST and mode != ALL:
+                continue
+            plan.tiers[tier].append(item)
+    for items in plan.tiers:  # packed items in pack order, then the others as walked
+        items.sort(key=lambda it: (0, pack_rank[it.location.pack], it.location.offset)
+                  if it.location is not None else (1, 0, 0))
+    return plan
+
+
+def package_root(path: bytes) -> bytes | None:
+    """The top-level package directory a file belongs to: `.../site-packages/torch` for
+    `.../site-packages/torch/nn/__pycache__/x.pyc`; the interpreter's own library
+    directory for a module of the standard library (`.../lib/python3.11`, `.../encodings`
+    under it is its own package). None for anything else."""
+    parts = path.split(b"/")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] in SITE_DIRS:
+            if i + 2 >= len(parts):  # a module file right in site-packages
+                return b"/".join(parts[: i + 1])
+            return b"/".join(parts[: i + 2])
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].startswith(b"python3") or parts[i].startswith(b"python2"):
+            if i + 2 >= len(parts) or parts[i + 1] == PYCACHE:
+                return b"/".join(parts[: i + 1])
+            return b"/".join(parts[: i + 2])
+    return None
+
+
+# -- streaming ------------------------------------------------------------------------------
+
+@dataclass
+class StreamStatus:
+    mode: str = OFF
+    state: str = "waiting"  # waiting (for the trace lookup), planning, running, stopped, off
+    stopped: str = ""  # why: done, boot over, cap, cache cap, failed, unmounted,
+    # trace replayed (off: this image has a trace)
+    tier: str = ""  # the tier being streamed
+    planned_chunks: int = 0
+    planned_bytes: int = 0  # stored bytes where known (directory packs), else uncompressed
+    image_stored_bytes: int = 0  # the same measure over the whole image
+    cap_bytes: int = 0
+    rate_bytes_per_second: int = 0
+    requests: int = 0
+    fetched_chunks: int = 0
+    fetched_bytes: int = 0  # as planned_bytes
+    skipped_chunks: int = 0  # planned, but on the node or being fetched already
+    used_chunks: int = 0  # chunks it fetched that the boot then read
+    used_bytes: int = 0
+    focus_switches: int = 0
+    plan_seconds: float = 0.0
+    seconds: float = 0.0  # from its first request to its stop
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class BackgroundStream:
+    """Streams the plan's tiers into the cache; see the module docstring."""
+
+    def __init__(self, manifest: Manifest, fetcher: Fetcher, packs: PackIndex, *,
+                 policy: StreamPolicy, boot_over: Callable[[], bool],
+                 concurrency: int = 6, range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
+                 batch: int = 256, whole_library_max: int = 64 << 20) -> None:
+        self.manifest = manifest
+        self.fetcher = fetcher
+        self.packs = packs
+        self.policy = policy
+        self.boot_over = boot_over
+        self.concurrency = concurrency
+        self.range_bytes = range_bytes
+        self.max_gap = max_gap
+        self.batch = batch
+        self.whole_library_max = whole_library_max
+        self.status = StreamStatus(mode=policy.mode_for(manifest.meta))
+        self.plan: StreamPlan | None = None
+        self.fetched: dict[str, int] = {}  # digest -> bytes counted, of what it fetched
+        self._used: set[str] = set()
+        self._done: set[str] = set()  # planned items taken (fetched, skipped or failed)
+        self._focus: list[int] = []  # package roots read from, most recent last
+        self._cursor: dict[tuple[int, int], int] = {}  # (tier, root) -> next index
+        self._by_root: dict[tuple[int, int], list[int]] = {}  # (tier, root) -> item indices
+        self._sent = 0
+        self._t0 = 0.0
+
+    @property
+    def mode(self) -> str:
+        return self.status.mode
+
+    # -- observing the boot ------------------------------------------------------------
+
+    def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
+        """A read of file ino (on the trio thread): count what the stream brought, and
+        move the focus to the file's package."""
+        for c in chunks:
+            got = self.fetched.get(c.digest)
+            if got is not None and c.digest not in self._used:
+                self._used.add(c.digest)
+                self.status.used_chunks += 1
+                self.status.used_bytes += got
+        plan = self.plan
+        if plan is None:
+            return
+        root = plan.root_of_dir.get(self.manifest.inode(ino).parent, -1)
+        if root >= 0 and (not self._focus or self._focus[-1] != root):
+            if root in self._focus:
+                self._focus.remove(root)
+            self._focus.append(root)
+            del self._focus[:-8]
+            self.status.focus_switches += 1
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan, then stream until done or stopped. Never raises but cancellation
+        (CasfsError and OSError end it as `failed`, logged)."""
+        st = self.status
+        if st.mode == OFF:
+            return
+        st.state = "planning"
+        t = time.monotonic()
+        try:
+            plan = await trio.to_thread.run_sync(
+                build_plan, self.manifest, self.packs.locations, st.mode,
+                self.whole_library_max)
+        except (CasfsError, OSError) as exc:
+            self._stop("failed")
+            log.warning("background fetch: no plan: %s", exc)
+            return
+        st.plan_seconds = round(time.monotonic() - t, 3)
+        self.plan = plan
+        for tier, items in enumerate(plan.tiers):
+            for i, it in enumerate(items):
+                self._by_root.setdefault((tier, it.focus), []).append(i)
+        tiers = 3 if st.mode == ALL else 2
+        st.planned_chunks, st.planned_bytes = plan.planned(tiers)
+        st.image_stored_bytes = plan.stored_bytes
+        st.cap_bytes = self.policy.cap if self.policy.cap is not None else plan.stored_bytes
+        st.rate_bytes_per_second = self.policy.rate or 0
+        st.state = "running"
+        self._t0 = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                slots = trio.Semaphore(self.concurrency)
+                for tier in range(tiers):
+                    st.tier = TIER_NAMES[tier]
+                    if tier == LIBRARIES and plan.big_libraries:
+                        nursery.start_soon(self._loader_parts, plan.big_libraries, nursery,
+                                           slots)
+                    if not await self._stream_tier(tier, plan.tiers[tier], nursery, slots):
+                        break
+                else:
+                    st.stopped = "done"
+        except (CasfsError, OSError) as exc:
+            log.warning("background fetch stopped: %s", exc)
+            self._stop("failed")
+        finally:
+            st.state = "stopped"
+            if not st.stopped:
+                st.stopped = "unmounted"
+            st.seconds = round(time.monotonic() - self._t0, 3)
+        log.info("background fetch (%s) %s after %.1fs: %d chunks, %d bytes fetched, %d of "
+                 "them read by the boot", st.mode, st.stopped, st.seconds, st.fetched_chunks,
+                 st.fetched_bytes, st.used_chunks)
+
+    def _stop(self, why: str) -> None:
+        if not self.status.stopped:
+            self.status.stopped = why
+            log.info("background fetch stopping: %s", why)
+
+    async def _should_stop(self, size: int) -> bool:
+        """Whether to stop before a request of `size` bytes (waits out the rate cap)."""
+        if self.status.stopped:
+            return True
+        if self.boot_over():
+            self._stop("boot over")
+            return True
+        m = self.fetcher.metrics
+        if m.fetched_bytes + m.prefetch_bytes + size > self.status.cap_bytes:
+            self._stop("cap")
+            return True
+        if self.policy.rate:
+            await trio.sleep_until(self._t0 + self._sent / self.policy.rate)
+            if self.boot_over():
+                self._stop("boot over")
+                return True
+        self._sent += size
+        return False
+
+    def _next_batch(self, tier: int, items: list[Item]) -> list[Item]:
+        """Up to `batch` items not yet taken: of the package in focus first (most recent
+        read first), else in the tier's order."""
+        out: list[Item] = []
+        for root in reversed(self._focus):
+            out = self._take(tier, items, root)
+            if out:
+                return out
+        return self._take(tier, items, None)
+
+    def _take(self, tier: int, items: list[Item], root: int | None) -> list[Item]:
+        key = (tier, -2 if root is None else root)
+        indices = self._by_root.get((tier, root)) if root is not None else None
+        pos = self._cursor.get(key, 0)
+        n = len(indices) if indices is not None else len(items)
+        out: list[Item] = []
+        while pos < n and len(out) < self.batch:
+            it = items[indices[pos] if indices is not None else pos]
+            pos += 1
+            if it.digest not in self._done:
+                self._done.add(it.digest)
+                out.append(it)
+        self._cursor[key] = pos
+        return out
+
+    async def _stream_tier(self, tier: int, items: list[Item], nursery: trio.Nursery,
+                           slots: trio.Semaphore) -> bool:
+        """Stream one tier; False when the stream stopped."""
+        while True:
+            await slots.acquire()  # wait for a free slot before choosing (focus moves)
+            batch = self._next_batch(tier, items)
+            if not batch:
+                slots.release()
+                return True
+            present = await self.fetcher.present([it.digest for it in batch])
+            wanted = [it for it, have in zip(batch, present, strict=True)
+                      if not have and not self.fetcher.in_flight(it.digest)]
+            self.status.skipped_chunks += len(batch) - len(wanted)
+            groups = merge_pack_runs(((it.digest, it.location) for it in wanted),
+                                     max_gap=self.max_gap, range_bytes=self.range_bytes)
+            sizes = {it.digest: _stored(it) for it in wanted}
+            first = True
+            for group in groups:
+                if not first:
+                    await slots.acquire()
+                first = False
+                size = (group.length if isinstance(group, PackRange) else sizes[group])
+                if await self._should_stop(size):
+                    slots.release()
+                    return False
+                if not await self.fetcher.room_left(ROOM_SHARE):
+                    self._stop("cache cap")
+                    slots.release()
+                    return False
+                nursery.start_soon(self._fetch, group, sizes, slots)
+            if first:
+                slots.release()
+
+    async def _fetch(self, group: PackRange | str, sizes: dict[str, int],
+                     slots: trio.Semaphore) -> None:
+        st = self.status
+        try:
+            st.requests += 1
+            if isinstance(group, str):
+                await self.fetcher.prefetch(group)
+                digests = [group]
+            else:
+                await self.fetcher.get_pack_range(group)
+                digests = [it.digest for it in group.items]
+            for d in digests:
+                if d not in self.fetched:
+                    self.fetched[d] = sizes[d]
+                    st.fetched_chunks += 1
+                    st.fetched_bytes += sizes[d]
+        except CasfsError as exc:
+            log.debug("background fetch request failed: %s", exc)
+        finally:
+            slots.release()
+
+    async def _loader_parts(self, inos: Iterable[int], nursery: trio.Nursery,
+                            slots: trio.Semaphore) -> None:
+        """What the dynamic loader reads of each big library (its headers first)."""
+        for ino in inos:
+            if self.status.stopped:
+                return
+            try:
+                parts = await self._library_parts(ino)
+            except (CasfsError, OSError) as exc:
+                log.debug("background fetch: no loader parts for inode %d: %s", ino, exc)
+                continue
+            for c in parts:
+                if c.digest in self._done or self.fetcher.in_flight(c.digest):
+                    continue
+                self._done.add(c.digest)
+                await slots.acquire()
+                if await self._should_stop(c.length):
+                    slots.release()
+                    return
+                self.status.planned_chunks += 1
+                self.status.planned_bytes += c.length
+                nursery.start_soon(self._fetch, c.digest, {c.digest: c.length}, slots)
+
+    async def _library_parts(self, ino: int) -> list[ChunkRef]:
+        size = self.manifest.inode(ino).size
+        layout = parse_headers(await self._file_bytes(ino, 0, 4096), size)
+        if layout is None:
+            return []
+        out: list[ChunkRef] = []
+        for offset, length in layout.writable():
+            out += self.manifest.chunks_for_range(ino, offset,
+                                                  min(length, self.whole_library_max))
+        if layout.dynamic is not None:
+            tables = layout.tables(await self._file_bytes(ino, *layout.dynamic))
+            if tables is not None:
+                out += self.manifest.chunks_for_range(
+                    ino, tables[0], min(tables[1], self.whole_library_max))
+        return out
+
+    async def _file_bytes(self, ino: int, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.manifest.inode(ino).size)
+        chunks = self.manifest.chunks_for_range(ino, offset, length)
+        return bytes(await self.fetcher.read(ranges_of(chunks, offset, end), prefetch=True))
