@@ -226,10 +226,6 @@ def test_image_setuid_devices_and_capabilities_give_nobody_nothing(
     cache = tmp_path / "cache"
 
     with mount_told(ref, public_dir / "mnt", store, cache, mode=mode) as (m, told):
-        assert "nosuid" in told.stderr and "nodev" in told.stderr, told.stderr
-        entry = mount_entry(m.mountpoint)
-        assert entry is not None and {"nosuid", "nodev"} <= set(entry["options"].split(","))
-        assert os.stat(m.path("bin/id")).st_mode & 0o7777 == 0o4755  # shown as in the image
         got = attack_as_nobody(m.mountpoint)
         assert got == {"euid": str(NOBODY), "shadow": "refused", "null": "denied",
                        "disk": "denied"}, got
@@ -237,6 +233,10 @@ def test_image_setuid_devices_and_capabilities_give_nobody_nothing(
             os.getxattr(m.path("bin/cat"), "security.capability")
         assert err.value.errno == errno.ENODATA
         assert "security.capability" not in os.listxattr(m.path("bin/cat"))
+        assert os.stat(m.path("bin/id")).st_mode & 0o7777 == 0o4755  # shown as in the image
+        entry = mount_entry(m.mountpoint)
+        assert entry is not None and {"nosuid", "nodev"} <= set(entry["options"].split(","))
+        assert "nosuid" in told.stderr and "nodev" in told.stderr, told.stderr  # said so
 
     # The control: asked for (as `casfs run` does under its root-only state directory),
     # the same image makes nobody root, so the checks above can fail.
@@ -247,9 +247,25 @@ def test_image_setuid_devices_and_capabilities_give_nobody_nothing(
         assert got["euid"] == "0" and got["shadow"] == "read" and got["null"] == "written", got
         assert got["disk"] != "denied", got  # opened, or the driver's own error
         assert os.getxattr(m.path("bin/cat"), "security.capability") == CAP_DAC_READ_SEARCH
+        entry = mount_entry(m.mountpoint)
+        assert entry is not None and not {"nosuid", "nodev"} & set(entry["options"].split(","))
 
 
 # -- 2. private cache and store -------------------------------------------------------------
+
+def open_to_others(top: Path) -> list[str]:
+    """Files and directories under top that its group or others may use (the node
+    view's FUSE mount inside a cache directory is not walked into: it is no file of
+    the cache's, and the 0700 directory above it keeps others out)."""
+    found = []
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(root, d))]
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_mode & 0o077 and not stat.S_ISLNK(st.st_mode):
+                found.append(f"{os.path.join(root, name)} {stat.filemode(st.st_mode)}")
+    return found
+
 
 def test_content_read_by_root_stays_out_of_reach_of_nobody(
         public_dir: Path, tmp_path: Path, mode: str) -> None:
@@ -269,8 +285,6 @@ def test_content_read_by_root_stays_out_of_reach_of_nobody(
 
     with mounted(ref, public_dir / "mnt", file_url(store), cache, mode=mode) as m:
         assert read_file(m.path("secret")) == secret  # root reads it through the mount
-        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700, "cache dir not tightened"
-        assert stat.S_IMODE(os.stat(store).st_mode) == 0o700
         # root finds the content on the node: the search below can find it
         seen = subprocess.run(["grep", "-r", "-l", "-a", "-F", marker, str(cache), str(store)],
                               capture_output=True, text=True, timeout=60)
@@ -284,12 +298,11 @@ def test_content_read_by_root_stays_out_of_reach_of_nobody(
         for top in (cache, store):
             listing = as_user(["ls", "-A", str(top)])
             assert listing.returncode != 0 and listing.stdout == "", listing
-        # and nothing casfs created in them is open to others
-        open_to_others = [f"{p} {stat.filemode(os.lstat(p).st_mode)}"
-                          for top in (cache, store) for p in top.rglob("*")
-                          if os.lstat(p).st_mode & 0o077
-                          and not stat.S_ISLNK(os.lstat(p).st_mode)]
-        assert open_to_others == []
+        # the existing cache directory was tightened, the store made private, and
+        # nothing casfs created in them is open to others
+        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700, "cache dir not tightened"
+        assert stat.S_IMODE(os.stat(store).st_mode) == 0o700
+        assert open_to_others(cache) + open_to_others(store) == []
 
 
 # -- 3. hostile traces ------------------------------------------------------------------------
@@ -325,8 +338,11 @@ def test_hostile_trace_cannot_take_the_mount_down(tmp_path: Path, mode: str, sha
         pf = shown["prefetch"]
         assert pf.get("rejected_traces", 0) + pf.get("failures", 0) >= 1, (pf, st)
         assert TRACE_ID in m.log(), m.log()[-3000:]  # the failure is logged
+        # Holding the 32 MiB the trace decompresses to is expected (the daemon peaks at
+        # 30 MiB without it, about 60 MiB with it); building Python objects from it is
+        # not (224 MiB for the ints, 417 MiB for the floats before the fix).
         peak = vm_peak_rss(m.pid)
-        assert peak < 300 * MiB, f"daemon peaked at {peak / MiB:.0f} MiB parsing a trace"
+        assert peak < 150 * MiB, f"daemon peaked at {peak / MiB:.0f} MiB parsing a trace"
 
 
 # -- 4. the agent trusts nobody's settings ------------------------------------------------------
@@ -665,13 +681,14 @@ def test_records_of_a_user_go_to_their_own_private_dir(
     assert done.returncode == 0, done.stderr
     pid = parse_mount_output(done)[1]
     try:
-        records = run / "casfs" / "mounts"
-        found = list(records.glob("*.json"))
+        found = list(run.rglob("*.json"))
         assert [p.name for p in found] == [f"{record_key(mnt)}.json"]
+        records = found[0].parent
+        assert records == run / "casfs" / "mounts"
         for p in (run / "casfs", records):
             st = os.lstat(p)
-            assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
-            assert st.st_uid == NOBODY
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == NOBODY
+            assert stat.S_IMODE(st.st_mode) == 0o700, f"{p} {stat.filemode(st.st_mode)}"
         st = os.lstat(found[0])
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_uid == NOBODY
@@ -758,19 +775,18 @@ def test_planted_record_in_the_users_own_dir_is_impossible(
                                    "--mode", "fuse", "--no-agent", env=env)
             assert done.returncode == 0, done.stderr
             pid = parse_mount_output(done)[1]
-            st = os.lstat(ours / "mounts")
-            assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o700
-            assert stat.S_IMODE(os.lstat(ours).st_mode) == 0o700
             # the attacker replaces whatever record they can reach
             as_user(["/bin/sh", "-c", swap_record(key, sleeper.pid, ours / "mounts", shared)],
                     uid=ATTACKER, gid=ATTACKER)
-            record = json.loads((ours / "mounts" / f"{key}.json").read_text())
-            assert record["pid"] == pid
             gone = user_side.casfs("umount", str(mnt), env=env, join=pid)
             assert gone.returncode == 0, gone.stderr
             assert wait_gone(pid, 20)
             pid = None
             assert sleeper.poll() is None, "casfs umount killed the process a planted record named"
+            for d in (ours, ours / "mounts"):
+                st = os.lstat(d)
+                assert stat.S_ISDIR(st.st_mode) and st.st_uid == NOBODY
+                assert stat.S_IMODE(st.st_mode) == 0o700
         finally:
             kill_quietly(pid)
             sleeper.kill()
