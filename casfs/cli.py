@@ -23,7 +23,7 @@ def _store(args: argparse.Namespace, create: bool = False):  # noqa: ANN202
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from casfs.progress import Progress
+    from casfs.progress import Progress, human_bytes
     from indexer.index import index_image
     from indexer.registry import registry_options
 
@@ -37,9 +37,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if not args.quiet:
         up = result.upload
         print(
-            f"indexed {result.image.ref} ({result.image.platform}): {len(result.image.layers)} layers "
-            f"({result.layers_reused} already indexed), {result.uncompressed_bytes} bytes, "
-            f"{up.new_blobs} new blobs ({up.uploaded_bytes} bytes stored) in {result.seconds:.2f}s"
+            f"indexed {result.image.ref} ({result.image.platform}): "
+            f"{plural(len(result.image.layers), 'layer')} ({result.layers_reused} already "
+            f"indexed), {human_bytes(result.uncompressed_bytes)}, "
+            f"{plural(up.new_blobs, 'new blob')} ({human_bytes(up.uploaded_bytes)} stored) "
+            f"in {result.seconds:.2f}s"
         )
         if args.tag:
             print(f"tagged {args.tag}")
@@ -96,7 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     meta = m.meta
     print(f"manifest      blake3:{m.digest}")
     print(f"image         {meta.get('image')} ({meta.get('platform')})")
-    print(f"layers        {len(meta.get('layers', []))}, {human_bytes(s.layer_bytes)} uncompressed")
+    print(f"layers        {plural(len(meta.get('layers', [])), 'layer')}, "
+          f"{human_bytes(s.layer_bytes)} uncompressed")
     kinds = ", ".join(f"{k}:{v}" for k, v in sorted(s.by_type.items()))
     print(f"entries       {s.entries} ({kinds})")
     print(f"file bytes    {human_bytes(s.file_bytes)} in {s.chunks} chunks")
@@ -105,16 +108,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     pct = 100.0 * saved / s.layer_bytes if s.layer_bytes else 0.0
     print(f"dedup saved   {human_bytes(saved)} against the layers ({pct:.1f}%)")
     print(f"chunking      {meta.get('chunking') or meta.get('chunk_size')}")
-    print(f"dir packs     {packs['chunks']} small-file blobs in {packs['packs']} packs "
-          f"({human_bytes(packs['stored_bytes'])} stored), {packs['layers_packed']} of "
-          f"{packs['layers']} layers packed"
+    print(f"dir packs     {plural(packs['chunks'], 'small-file blob')} in "
+          f"{plural(packs['packs'], 'pack')} ({human_bytes(packs['stored_bytes'])} stored), "
+          f"{packs['layers_packed']} of {plural(packs['layers'], 'layer')} packed"
           + (f", {packs['rejected']} pack indexes damaged" if packs["rejected"] else ""))
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("casfs")
+    except PackageNotFoundError:
+        from casfs import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casfs", description="Content-addressed lazy container filesystem")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    p.add_argument("--version", action="version", version=f"casfs {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
@@ -172,11 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_more_commands(add, store_arg)
     return p
-
-
-def plural(n: int, noun: str, nouns: str | None = None) -> str:
-    """'1 layer', '3 layers'."""
-    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
 
 
 def parse_size(text: str) -> int:
@@ -357,21 +367,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
-    m, c = stats["metrics"], stats["cache"]
-    lookups = max(m["cache_hits"] + m["cache_misses"], 1)
-    print(f"mount        {stats.get('mount', {}).get('digest', '?')}")
-    print(f"requests     lookups {m['lookups']} (negative {m['negative_lookups']}), "
-          f"getattr {m['getattrs']}, opens {m['opens']}, reads {m['reads']} ({m['read_bytes']} bytes)")
-    print(f"cache        hits {m['cache_hits']}, misses {m['cache_misses']} "
-          f"(hit rate {100 * m['cache_hits'] / lookups:.1f}%), {c['bytes']} of {c['max_bytes']} bytes")
-    h = m["fetch_latency"]
-    mean = h["sum_seconds"] / h["count"] * 1000 if h["count"] else 0.0
-    print(f"fetched      {m['fetches']} chunks, {m['fetched_bytes']} bytes, mean {mean:.1f} ms, "
-          f"{m['fetch_joined']} joined, {m['fetch_errors']} errors; io errors {m['io_errors']}")
-    for key in ("prefetch",):
-        if key in stats:
-            print(f"{key:<12} " + ", ".join(f"{k} {v}" for k, v in stats[key].items()))
+    from casfs.statstext import stats_lines
+
+    print("\n".join(stats_lines(stats)))
     return 0
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    from casfs.statstext import plural as _plural
+
+    return _plural(n, noun, nouns)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
