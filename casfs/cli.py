@@ -246,8 +246,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
         via = ""
     print(f"mounted {args.ref} at {args.mountpoint}{via} (fuse mode{why}: daemon pid {pid}, "
           f"log {log_path})")
+    _note_stock_pyfuse3(cfg.mountpoint)
     print(f"casfs: {allowances(cfg.allow_suid, cfg.allow_dev)}", file=sys.stderr)
     return 0
+
+
+def _note_stock_pyfuse3(mountpoint: str) -> None:
+    """Say so on the terminal when the daemon runs a stock pyfuse3: every open and
+    directory listing then reaches it (scripts/install.sh builds the patched one)."""
+    from casfs.vfs import STATS_XATTR
+
+    try:
+        mount = json.loads(os.getxattr(mountpoint, STATS_XATTR)).get("mount", {})
+    except (OSError, ValueError):
+        return
+    if mount.get("kernel_no_open") is False:
+        print("casfs: note: pyfuse3 lacks casfs's patch, so every open and directory listing "
+              "reaches the daemon (slower); scripts/install_pyfuse3.sh builds the patched one "
+              "(third_party/pyfuse3)", file=sys.stderr)
 
 
 def _choose_mode(asked: str, metrics_port: int | None = None) -> tuple[str, str]:
