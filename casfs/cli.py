@@ -254,10 +254,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _note_stock_pyfuse3(mountpoint: str) -> None:
     """Say so on the terminal when the daemon runs a stock pyfuse3: every open and
     directory listing then reaches it (scripts/install.sh builds the patched one)."""
-    from casfs.vfs import STATS_XATTR
-
-    try:
-        mount = json.loads(os.getxattr(mountpoint, STATS_XATTR)).get("mount", {})
+    try:  # the name casfs.vfs.STATS_XATTR, without importing the model here
+        mount = json.loads(os.getxattr(mountpoint, "user.casfs.stats")).get("mount", {})
     except (OSError, ValueError):
         return
     if mount.get("kernel_no_open") is False:
