@@ -683,16 +683,16 @@ def test_records_of_a_user_go_to_their_own_private_dir(
     try:
         found = list(run.rglob("*.json"))
         assert [p.name for p in found] == [f"{record_key(mnt)}.json"]
-        records = found[0].parent
-        assert records == run / "casfs" / "mounts"
-        for p in (run / "casfs", records):
-            st = os.lstat(p)
-            assert stat.S_ISDIR(st.st_mode) and st.st_uid == NOBODY
-            assert stat.S_IMODE(st.st_mode) == 0o700, f"{p} {stat.filemode(st.st_mode)}"
         st = os.lstat(found[0])
-        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-        assert st.st_uid == NOBODY
+        assert stat.S_ISREG(st.st_mode) and st.st_uid == NOBODY
+        assert stat.S_IMODE(st.st_mode) == 0o600, stat.filemode(st.st_mode)
         assert json.loads(found[0].read_text())["pid"] == pid
+        records = found[0].parent
+        for p in (records, *records.relative_to(run).parents[:-1]):
+            st = os.lstat(run / p)
+            assert stat.S_ISDIR(st.st_mode) and st.st_uid == NOBODY
+            assert stat.S_IMODE(st.st_mode) == 0o700, f"{run / p} {stat.filemode(st.st_mode)}"
+        assert records == run / "casfs" / "mounts"
         shown = user_side.casfs("stats", "--json", str(mnt), env=env, join=pid)
         assert shown.returncode == 0, shown.stderr
         gone = user_side.casfs("umount", str(mnt), env=env, join=pid)
