@@ -717,6 +717,7 @@ def test_records_of_a_user_go_to_their_own_private_dir(
                            "--no-agent", env=env)
     assert done.returncode == 0, done.stderr
     pid = parse_mount_output(done)[1]
+    running: int | None = pid
     try:
         found = list(run.rglob("*.json"))
         assert [p.name for p in found] == [f"{record_key(mnt)}.json"]
@@ -735,10 +736,10 @@ def test_records_of_a_user_go_to_their_own_private_dir(
         gone = user_side.casfs("umount", str(mnt), env=env, join=pid)
         assert gone.returncode == 0, gone.stderr
         assert wait_gone(pid, 15)
-        pid = None
+        running = None
         assert list(records.glob("*")) == []
     finally:
-        kill_quietly(pid)
+        kill_quietly(running)
 
 
 def test_planted_tmp_records_are_not_followed(
