@@ -81,7 +81,6 @@ from benchmarks.common import (
     mode_support,
     now_iso,
     parse_modes,
-    runs_base_for,
     s3_client,
     select_product,
     services,
@@ -666,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     product = select_product(args.casfs_src, args.casfs_rev, args.work)
     log(f"casfs under test: {product['source']}")
-    runs_base = runs_base_for(args.work)
+    runs_base = args.work / "runs"
     cleanup_stale_runs(runs_base)
     meta = build_image(spec, args.work, rebuild=args.rebuild)
     root = native_root(meta, args.work)

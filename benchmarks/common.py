@@ -406,7 +406,7 @@ def casfs_mount_start(ref: str, mountpoint: Path, store: str, cache_dir: Path,
                    mode.group(1) if mode else None, cache_dir)
 
 
-def casfs_umount(mounted: Mounted, timeout: float = 60, last: bool = True) -> None:
+def casfs_umount(mounted: Mounted, timeout: float = 180, last: bool = True) -> None:
     """Unmount cleanly; if that fails, detach lazily and stop the daemon we started.
 
     ``last``: this was the last mount its daemon serves, so it must exit (a kernel-mode
@@ -615,21 +615,6 @@ def s3_client(endpoint_url: str, max_pool: int = 32) -> Any:
         config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"},
                       max_pool_connections=max_pool),
     )
-
-
-# What a run dir's cache dirs append to it, at the longest (a kernel-mode cache dir holds
-# the node view's Unix socket, whose path must fit in 108 bytes).
-RUN_DIR_TAIL = "/coldstart-4194304/cache-np-kernel-numpy_pandas/view.sock"
-
-
-def runs_base_for(work: Path) -> Path:
-    """Where a benchmark's run dirs (mountpoints, cache dirs) go: ``<work>/runs``, or a
-    shorter path under the temp dir when ``work`` is too deep for the node view's socket
-    (casfs puts it in the cache dir; a Unix socket path must fit in 108 bytes)."""
-    base = work.resolve() / "runs"
-    if len(os.fsencode(str(base) + RUN_DIR_TAIL)) < 108:
-        return base
-    return Path(tempfile.gettempdir()) / "casfs-bench-runs"
 
 
 def cleanup_stale_runs(runs_base: Path) -> None:

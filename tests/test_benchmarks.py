@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
 
-from benchmarks import report  # noqa: E402
+from benchmarks import readpath, report  # noqa: E402
 from benchmarks.common import PageCache, cpu_seconds, parse_modes, summarize  # noqa: E402
 from benchmarks.images import IMAGES, build_image, write_image  # noqa: E402
 
@@ -239,6 +239,94 @@ def test_cpu_seconds_of_a_process() -> None:
         pass
     assert cpu_seconds(os.getpid()) >= 0.05
     assert cpu_seconds(None) is None
+
+
+# -- read-path report -------------------------------------------------------------------
+
+
+def _agg(**fields: list[float]) -> dict[str, Any]:
+    return {k: summarize(v) for k, v in fields.items()}
+
+
+def fake_readpath() -> dict[str, Any]:
+    """Read-path results, both modes: kernel warm reads twice as fast as FUSE ones."""
+    def big_mode(warm: float, cpu: float) -> dict[str, Any]:
+        return {"status": "ok",
+                "casfs_cold": {"bytes_per_s": 2e8, "requests": 517, "fetched_bytes": 2.1e9,
+                               "partial": False, "seconds": 10.0},
+                "casfs_warm": _agg(bytes_per_s=[warm, warm], daemon_cpu=[cpu, cpu],
+                                   requests=[3, 3], seconds=[2.0, 2.0]),
+                "casfs_hot": _agg(bytes_per_s=[1e10, 1e10], seconds=[0.2, 0.2])}
+
+    def ready(ms: float) -> dict[str, Any]:
+        return {"status": "ok", **_agg(returned=[ms / 1000] * 3, first_stat=[ms / 1000] * 3,
+                                       requests=[0, 0, 0])}
+
+    big = {"file_bytes": 2 << 30, "index_seconds": 20.0, "index_mb_per_s": 100.0,
+           "local_cold": _agg(bytes_per_s=[1e9, 1e9], seconds=[2.1, 2.1]),
+           "local_hot": _agg(bytes_per_s=[8e9, 8e9], seconds=[0.3, 0.3]),
+           "ranged_get": [{"threads": 32, "bytes_per_s": 4e8, "requests": 256,
+                           "bytes": 2 << 30, "seconds": 5.0}],
+           "modes": {"kernel": big_mode(9.5e8, 0.05), "fuse": big_mode(4.75e8, 1.5)}}
+    tree = {"entries_in_image": 100_101,
+            "local_cold": _agg(seconds=[1.0], entries=[100_100]),
+            "local_warm": _agg(seconds=[0.5], entries=[100_100]),
+            "modes": {
+                "kernel": {"status": "ok",
+                           "casfs_first_walk": _agg(seconds=[0.9], entries=[100_100]),
+                           "casfs_second_walk": _agg(seconds=[0.5], entries=[100_100]),
+                           "mount_ready": {"warm": ready(250), "dropped": ready(400),
+                                           "build": ready(700), "second": ready(40)}},
+                "fuse": {"status": "ok",
+                         "casfs_first_walk": _agg(seconds=[1.6], entries=[100_100]),
+                         "casfs_second_walk": _agg(seconds=[0.8], entries=[100_100]),
+                         "mount_ready": {"warm": ready(240), "dropped": ready(380),
+                                         "agent": {"status": "error", "note": "boom"}}}}}
+    res: dict[str, Any] = {
+        "benchmark": "readpath", "date": "2030-01-02T03:04:05+00:00",
+        "machine": {"nproc": 2, "mem_bytes": 24 << 30, "kernel": "6.18"},
+        "product": {"source": "test"}, "runs": 2, "store": "SeaweedFS (20 ms)",
+        "mount_flags": ["--no-trace"], "page_cache": {"ok": True},
+        "modes": ["kernel", "fuse"], "modes_unsupported": {},
+        "bigfile": big, "tree": tree, "errors": [],
+        "rss": {"kernel": {"bigfile read (peak)": 60e6}, "fuse": {"bigfile read (peak)": 160e6}}}
+    res["targets"] = readpath.evaluate(res)
+    return res
+
+
+def test_readpath_targets_per_mode() -> None:
+    targets = fake_readpath()["targets"]
+    kernel = {t["target"]: t for t in targets["kernel"]}
+    fuse = {t["target"]: t for t in targets["fuse"]}
+    warm = "warm read (content on the node, page cache dropped) ≥ 0.9× local disk cold"
+    assert kernel[warm]["measured"] == pytest.approx(0.95) and kernel[warm]["met"] is True
+    assert fuse[warm]["measured"] == pytest.approx(0.475) and fuse[warm]["met"] is False
+    ready = "mount ready (100k entries, image metadata on the node) ≤ 50 ms"
+    # Kernel mode's steady state: the EROFS on the node, the view service running.
+    assert kernel[ready]["measured"] == pytest.approx(0.040) and kernel[ready]["met"] is True
+    # FUSE: the agent row failed, so the figure falls back to no agent (warm).
+    assert fuse[ready]["measured"] == pytest.approx(0.240) and fuse[ready]["met"] is False
+    assert kernel["daemon RSS ≤ 150 MB"]["met"] is True
+    assert fuse["daemon RSS ≤ 150 MB"]["met"] is False
+    walk = kernel["second walk + lstat of the tree vs local disk warm"]
+    assert walk["measured"] == pytest.approx(1.0) and walk["met"] is None and walk["info"]
+
+
+def test_readpath_markdown_modes_side_by_side() -> None:
+    md = readpath.render(fake_readpath())
+    assert "Serving modes, side by side in this run: **kernel**, **fuse**" in md
+    assert md.count("| local disk, page cache dropped |") == 2  # big file and tree, once each
+    assert ("| casfs warm (content on the node, page cache dropped, fresh mount) | 950 | 0.95× | "
+            "3 | – | 0.05 | 475 | 0.47× | 3 | – | 1.50 | 2.00× |") in md
+    assert ("| casfs, second walk (same mount) | 0.50 | 1.00× | 100,100 | 0.80 | 1.60× | "
+            "100,100 | 0.62× |") in md
+    assert "| kernel | EROFS on the node, view service running (a second mount) | 40 | 40 |" in md
+    assert "| kernel | first mount of the image: builds the EROFS, starts the service | 700 |" in md
+    assert "| fuse | node agent running, page cache warm | error: boom |" in md
+    assert "| bigfile read (peak) | 60.0 MB | 160.0 MB |" in md
+    assert "| target | kernel | fuse |" in md
+    assert "| warm read (content on the node, page cache dropped) ≥ 0.9× local disk cold | " \
+           "0.95× met | 0.47× NOT met |" in md
 
 
 # -- shared pieces ----------------------------------------------------------------------
