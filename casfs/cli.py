@@ -330,12 +330,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"agent serving {cache_dir} (pid {pid}, log {cache_dir}/logs/agent.log)")
         return 0
     if args.action == "stop":
-        pid = stop_agent(cache_dir)
-        print(f"agent (pid {pid}) stopped; its mounts keep serving" if pid
+        stopped = stop_agent(cache_dir)
+        print(f"agent (pid {stopped}) stopped; its mounts keep serving" if stopped
               else f"no agent serves {cache_dir}")
         return 0
-    pid = agent_status(cache_dir)
-    print(f"agent serving {cache_dir} (pid {pid})" if pid else f"no agent serves {cache_dir}")
+    running = agent_status(cache_dir)
+    print(f"agent serving {cache_dir} (pid {running})" if running
+          else f"no agent serves {cache_dir}")
     return 0 if pid else 1
 
 
@@ -400,14 +401,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache = ChunkCache(args.cache_dir or default_cache_dir(), parse_size(args.cache_size))
     if args.action == "stats":
         usage = cache.usage()
-        info = {"dir": str(cache.root), "bytes": cache.total_bytes(),
-                "max_bytes": cache.max_bytes, **usage}
+        held = cache.total_bytes()
         if args.json:
-            print(json.dumps(info, indent=2))
+            print(json.dumps({"dir": str(cache.root), "bytes": held,
+                              "max_bytes": cache.max_bytes, **usage}, indent=2))
             return 0
         print(f"cache dir   {cache.root}")
-        print(f"held        {human_bytes(info['bytes'])} of {human_bytes(cache.max_bytes)}"
-              f" ({100 * info['bytes'] / max(cache.max_bytes, 1):.1f}%)")
+        print(f"held        {human_bytes(held)} of {human_bytes(cache.max_bytes)}"
+              f" ({100 * held / max(cache.max_bytes, 1):.1f}%)")
         print(f"chunks      {plural(usage['chunks'], 'chunk')}, "
               f"{human_bytes(usage['chunk_bytes'])}")
         print(f"objects     {plural(usage['objects'], 'whole file')} (kernel mode), "

@@ -118,7 +118,7 @@ def kernel_mount_orphaned(real: str, table: dict[str, str] | None = None) -> boo
     if table.get(real) != "overlay":
         return False
     record = find_record(real)
-    return bool(record) and record.get("mode") == "kernel" and \
+    return record is not None and record.get("mode") == "kernel" and \
         not process_running(int(record.get("pid", 0)))
 
 

@@ -124,11 +124,11 @@ def build_erofs(
     kernel_mode_obstacle.
     """
     parts, info = _Build(manifest, object_path, drop_security_xattrs).run()
-    if hasattr(out, "write"):
-        for part in parts:
-            out.write(part)  # type: ignore[union-attr]
+    if isinstance(out, (str, os.PathLike)):
+        _write_atomically(os.fspath(out), parts)
     else:
-        _write_atomically(os.fspath(out), parts)  # type: ignore[arg-type]
+        for part in parts:
+            out.write(part)
     return info
 
 

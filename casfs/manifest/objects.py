@@ -24,6 +24,7 @@ import stat
 import struct
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import overload
 
 import blake3
 
@@ -100,18 +101,18 @@ class ObjectTable:
         if len(buf) % RECORD.size:
             raise ManifestError("object table size is not a whole number of records")
         self.buf = buf
-        self.count = len(buf) // RECORD.size
-        self._names = _Names(buf, self.count)
+        self.size = len(buf) // RECORD.size
+        self._names = _Names(buf, self.size)
 
     def lookup(self, name: bytes) -> int:
         """The inode whose content is object `name` (32 raw bytes), or 0."""
         i = bisect_left(self._names, name)
-        if i < self.count and self._names[i] == name:
+        if i < self.size and self._names[i] == name:
             return int(RECORD.unpack_from(self.buf, i * RECORD.size)[1])
         return 0
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
-        for i in range(self.count):
+        for i in range(self.size):
             name, ino = RECORD.unpack_from(self.buf, i * RECORD.size)
             yield bytes(name), int(ino)
 
@@ -119,13 +120,21 @@ class ObjectTable:
 class _Names(Sequence[bytes]):
     """The names of a table as a sequence, for bisect."""
 
-    def __init__(self, buf: bytes | memoryview, count: int) -> None:
+    def __init__(self, buf: bytes | memoryview, size: int) -> None:
         self.buf = buf
-        self.count = count
+        self.size = size
 
     def __len__(self) -> int:
-        return self.count
+        return self.size
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.size))]
         start = i * RECORD.size
         return bytes(self.buf[start : start + 32])

@@ -41,7 +41,7 @@ class Inode(NamedTuple):
     mtime_ns: int
     rdev: int
     first: int
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count(), on purpose
     xattr_first: int
     xattr_count: int
     parent: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -36,7 +37,7 @@ class Node:
         return stat.S_ISDIR(self.mode)
 
     @classmethod
-    def directory(cls, perm: int = 0o755, **kw: int) -> Node:
+    def directory(cls, perm: int = 0o755, **kw: Any) -> Node:
         return cls(mode=stat.S_IFDIR | perm, children={}, **kw)
 
 

@@ -729,10 +729,10 @@ def kill_index_at_random_points(image: SourceImage, store_url: str, clean_ref: s
     store = open_store(store_url, **(open_kw or {}))
     out["stale_index_locks"] = sum(1 for _ in store.backend.list("locks/index-"))
     t0 = time.monotonic()
-    proc = cli("index", image.ref, "--store", store_url, "--tag", "img", "-q", env=env,
-               timeout=300)
-    assert proc.returncode == 0, f"re-run after kills failed: {proc.stderr[-2000:]}"
-    ref = proc.stdout.strip().splitlines()[-1]
+    rerun = cli("index", image.ref, "--store", store_url, "--tag", "img", "-q", env=env,
+                timeout=300)
+    assert rerun.returncode == 0, f"re-run after kills failed: {rerun.stderr[-2000:]}"
+    ref = rerun.stdout.strip().splitlines()[-1]
     out["rerun_seconds"] = round(time.monotonic() - t0, 2)
     assert ref == clean_ref, f"re-run gave {ref}, a clean index {clean_ref}"
     problems, counts = store_problems(open_store(store_url, **(open_kw or {})))

@@ -200,7 +200,7 @@ def fuzz_targets() -> list[Target]:
 
     def compressed(comp: str) -> Callable[[bytes], str]:
         def run(data: bytes) -> str:
-            stream = open_decompressed(io.BufferedReader(io.BytesIO(data)), comp, "layer")  # type: ignore[arg-type]
+            stream = open_decompressed(io.BufferedReader(io.BytesIO(data)), comp, "layer")
             guarded = io.BufferedReader(ExpansionGuard(stream, lambda: len(data), "layer",
                                                        256 << 20, 1000), 1 << 16)
             return ingest(guarded)

@@ -364,7 +364,8 @@ def read_in_subprocess(paths: Sequence[str | os.PathLike[str]], timeout: float,
     A read stuck in the kernel cannot be interrupted from Python; if the child does not
     finish in time the mount's FUSE connection is aborted (which fails the read) and the
     test fails with the reason."""
-    child = subprocess.Popen([sys.executable, "-c", _READER, *map(os.fspath, paths)],
+    names = [os.fspath(p) for p in paths]
+    child = subprocess.Popen([sys.executable, "-c", _READER, *names],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = child.communicate(timeout=timeout)
@@ -373,7 +374,7 @@ def read_in_subprocess(paths: Sequence[str | os.PathLike[str]], timeout: float,
         abort_fuse(mountpoint)
         child.kill()
         child.communicate(timeout=10)
-        raise AssertionError(f"reading {list(map(os.fspath, paths))} took over {timeout}s "
+        raise AssertionError(f"reading {names} took over {timeout}s "
                              f"(reader state {state}); aborted the mount") from None
     assert child.returncode == 0, err
     return json.loads(out)

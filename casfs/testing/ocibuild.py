@@ -129,7 +129,7 @@ class Member:
                 # tarfile writes str PAX values back with surrogateescape when they are not
                 # valid UTF-8 (and marks the record hdrcharset=BINARY), so bytes survive.
                 value = value.decode("utf-8", "surrogateescape")
-            info.pax_headers["SCHILY.xattr." + key] = value
+            info.pax_headers = {**info.pax_headers, "SCHILY.xattr." + key: value}
         return info
 
 
