@@ -49,7 +49,8 @@ from casfs.fetch import Fetcher
 from casfs.manifest import Manifest
 from casfs.manifest.reader import ChunkRef
 from casfs.packindex import PackIndex
-from casfs.ranges import PackLocation, PackRange, merge_pack_runs, ranges_of
+from casfs.ranges import PackedChunk, PackLocation, PackRange, ranges_of
+from casfs.store.content import stored_bound
 from prefetch.elf import parse_headers
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ class StreamPlan:
 
 
 def _stored(item: Item) -> int:
-    return item.location.length if item.location is not None else item.length
+    """Its stored size where a pack says it, else the most it can be."""
+    return item.location.length if item.location is not None else stored_bound(item.length)
 
 
 def _is_library(name: bytes) -> bool:
@@ -295,12 +297,19 @@ class StreamStatus:
 
 
 class BackgroundStream:
-    """Streams the plan's tiers into the cache; see the module docstring."""
+    """Streams the plan's tiers into the cache; see the module docstring.
+
+    Requests: a ranged GET starts at the next chunk to stream and takes in what follows
+    it in its pack, up to `range_bytes`: chunks of the tier being streamed (or an
+    earlier one), and the chunks between them when they add at most `max_gap` bytes
+    (those are inserted too: every byte fetched is verified and kept). It ends before
+    any chunk that is on the node, being fetched or already taken, so no byte crosses
+    the network twice."""
 
     def __init__(self, manifest: Manifest, fetcher: Fetcher, packs: PackIndex, *,
                  policy: StreamPolicy, boot_over: Callable[[], bool],
                  concurrency: int = 6, range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
-                 batch: int = 256, whole_library_max: int = 64 << 20) -> None:
+                 batch: int = 64, whole_library_max: int = 64 << 20) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
         self.packs = packs
@@ -315,12 +324,21 @@ class BackgroundStream:
         self.plan: StreamPlan | None = None
         self.fetched: dict[str, int] = {}  # digest -> bytes counted, of what it fetched
         self._used: set[str] = set()
-        self._done: set[str] = set()  # planned items taken (fetched, skipped or failed)
-        self._focus: list[int] = []  # package roots read from, most recent last
+        self._tier_of: dict[str, int] = {}  # every chunk of the mode's tiers: its tier
+        self._tier = CODE  # the tier being streamed
+        self._taken: set[str] = set()  # chunks handed out by _take (in order)
+        self._claimed: set[str] = set()  # chunks put in a request, or skipped
+        self._focus: list[int] = []  # directories read from, most recent last
         self._cursor: dict[tuple[int, int], int] = {}  # (tier, root) -> next index
         self._by_root: dict[tuple[int, int], list[int]] = {}  # (tier, root) -> item indices
-        self._sent = 0
-        self._t0 = 0.0
+        # pack -> its chunks of this image as (offset, stored length, digest), by offset
+        self._entries: dict[str, list[PackedChunk]] = {}
+        self._pos: dict[str, int] = {}  # digest -> index in its pack's entries
+        self._lengths: dict[str, int] = {}  # chunks requested on their own: their size
+        self._sent = 0  # bytes of the requests started
+        self._in_flight = 0  # of those, not yet answered (for the cap)
+        self._t0 = 0.0  # time.monotonic() at the first request
+        self._paced_from = 0.0  # trio.current_time() then
 
     @property
     def mode(self) -> str:
@@ -337,14 +355,11 @@ class BackgroundStream:
                 self._used.add(c.digest)
                 self.status.used_chunks += 1
                 self.status.used_bytes += got
-        plan = self.plan
-        if plan is None:
-            return
-        root = plan.root_of_dir.get(self.manifest.inode(ino).parent, -1)
-        if root >= 0 and (not self._focus or self._focus[-1] != root):
-            if root in self._focus:
-                self._focus.remove(root)
-            self._focus.append(root)
+        parent = self.manifest.inode(ino).parent
+        if not self._focus or self._focus[-1] != parent:
+            if parent in self._focus:
+                self._focus.remove(parent)
+            self._focus.append(parent)
             del self._focus[:-8]
             self.status.focus_switches += 1
 
@@ -362,15 +377,14 @@ class BackgroundStream:
             plan = await trio.to_thread.run_sync(
                 build_plan, self.manifest, self.packs.locations, st.mode,
                 self.whole_library_max)
+            await trio.to_thread.run_sync(self._index, plan)
         except (CasfsError, OSError) as exc:
             self._stop("failed")
+            st.state = "stopped"
             log.warning("background fetch: no plan: %s", exc)
             return
         st.plan_seconds = round(time.monotonic() - t, 3)
         self.plan = plan
-        for tier, items in enumerate(plan.tiers):
-            for i, it in enumerate(items):
-                self._by_root.setdefault((tier, it.focus), []).append(i)
         tiers = 3 if st.mode == ALL else 2
         st.planned_chunks, st.planned_bytes = plan.planned(tiers)
         st.image_stored_bytes = plan.stored_bytes
@@ -378,11 +392,13 @@ class BackgroundStream:
         st.rate_bytes_per_second = self.policy.rate or 0
         st.state = "running"
         self._t0 = time.monotonic()
+        self._paced_from = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 slots = trio.Semaphore(self.concurrency)
                 for tier in range(tiers):
                     st.tier = TIER_NAMES[tier]
+                    self._tier = tier
                     if tier == LIBRARIES and plan.big_libraries:
                         nursery.start_soon(self._loader_parts, plan.big_libraries, nursery,
                                            slots)
@@ -402,12 +418,28 @@ class BackgroundStream:
                  "them read by the boot", st.mode, st.stopped, st.seconds, st.fetched_chunks,
                  st.fetched_bytes, st.used_chunks)
 
+    def _index(self, plan: StreamPlan) -> None:
+        """Lookups over the plan (blocking, in a thread with the planning)."""
+        tiers = 3 if self.status.mode == ALL else 2
+        for tier, items in enumerate(plan.tiers[:tiers]):
+            for i, it in enumerate(items):
+                self._by_root.setdefault((tier, it.focus), []).append(i)
+                self._tier_of[it.digest] = tier
+        by_pack: dict[str, list[PackedChunk]] = {}
+        for digest, (pack, offset, length) in self.packs.locations.items():
+            by_pack.setdefault(pack, []).append(PackedChunk(digest, offset, length))
+        for pack, entries in by_pack.items():
+            entries.sort(key=lambda e: e.offset)
+            self._entries[pack] = entries
+            for i, e in enumerate(entries):
+                self._pos[e.digest] = i
+
     def _stop(self, why: str) -> None:
         if not self.status.stopped:
             self.status.stopped = why
             log.info("background fetch stopping: %s", why)
 
-    async def _should_stop(self, size: int) -> bool:
+    async def _should_stop(self, size: int, group: PackRange | str | None = None) -> bool:
         """Whether to stop before a request of `size` bytes (waits out the rate cap)."""
         if self.status.stopped:
             return True
@@ -415,23 +447,29 @@ class BackgroundStream:
             self._stop("boot over")
             return True
         m = self.fetcher.metrics
-        if m.fetched_bytes + m.prefetch_bytes + size > self.status.cap_bytes:
+        if m.fetched_bytes + m.prefetch_bytes + self._in_flight + size > self.status.cap_bytes \
+                and (group is None or await self._still_wanted(group)):
             self._stop("cap")
             return True
         if self.policy.rate:
-            await trio.sleep_until(self._t0 + self._sent / self.policy.rate)
+            await trio.sleep_until(self._paced_from + self._sent / self.policy.rate)
             if self.boot_over():
                 self._stop("boot over")
                 return True
+        if not await self.fetcher.room_left(ROOM_SHARE):
+            self._stop("cache cap")
+            return True
         self._sent += size
+        self._in_flight += size
         return False
 
     def _next_batch(self, tier: int, items: list[Item]) -> list[Item]:
-        """Up to `batch` items not yet taken: of the package in focus first (most recent
-        read first), else in the tier's order."""
-        out: list[Item] = []
-        for root in reversed(self._focus):
-            out = self._take(tier, items, root)
+        """Up to `batch` items not yet taken: of the package in focus first (the package
+        of the most recent read first), else in the tier's order."""
+        assert self.plan is not None
+        for directory in reversed(self._focus):
+            root = self.plan.root_of_dir.get(directory, -1)
+            out = self._take(tier, items, root) if root >= 0 else []
             if out:
                 return out
         return self._take(tier, items, None)
@@ -439,14 +477,16 @@ class BackgroundStream:
     def _take(self, tier: int, items: list[Item], root: int | None) -> list[Item]:
         key = (tier, -2 if root is None else root)
         indices = self._by_root.get((tier, root)) if root is not None else None
+        if root is not None and indices is None:
+            return []
         pos = self._cursor.get(key, 0)
         n = len(indices) if indices is not None else len(items)
         out: list[Item] = []
         while pos < n and len(out) < self.batch:
             it = items[indices[pos] if indices is not None else pos]
             pos += 1
-            if it.digest not in self._done:
-                self._done.add(it.digest)
+            if it.digest not in self._taken and it.digest not in self._claimed:
+                self._taken.add(it.digest)
                 out.append(it)
         self._cursor[key] = pos
         return out
@@ -455,55 +495,121 @@ class BackgroundStream:
                            slots: trio.Semaphore) -> bool:
         """Stream one tier; False when the stream stopped."""
         while True:
-            await slots.acquire()  # wait for a free slot before choosing (focus moves)
+            await slots.acquire()  # choose once a request can start (the focus moves)
             batch = self._next_batch(tier, items)
             if not batch:
                 slots.release()
                 return True
-            present = await self.fetcher.present([it.digest for it in batch])
-            wanted = [it for it, have in zip(batch, present, strict=True)
-                      if not have and not self.fetcher.in_flight(it.digest)]
-            self.status.skipped_chunks += len(batch) - len(wanted)
-            groups = merge_pack_runs(((it.digest, it.location) for it in wanted),
-                                     max_gap=self.max_gap, range_bytes=self.range_bytes)
-            sizes = {it.digest: _stored(it) for it in wanted}
-            first = True
-            for group in groups:
-                if not first:
-                    await slots.acquire()
-                first = False
-                size = (group.length if isinstance(group, PackRange) else sizes[group])
-                if await self._should_stop(size):
-                    slots.release()
-                    return False
-                if not await self.fetcher.room_left(ROOM_SHARE):
-                    self._stop("cache cap")
-                    slots.release()
-                    return False
-                nursery.start_soon(self._fetch, group, sizes, slots)
-            if first:
+            groups = await self._requests(batch)
+            if not groups:
                 slots.release()
+                continue
+            for i, (group, size) in enumerate(groups):
+                if i:
+                    await slots.acquire()
+                if await self._should_stop(size, group):
+                    slots.release()
+                    return False
+                nursery.start_soon(self._fetch, group, size, slots)
 
-    async def _fetch(self, group: PackRange | str, sizes: dict[str, int],
-                     slots: trio.Semaphore) -> None:
+    async def _still_wanted(self, group: PackRange | str) -> bool:
+        """Whether a request chosen a while ago still has anything to fetch (reads may
+        have fetched its chunks meanwhile: then it costs nothing)."""
+        digests = [group] if isinstance(group, str) else [it.digest for it in group.items]
+        present = await self.fetcher.present(digests)
+        return not all(have or self.fetcher.in_flight(d)
+                       for d, have in zip(digests, present, strict=True))
+
+    def _window(self, loc: PackLocation, digest: str) -> list[PackedChunk]:
+        """The image's chunks in this pack from this one on, within range_bytes."""
+        entries = self._entries.get(loc.pack)
+        i = self._pos.get(digest)
+        if entries is None or i is None or entries[i].digest != digest:
+            return [PackedChunk(digest, loc.offset, loc.length)]
+        out: list[PackedChunk] = []
+        for e in entries[i:]:
+            if out and e.offset + e.length - loc.offset > self.range_bytes:
+                break
+            out.append(e)
+        return out
+
+    async def _requests(self, batch: list[Item]) -> list[tuple[PackRange | str, int]]:
+        """The requests for a batch of items: (a pack range or a digest, stored bytes).
+        Items on the node or in flight are skipped."""
+        windows = {it.digest: self._window(it.location, it.digest)
+                   for it in batch if it.location is not None}
+        asked = list(dict.fromkeys([it.digest for it in batch] +
+                                   [e.digest for w in windows.values() for e in w]))
+        have = dict(zip(asked, await self.fetcher.present(asked), strict=True))
+
+        def free(digest: str) -> bool:
+            return not (have.get(digest) or self.fetcher.in_flight(digest)
+                        or digest in self._claimed)
+
+        out: list[tuple[PackRange | str, int]] = []
+        for it in batch:
+            if not free(it.digest):
+                if it.digest not in self._claimed:
+                    self._claimed.add(it.digest)
+                    self.status.skipped_chunks += 1
+                continue
+            self._claimed.add(it.digest)
+            if it.location is None:
+                self._lengths[it.digest] = it.length
+                out.append((it.digest, stored_bound(it.length)))
+                continue
+            window = windows[it.digest]
+            run = [window[0]]
+            end = window[0].offset + window[0].length
+            pending: list[PackedChunk] = []
+            gap = 0  # bytes of unplanned chunks and holes since the run's end
+            for e in window[1:]:
+                hole = e.offset - end
+                if hole < 0 or not free(e.digest):
+                    break
+                if self._tier_of.get(e.digest, REST + 1) <= self._tier:
+                    if gap + hole > self.max_gap:
+                        break
+                    run += pending
+                    run.append(e)
+                    pending, gap = [], 0
+                else:
+                    gap += hole + e.length
+                    if gap > self.max_gap:
+                        break
+                    pending.append(e)
+                end = e.offset + e.length
+            for e in run[1:]:
+                self._claimed.add(e.digest)
+            pr = PackRange(it.location.pack, run)
+            out.append((pr, pr.length))
+        return out
+
+    async def _fetch(self, group: PackRange | str, size: int, slots: trio.Semaphore) -> None:
         st = self.status
         try:
             st.requests += 1
             if isinstance(group, str):
                 await self.fetcher.prefetch(group)
-                digests = [group]
+                got = [(group, self._length(group))]
             else:
                 await self.fetcher.get_pack_range(group)
-                digests = [it.digest for it in group.items]
-            for d in digests:
-                if d not in self.fetched:
-                    self.fetched[d] = sizes[d]
+                got = [(it.digest, it.length) for it in group.items]
+            for digest, n in got:
+                if digest not in self.fetched:
+                    self.fetched[digest] = n
                     st.fetched_chunks += 1
-                    st.fetched_bytes += sizes[d]
+                    st.fetched_bytes += n
         except CasfsError as exc:
             log.debug("background fetch request failed: %s", exc)
         finally:
+            self._in_flight -= size
             slots.release()
+
+    def _length(self, digest: str) -> int:
+        """Bytes counted for a chunk fetched on its own: the most its stored form can
+        be (the fetcher alone sees its real size)."""
+        return stored_bound(self._lengths.pop(digest, 0))
 
     async def _loader_parts(self, inos: Iterable[int], nursery: trio.Nursery,
                             slots: trio.Semaphore) -> None:
@@ -517,16 +623,18 @@ class BackgroundStream:
                 log.debug("background fetch: no loader parts for inode %d: %s", ino, exc)
                 continue
             for c in parts:
-                if c.digest in self._done or self.fetcher.in_flight(c.digest):
+                if c.digest in self._claimed or self.fetcher.in_flight(c.digest):
                     continue
-                self._done.add(c.digest)
+                self._claimed.add(c.digest)
+                self._lengths[c.digest] = c.length
                 await slots.acquire()
-                if await self._should_stop(c.length):
+                size = stored_bound(c.length)
+                if await self._should_stop(size, c.digest):
                     slots.release()
                     return
                 self.status.planned_chunks += 1
-                self.status.planned_bytes += c.length
-                nursery.start_soon(self._fetch, c.digest, {c.digest: c.length}, slots)
+                self.status.planned_bytes += size
+                nursery.start_soon(self._fetch, c.digest, size, slots)
 
     async def _library_parts(self, ino: int) -> list[ChunkRef]:
         size = self.manifest.inode(ino).size
