@@ -20,8 +20,8 @@ unprivileged user `nobody` (uid 65534) and as a second unprivileged user (uid 42
    anything is sent to a socket there.
 10. Mount statistics (the `user.casfs.stats` xattr, `casfs stats`) hold no store URL.
 
-Two gaps are strict xfails, each naming its fix: a file store an older casfs left open
-(0755/0644) is not tightened, and a daemon's command line (`ps`) still shows the store URL.
+One gap is a strict xfail naming its fix: a daemon's command line (`ps`) still shows the
+store URL. (A file store an older casfs left open is tightened when its owner opens it.)
 
 Running casfs as `nobody` needs what a normal node gives its users and this machine
 does not: /dev/fuse is 0600 here (Debian ships it 0666) and the Python that runs
@@ -308,15 +308,6 @@ def test_content_read_by_root_stays_out_of_reach_of_nobody(
         assert open_to_others(cache) + open_to_others(store) == []
 
 
-STORE_NOT_TIGHTENED = (
-    "an existing file store is left as it is: one an older casfs wrote (0755 directories, "
-    "0644 blobs) keeps every image's content readable by every local user; the fix: "
-    "casfs/store/local.py FileBackend.__init__, when opened for writing (create=True), "
-    "chmod the root to 0700 when this user owns it and it is open to others, as "
-    "casfs.locations.ensure_private_dir does for the cache directory")
-
-
-@pytest.mark.xfail(strict=True, reason=STORE_NOT_TIGHTENED)
 def test_a_store_an_older_casfs_left_open_is_tightened(public_dir: Path, tmp_path: Path) -> None:
     from casfs.testing import ocibuild as ob
 

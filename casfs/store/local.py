@@ -57,6 +57,19 @@ class FileBackend:
             self._sweep_tmp()
         elif not self.root.is_dir():
             raise StoreUnreachable(f"store directory {self.root} does not exist")
+        self._tighten()
+
+    def _tighten(self) -> None:
+        """A store holds every indexed image's content, whatever the images' own modes:
+        one an older casfs left open to other users (0755) is closed (0700) when its
+        owner opens it. Entering the root is what others would need; its files keep
+        their modes."""
+        try:
+            st = os.stat(self.root)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+        except OSError:
+            pass  # not ours, or read-only media: the store works as it is
 
     def _sweep_tmp(self) -> None:
         """Remove the partial puts of writers killed long ago (a put takes seconds)."""
