@@ -191,6 +191,9 @@ def node(request: pytest.FixtureRequest, registry: dict[str, str],
         for m in sorted(mounts_under(tmp_path), key=len, reverse=True):
             if m.endswith("/rootfs") and "/images/" in m:
                 cli("umount", m)
+        deadline = time.monotonic() + 60  # the node view exits after its last mount
+        while mounts_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
         leftovers = mounts_under(tmp_path)
         for m in sorted(leftovers, key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True)

@@ -151,6 +151,10 @@ def env(image: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
     cache = tmp_path / "cache"
     e = {"state": str(state), "cache": str(cache), **image}
     yield e
+    # the node view of a kernel-mode cache dir exits after its last mount, in its own time
+    deadline = time.monotonic() + 60
+    while mounts_under(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
     leftovers = mounts_under(tmp_path)
     for m in sorted(leftovers, key=len, reverse=True):
         subprocess.run(["umount", "-l", m], capture_output=True)

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from casfs.run.command import Handler, add_arguments
+from casfs.run.args import Handler, add_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:

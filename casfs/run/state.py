@@ -245,13 +245,10 @@ class State:
             return
         mnt = idir / "rootfs"
         if is_mounted_path(mnt):
-            from casfs.mounts import unmount
-
-            try:
-                unmount(str(mnt))
-            except CasfsError as exc:
-                print(f"casfs: warning: could not unmount the image at {mnt}: {exc}",
-                      file=sys.stderr)
+            proc = casfs_umount(mnt)
+            if proc.returncode != 0 and is_mounted_path(mnt):
+                print(f"casfs: warning: could not unmount the image at {mnt}: "
+                      f"{proc.stderr.strip()}", file=sys.stderr)
                 return
         shutil.rmtree(idir, ignore_errors=True)
 
@@ -263,6 +260,12 @@ class State:
             users = idir / "users"
             out[idir.name] = len(list(users.iterdir())) if users.is_dir() else 0
         return out
+
+
+def casfs_umount(mnt: Path) -> subprocess.CompletedProcess[str]:
+    """`casfs umount` (the command-line contract, whatever the serving mode)."""
+    return subprocess.run([sys.executable, "-m", "casfs.cli", "umount", str(mnt)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
 def is_mounted_path(path: Path) -> bool:

@@ -6,12 +6,8 @@ when it stops, so running containers keep their root filesystems."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
-import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from casfs.errors import CasfsError
 
@@ -23,6 +19,11 @@ DEFAULT_ROOT = "/var/lib/casfs/snapshotter"
 
 
 def cmd_snapshotter(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from pathlib import Path
+
     from casfs.locations import default_cache_dir, ensure_private_dir, resolve_store_url
 
     try:
@@ -32,8 +33,14 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
                          "pip install 'casfs[containers]'") from exc
     if os.geteuid() != 0:
         raise CasfsError("casfs snapshotter needs root (it mounts images and overlays)")
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s casfs-snapshotter %(levelname)s: %(message)s")
+    # its own handler: the CLI configures the root logger for short-lived commands
+    logger = logging.getLogger("casfs.snapshotter")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s casfs-snapshotter %(levelname)s: "
+                                           "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    logger.propagate = False
     root = Path(os.path.abspath(args.root))
     ensure_private_dir(root, "snapshotter root")
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())

@@ -156,15 +156,15 @@ class Images:
             return mnt
 
     def release(self, hexd: str) -> None:
-        from casfs.mounts import is_mounted, unmount
+        from casfs.mounts import is_mounted
 
         with self.lock:
             mnt = self.mountpoint(hexd)
             if is_mounted(str(mnt)):
-                try:
-                    unmount(str(mnt))
-                except Exception as exc:  # noqa: BLE001 - busy: a container still uses it
-                    log.warning("could not unmount %s: %s", mnt, exc)
+                proc = subprocess.run([sys.executable, "-m", "casfs.cli", "umount", str(mnt)],
+                                      capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                if proc.returncode != 0 and is_mounted(str(mnt)):
+                    log.warning("could not unmount %s: %s", mnt, proc.stderr.strip())
                     return
             shutil.rmtree(mnt.parent, ignore_errors=True)
             log.info("released blake3:%s", hexd)
