@@ -29,6 +29,7 @@ import termios
 import tty
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from casfs.run.state import RunError
 
@@ -338,14 +339,14 @@ def reap_orphans() -> None:
             return
 
 
-def install_forwarding(handler: Callable[[int], None]) -> dict[int, object]:
+def install_forwarding(handler: Callable[[int], None]) -> dict[int, Any]:
     """Send the signals casfs gets to `handler`; returns the previous handlers."""
-    old = {}
+    old: dict[int, Any] = {}
     for sig in FORWARDED:
         old[sig] = signal.signal(sig, lambda s, _f: handler(s))
     return old
 
 
-def restore_signals(old: dict[int, object]) -> None:
+def restore_signals(old: dict[int, Any]) -> None:
     for sig, h in old.items():
-        signal.signal(sig, h)  # type: ignore[arg-type]
+        signal.signal(sig, h)

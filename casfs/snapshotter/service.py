@@ -177,7 +177,7 @@ def _ts(t: float) -> timestamp_pb2.Timestamp:
 
 
 def _info(r: Record) -> pb.Info:
-    return pb.Info(name=r.name, parent=r.parent, kind=r.kind, created_at=_ts(r.created),
+    return pb.Info(name=r.name, parent=r.parent, kind=pb.Kind.Name(r.kind), created_at=_ts(r.created),
                    updated_at=_ts(r.updated), labels=r.labels)
 
 
