@@ -77,9 +77,14 @@ class Images:
         self.cache_size = cache_size
         self.lock = threading.RLock()
         self.known_path = root / "images.json"
+        # OCI manifest digest -> {"manifest": casfs hex, "layers": [...]}, and the casfs
+        # manifests already read (a later scan reads only the manifests of new tags)
         self.known: dict[str, dict[str, Any]] = {}
-        with contextlib.suppress(OSError, ValueError):
-            self.known = json.loads(self.known_path.read_text())
+        self.scanned: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            saved = json.loads(self.known_path.read_text())
+            self.known = dict(saved.get("images", {}))
+            self.scanned = set(saved.get("scanned", []))
         self.misses: dict[str, float] = {}
         (root / "images").mkdir(exist_ok=True, mode=0o700)
 
@@ -101,32 +106,30 @@ class Images:
             from casfs.manifest import Manifest
 
             store = self._store()
-            seen: set[str] = set()
-            found = None
             for tag in store.list_tags():
                 try:
                     hexd = store.get_tag(tag)
                 except Exception:  # noqa: BLE001 - a tag removed meanwhile
                     continue
-                if hexd in seen:
+                if hexd in self.scanned:
                     continue
-                seen.add(hexd)
                 meta = Manifest(store.get_manifest(hexd), hexd).meta
                 entry = {"manifest": hexd,
                          "layers": [str(layer.get("digest")) for layer in meta.get("layers", [])]}
                 for key in ("image", "image_manifest_digest"):
-                    if isinstance(meta.get(key), str):
+                    if isinstance(meta.get(key), str) and meta[key]:
                         self.known[meta[key]] = entry
-                if oci_digest in (meta.get("image"), meta.get("image_manifest_digest")):
-                    found = entry
+                self.scanned.add(hexd)
             self._save()
+            found = self.known.get(oci_digest)
             if found is None:
                 self.misses[oci_digest] = time.monotonic()
             return found
 
     def _save(self) -> None:
         tmp = self.known_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.known))
+        tmp.write_text(json.dumps({"version": 1, "images": self.known,
+                                   "scanned": sorted(self.scanned)}))
         os.replace(tmp, self.known_path)
 
     def mountpoint(self, hexd: str) -> Path:
