@@ -24,9 +24,11 @@ may read only in part). A byte cap (`cap`, default the image's stored size: the 
 as a whole never fetches more than that) and a bandwidth cap (`rate`, bytes per second
 of the stream's own requests; default none).
 
-The stream always stays behind the process: it goes through the fetcher as prefetch (its
-own limiter below reads'; a read of a chunk the stream is fetching joins that fetch),
-a few requests at a time, skipping chunks already on the node or being fetched. It stops
+The stream always stays behind the process: it starts once the boot has begun (its first
+read, and `grace` seconds for the guesses that read made to be under way), it goes
+through the fetcher as prefetch (its own limiter below reads'; a read of a chunk the
+stream is fetching joins that fetch), a few requests at a time, skipping chunks already
+on the node or being fetched. It stops
 when the boot ends (the recorder's idle rule: `--trace-idle` seconds with no read in
 flight and no new first access), when the cap is reached, near the cache's size cap, or
 at unmount, whichever comes first.
@@ -273,7 +275,8 @@ def package_root(path: bytes) -> bytes | None:
 @dataclass
 class StreamStatus:
     mode: str = OFF
-    state: str = "waiting"  # waiting (for the trace lookup), planning, running, stopped, off
+    state: str = "waiting"  # waiting (for the trace lookup, then the boot's first read),
+    # planning, running, stopped, off
     stopped: str = ""  # why: done, boot over, cap, cache cap, failed, unmounted,
     # trace replayed (off: this image has a trace)
     tier: str = ""  # the tier being streamed
@@ -309,7 +312,8 @@ class BackgroundStream:
     def __init__(self, manifest: Manifest, fetcher: Fetcher, packs: PackIndex, *,
                  policy: StreamPolicy, boot_over: Callable[[], bool],
                  concurrency: int = 6, range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
-                 batch: int = 64, whole_library_max: int = 64 << 20) -> None:
+                 batch: int = 64, whole_library_max: int = 64 << 20,
+                 grace: float = 0.1) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
         self.packs = packs
@@ -320,6 +324,8 @@ class BackgroundStream:
         self.max_gap = max_gap
         self.batch = batch
         self.whole_library_max = whole_library_max
+        self.grace = grace
+        self.booting = trio.Event()  # set by the boot's first read
         self.status = StreamStatus(mode=policy.mode_for(manifest.meta))
         self.plan: StreamPlan | None = None
         self.fetched: dict[str, int] = {}  # digest -> bytes counted, of what it fetched
@@ -349,6 +355,8 @@ class BackgroundStream:
     def on_read(self, ino: int, chunks: list[ChunkRef]) -> None:
         """A read of file ino (on the trio thread): count what the stream brought, and
         move the focus to the file's package."""
+        if not self.booting.is_set():
+            self.booting.set()
         for c in chunks:
             got = self.fetched.get(c.digest)
             if got is not None and c.digest not in self._used:
@@ -390,6 +398,9 @@ class BackgroundStream:
         st.image_stored_bytes = plan.stored_bytes
         st.cap_bytes = self.policy.cap if self.policy.cap is not None else plan.stored_bytes
         st.rate_bytes_per_second = self.policy.rate or 0
+        st.state = "waiting"
+        await self.booting.wait()  # the boot's first read: its guesses go first
+        await trio.sleep(self.grace)
         st.state = "running"
         self._t0 = time.monotonic()
         self._paced_from = trio.current_time()
@@ -446,11 +457,14 @@ class BackgroundStream:
         if self.boot_over():
             self._stop("boot over")
             return True
-        m = self.fetcher.metrics
-        if m.fetched_bytes + m.prefetch_bytes + self._in_flight + size > self.status.cap_bytes \
-                and (group is None or await self._still_wanted(group)):
-            self._stop("cap")
-            return True
+        if self._over_cap(size) and (group is None or await self._still_wanted(group)):
+            # Requests in flight may be counted twice here (the fetcher counts their
+            # bytes on arrival, before they are stored): let them finish, then look again.
+            while self._in_flight:
+                await trio.sleep(0.01)
+            if self._over_cap(size):
+                self._stop("cap")
+                return True
         if self.policy.rate:
             await trio.sleep_until(self._paced_from + self._sent / self.policy.rate)
             if self.boot_over():
@@ -511,6 +525,13 @@ class BackgroundStream:
                     slots.release()
                     return False
                 nursery.start_soon(self._fetch, group, size, slots)
+
+    def _over_cap(self, size: int) -> bool:
+        """Whether a request of `size` more bytes could take the mount past the cap
+        (the requests in flight counted at the most they can bring)."""
+        m = self.fetcher.metrics
+        return m.fetched_bytes + m.prefetch_bytes + self._in_flight + size > \
+            self.status.cap_bytes
 
     async def _still_wanted(self, group: PackRange | str) -> bool:
         """Whether a request chosen a while ago still has anything to fetch (reads may

@@ -234,6 +234,7 @@ class Rig:
                  policy: StreamPolicy | None = None, boot_over: Callable[[], bool]
                  = lambda: False, **stream_kw: Any) -> None:
         policy = policy or StreamPolicy(LIKELY)
+        stream_kw.setdefault("grace", 0.0)
         self.manifest = image.manifest()
         self.wire = Wire(open_store(image.store_url).backend, delay)
         self.store = Store(self.wire)
@@ -244,6 +245,7 @@ class Rig:
         self.stream = BackgroundStream(self.manifest, self.fetcher, self.packs, policy=policy,
                                        boot_over=boot_over,
                                        whole_library_max=BIG_LIBRARY_MAX, **stream_kw)
+        self.stream.booting.set()  # as if the boot had begun (tests that read say so)
 
     def requests(self) -> list[set[str]]:
         """The chunks each logged GET carried (a blob, or the packed chunks a range
@@ -290,6 +292,32 @@ def test_stream_order_code_then_libraries(image: Image, tmp_path: Path) -> None:
     assert 0 < len(got & set(big)) < len(set(big)) / 2, "the big library's loader parts only"
     assert not got & set(chunks_of(m, "usr/share/big.dat")), "no rest in `likely`"
     assert st.fetched_chunks >= len(code | libs) and st.used_chunks == 0
+    rig.cache.close()
+
+
+def test_stream_starts_with_the_boot(image: Image, tmp_path: Path) -> None:
+    """Nothing is streamed before the boot's first read (a mount nobody reads costs
+    nothing), then `grace` seconds later (the read's own guesses go first)."""
+    rig = Rig(image, tmp_path, grace=0.3)
+    rig.stream.booting = trio.Event()
+    at: dict[str, float] = {}
+
+    async def boot() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.stream.run)
+            await trio.sleep(0.5)
+            at["before"] = len(rig.wire.log)
+            assert rig.stream.status.state == "waiting" and rig.stream.plan is not None
+            t = trio.current_time()
+            await rig.read("usr/share/doc/notes.txt")
+            while rig.stream.status.requests == 0:
+                await trio.sleep(0.01)
+            at["after"] = trio.current_time() - t
+
+    trio.run(boot)
+    assert at["before"] == 0
+    assert at["after"] >= 0.3
+    assert rig.stream.status.stopped == "done"
     rig.cache.close()
 
 
@@ -457,15 +485,23 @@ def policy_env(mode: str, **more: str) -> dict[str, str]:
     return env
 
 
+FIRST = "usr/share/doc/notes.txt"  # a boot's first read that makes no guesses
+
+
 @pytest.mark.parametrize("policy", [OFF, LIKELY, ALL])
 def test_policy_off_likely_all(mode: str, policy: str, image: Image, tmp_path: Path) -> None:
     m = image.manifest()
     everything = all_chunks(m)
     with mounted(image.ref, tmp_path / "mnt", image.store_url, tmp_path / "cache",
                  "--no-trace", env=policy_env(policy), mode=mode) as mnt:
+        wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "the trace lookup")
+        time.sleep(0.3)
+        assert mnt.stats()["metrics"]["prefetch_requests"] == 0, "nothing before the boot"
+        read_checked(mnt, image, [FIRST])
         st = stream_done(mnt)
         stream, mt = st["prefetch"]["stream"], st["metrics"]
         assert stream["mode"] == policy
+        assert mt["fetches"] == 1 and mt["read_waits"] == 1, mt  # the first read
         if policy == OFF:
             time.sleep(0.5)
             mt = mnt.stats()["metrics"]
@@ -473,10 +509,9 @@ def test_policy_off_likely_all(mode: str, policy: str, image: Image, tmp_path: P
         else:
             assert stream["stopped"] == "done", stream
             assert stream["fetched_chunks"] > 0 and stream["requests"] > 0
-            assert mt["fetches"] == 0 and mt["read_waits"] == 0  # nothing was read
     got = node_chunks(tmp_path / "cache", everything)
     if policy == OFF:
-        assert not got
+        assert got == set(chunks_of(m, FIRST))
     elif policy == LIKELY:
         code = digests_of(m, CODE_FILES) | digests_of(m, LIBRARY_FILES)
         assert code <= got
@@ -496,17 +531,19 @@ def test_streamed_boot_leaves_a_full_trace(mode: str, tmp_path: Path) -> None:
     boot = [f"{PY}/__pycache__/os.cpython-311.pyc", f"{SITE}/beta/__pycache__/core.cpython-311.pyc",
             f"{SITE}/beta/_ext.cpython-311-x86_64-linux-gnu.so", "usr/share/big.dat",
             f"{SITE}/plain/mod.py"]
-    with mounted(image.ref, tmp_path / "mnt", url, tmp_path / "cache", "--trace-idle", "1",
+    with mounted(image.ref, tmp_path / "mnt", url, tmp_path / "cache", "--trace-idle", "4",
                  env=policy_env(ALL), mode=mode) as mnt:
+        read_checked(mnt, image, boot[:1])  # the boot begins: the stream starts
         st = stream_done(mnt)
         assert st["prefetch"]["stream"]["stopped"] == "done"
-        for p in boot:
+        for p in boot[1:]:
             read_checked(mnt, image, [p])
         st = wait_stats(mnt, lambda s: s["prefetch"]["trace_saved"] != "", "the trace")
         mt = st["metrics"]
-        assert mt["fetches"] == 0 and mt["read_waits"] == 0, mt  # the stream served it all
+        # The stream served every read but the first.
+        assert mt["fetches"] == len(chunks_of(m, boot[0])) and mt["read_waits"] == 1, mt
         if mode == "fuse":
-            assert st["prefetch"]["stream"]["used_chunks"] == len(digests_of(m, boot))
+            assert st["prefetch"]["stream"]["used_chunks"] == len(digests_of(m, boot[1:]))
     (trace,) = stored_traces(image)
     assert [p for p in dict.fromkeys(c.path for c in trace.chunks)] == ["/" + p for p in boot]
     recorded = {c.digest for c in trace.chunks}
@@ -535,19 +572,21 @@ def test_stream_stops_when_the_boot_ends_and_reads_wait(mode: str, image: Image,
     with mounted(image.ref, tmp_path / "mnt", image.store_url, tmp_path / "cache",
                  "--no-trace", "--trace-idle", "1", env=policy_env(ALL, rate="100K"),
                  mode=mode) as mnt:
+        read_checked(mnt, image, [FIRST])
         wait_stats(mnt, lambda s: s["prefetch"]["stream"]["state"] == "running", "the stream")
         read_checked(mnt, image, [read])
         st = stream_done(mnt)
         stream, mt = st["prefetch"]["stream"], st["metrics"]
         assert stream["stopped"] == "boot over", stream
         assert stream["fetched_chunks"] < stream["planned_chunks"]
-        assert mt["read_waits"] >= 1 and mt["read_wait_seconds"] > 0, mt
+        assert mt["read_waits"] >= 2 and mt["read_wait_seconds"] > 0, mt
         assert stream["rate_bytes_per_second"] == 100 << 10
 
 
 def test_stream_stops_at_its_cap_on_a_mount(mode: str, image: Image, tmp_path: Path) -> None:
     with mounted(image.ref, tmp_path / "mnt", image.store_url, tmp_path / "cache",
                  "--no-trace", env=policy_env(ALL, cap="200K"), mode=mode) as mnt:
+        read_checked(mnt, image, [FIRST])
         st = stream_done(mnt)
         stream, mt = st["prefetch"]["stream"], st["metrics"]
         assert stream["stopped"] == "cap" and stream["cap_bytes"] == 200 << 10
