@@ -244,5 +244,12 @@ class PrefetchSession:
             out["trace_saved"] = self.recorder.saved or ""
         out["stream"] = (self.stream.status.as_dict() if self.stream is not None
                          else {"mode": OFF, "state": "off"})
+        # The figures a benchmark reports, flat beside the others (metrics has the waits).
+        stream = out["stream"]
+        for key in ("requests", "fetched_chunks", "fetched_bytes", "used_chunks", "used_bytes"):
+            out[f"stream_{key}"] = stream.get(key, 0)
+        m = self.fetcher.metrics
+        out["read_waits"] = m.read_waits
+        out["read_wait_seconds"] = round(m.read_wait_seconds, 4)
         out["failures"] = self.failures + (self.heuristics.failures if self.heuristics else 0)
         return out
