@@ -154,15 +154,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "plain": [base + [ob.file("etc/plain-marker", "plain")], python],
         "sibling": [base, [ob.file("srv/other.txt", "other")]],
     }
+    digests = {}
     with RegistryServer(work / "registry") as reg:
         for name, layers in images.items():
-            ob.write_oci_layout(work / f"oci-{name}", layers, config=config, tag="1")
+            built = ob.write_oci_layout(work / f"oci-{name}", layers, config=config, tag="1")
+            digests[name] = built.digest
             skopeo_push(work / f"oci-{name}", "1", f"{reg.host}/{name}:1")
         store = f"file://{work / 'store'}"
         proc = cli("index", f"docker://{reg.host}/app:1", "--store", store, "--tag", "app",
                    "--tls-verify=false", timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield {"host": reg.host, "store": store, "ref": proc.stdout.strip().splitlines()[-1]}
+        yield {"host": reg.host, "store": store, "ref": proc.stdout.strip().splitlines()[-1],
+               "app_digest": digests["app"]}
 
 
 def _has_grpc() -> bool:
@@ -281,3 +284,36 @@ def test_snapshots_survive_restarts(node: Node, registry: dict[str, str]) -> Non
     assert again.remote_layers == 0 and again.downloaded_layers == []
     code, out = ctd.run("after", again, args=["python3", "/srv/hello.py"])
     assert (code, out.strip()) == (0, "hello from casfs")
+
+
+def test_lookup_by_a_tag_named_by_the_oci_manifest_digest(registry: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """A tag named `sha256:<OCI manifest digest>` finds the casfs manifest without
+    reading every tag's manifest; such a tag naming another image is not trusted."""
+    from casfs.snapshotter.service import Images
+    from casfs.store import open_store
+
+    store = open_store(registry["store"])
+    hexd = store.get_tag("app")
+    listed: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str):  # noqa: ANN204
+            if name == "list_tags":
+                listed.append(1)
+            return getattr(store, name)
+
+    store.set_tag(registry["app_digest"], hexd)
+    try:
+        images = Images(tmp_path, registry["store"], str(tmp_path / "cache"), "auto", "1G")
+        images._store = lambda: Spy()  # type: ignore[method-assign]
+        entry = images.lookup(registry["app_digest"])
+        assert entry is not None and entry["manifest"] == hexd and listed == []
+        liar = "sha256:" + "0" * 64
+        store.set_tag(liar, hexd)
+        (tmp_path / "b").mkdir()
+        assert Images(tmp_path / "b", registry["store"], str(tmp_path / "cache"), "auto",
+                      "1G").lookup(liar) is None
+        store.delete_tag(liar)
+    finally:
+        store.delete_tag(registry["app_digest"])

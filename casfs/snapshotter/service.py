@@ -95,8 +95,9 @@ class Images:
 
     def lookup(self, oci_digest: str) -> dict[str, Any] | None:
         """{"manifest": hex, "layers": [layer digests]} of the casfs image indexed from
-        the image whose OCI manifest is `oci_digest`, or None. Found by the tags of the
-        store (each manifest's meta names the image it was indexed from); remembered."""
+        the image whose OCI manifest is `oci_digest`, or None. Found by a tag named by
+        that digest, else among the manifests the store's tags name (each manifest's meta
+        names the image it was indexed from); remembered."""
         with self.lock:
             hit = self.known.get(oci_digest)
             if hit is not None:
@@ -106,6 +107,9 @@ class Images:
             from casfs.manifest import Manifest
 
             store = self._store()
+            direct = self._by_digest_tag(store, oci_digest)
+            if direct is not None:
+                return direct
             for tag in store.list_tags():
                 try:
                     hexd = store.get_tag(tag)
@@ -125,6 +129,25 @@ class Images:
             if found is None:
                 self.misses[oci_digest] = time.monotonic()
             return found
+
+    def _by_digest_tag(self, store: Any, oci_digest: str) -> dict[str, Any] | None:
+        """A tag named by the OCI manifest digest itself (`casfs index ... --tag
+        sha256:<hex>`): found without reading every tag's manifest."""
+        from casfs.manifest import Manifest
+
+        try:
+            hexd = store.get_tag(oci_digest)
+        except Exception:  # noqa: BLE001 - no such tag (or not a valid tag name)
+            return None
+        meta = Manifest(store.get_manifest(hexd), hexd).meta
+        if oci_digest not in (meta.get("image"), meta.get("image_manifest_digest")):
+            return None  # a tag that names another image: not to be trusted for this one
+        entry = {"manifest": hexd,
+                 "layers": [str(layer.get("digest")) for layer in meta.get("layers", [])]}
+        self.known[oci_digest] = entry
+        self.scanned.add(hexd)
+        self._save()
+        return entry
 
     def _save(self) -> None:
         tmp = self.known_path.with_suffix(".tmp")
