@@ -183,12 +183,8 @@ def scan(root: Path = REPO) -> list[Double]:
 
 
 KNOWN_DRIFT: dict[str, str] = {
-    # Doubles that had drifted when this module was written, in files its owner does not
-    # own: expected to fail (xfail, not strict) until their owners bring them in line;
-    # then delete the line here, so that drifting again fails.
-    "tests/test_hostile.py::NoStore": (
-        "stands for Store with put_blob(data, digest) only: use Store(MemoryBackend())"),
-    "tests/test_store.py::FlakyBackend": "lacks list_info(prefix)",
+    # Doubles known to have drifted (expected to fail, not strict) until brought in line;
+    # none today: any drift fails.
 }
 
 

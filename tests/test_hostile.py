@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import stat
 import struct
 import tarfile
 from pathlib import Path
@@ -18,68 +17,15 @@ from hypothesis import strategies as st
 from treecheck import run_cli
 
 from casfs.errors import CasfsError, ManifestError
-from casfs.manifest import Manifest, Node, build_manifest
-from casfs.manifest.layout import CHUNK, DIRENT, HEADER_SIZE, INODE, section_offsets
-from casfs.manifest.tree import Chunk
-from casfs.store import open_store
+from casfs.manifest import Manifest
+from casfs.manifest.layout import HEADER_SIZE
+from casfs.store import Store, open_store
+from casfs.testing.doubles import MemoryBackend
+from casfs.testing.hostile import GOOD, patch_chunk, patch_dirent, patch_inode
+from casfs.testing.hostile import SEED_TAR as TAR
+from casfs.testing.hostile import exercise as _exercise
 from casfs.testing.ocibuild import Layer, file, write_oci_layout
 from indexer.index import index_image
-
-D1, D2 = "11" * 32, "22" * 32
-
-
-def sample_tree() -> Node:
-    root = Node.directory()
-    a = Node.directory()
-    b = Node.directory()
-    root.children = {b"a": a, b"b": b}
-    a.children = {b"f": Node(mode=stat.S_IFREG | 0o644, size=300,
-                             chunks=[Chunk(D1, 0, 200), Chunk(D2, 200, 100)])}
-    b.children = {b"g": Node(mode=stat.S_IFREG | 0o644, size=5, chunks=[Chunk(D1, 0, 5)]),
-                  b"l": Node(mode=stat.S_IFLNK | 0o777, target=b"../a/f")}
-    return root
-
-
-GOOD = build_manifest(sample_tree(), {"layers": []})
-
-
-def offsets(buf: bytes) -> tuple[int, ...]:
-    m = Manifest(buf)
-    return section_offsets(m.meta_len, m.n_inodes, m.n_dirents, m.n_chunks, m.n_xattrs)
-
-
-def patch_dirent(buf: bytes, index: int, *, ino: int | None = None, name: bytes | None = None) -> bytes:
-    out = bytearray(buf)
-    _, _, dirents, *_rest, strings = offsets(buf)
-    at = dirents + index * DIRENT.size
-    name_off, name_len, r, old_ino = DIRENT.unpack_from(out, at)
-    if name is not None:  # rewrite the name in place (same length)
-        assert len(name) == name_len
-        out[strings + name_off : strings + name_off + name_len] = name
-    DIRENT.pack_into(out, at, name_off, name_len, r, old_ino if ino is None else ino)
-    return bytes(out)
-
-
-def patch_chunk(buf: bytes, index: int, *, offset: int | None = None, length: int | None = None) -> bytes:
-    out = bytearray(buf)
-    _, _, _, chunks, *_ = offsets(buf)
-    at = chunks + index * CHUNK.size
-    d, o, ln, r = CHUNK.unpack_from(out, at)
-    CHUNK.pack_into(out, at, d, o if offset is None else offset, ln if length is None else length, r)
-    return bytes(out)
-
-
-def patch_inode(buf: bytes, ino: int, **fields: int) -> bytes:
-    names = ["mode", "uid", "gid", "nlink", "size", "mtime_ns", "rdev", "first", "count",
-             "xattr_first", "xattr_count", "parent", "reserved", "str_off"]
-    out = bytearray(buf)
-    _, inodes, *_ = offsets(buf)
-    at = inodes + (ino - 1) * INODE.size
-    vals = list(INODE.unpack_from(out, at))
-    for k, v in fields.items():
-        vals[names.index(k)] = v
-    INODE.pack_into(out, at, *vals)
-    return bytes(out)
 
 
 def test_the_good_manifest_validates() -> None:
@@ -121,22 +67,6 @@ def test_mounting_a_hostile_manifest_fails_cleanly(tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "manifests" / digest).exists(), "never kept in the cache"
 
 
-def _exercise(m: Manifest) -> None:
-    """Everything the daemon does with a manifest."""
-    m.validate()
-    for path, ino in m.walk():
-        node = m.inode(ino)
-        m.xattrs(ino)
-        if stat.S_ISREG(node.mode):
-            m.chunks_for_range(ino, 0, node.size)
-        elif stat.S_ISLNK(node.mode):
-            m.readlink(ino)
-        if stat.S_ISDIR(node.mode):
-            for _, name, _child in m.entries(ino):
-                m.lookup(ino, name)
-        assert path
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_fuzz_manifest_reader(mutations: list[tuple[int, int]]) -> None:
@@ -152,14 +82,6 @@ def test_fuzz_manifest_reader(mutations: list[tuple[int, int]]) -> None:
 def test_fuzz_manifest_reader_garbage(data: bytes) -> None:
     with contextlib.suppress(ManifestError):
         _exercise(Manifest(data))
-
-
-def _layer_tar() -> bytes:
-    return Layer.from_members([file("etc/passwd", b"root:x:0:0\n"), file("bin/sh", b"\x7fELF" * 100)],
-                              compression="none").tar
-
-
-TAR = _layer_tar()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -195,11 +117,8 @@ def test_regression_tar_member_with_huge_size_field() -> None:
         from indexer.layer import read_layer
         from indexer.upload import BlobUploader
 
-        class NoStore:
-            def put_blob(self, data, digest=None):  # noqa: ANN001, ANN201
-                return digest, 0
-
-        read_layer(io.BytesIO(bytes(raw) + b"\0" * 1024), BlobUploader(NoStore()), "layer")  # type: ignore[arg-type]
+        uploader = BlobUploader(Store(MemoryBackend()))
+        read_layer(io.BytesIO(bytes(raw) + b"\0" * 1024), uploader, "layer")
 
 
 def test_regression_manifest_header_counts_overflow() -> None:

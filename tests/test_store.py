@@ -714,6 +714,10 @@ class FlakyBackend:
         self._maybe_fail()
         yield from (prefix + "1", prefix + "2")
 
+    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        self._maybe_fail()
+        yield from ((prefix + "1", 1, 0.0), (prefix + "2", 1, 0.0))
+
     def sync(self) -> None:
         self.synced += 1
 
