@@ -14,6 +14,9 @@ their RELEASEs for the rest of the mount, keeps every file's page cache and keep
 directory's listing in its own cache (FOPEN_CACHE_DIR), so a repeated listing never
 reaches the daemon. READ and READDIR then name the inode instead of a file handle,
 which is the same number here.
+
+Every request a handler answers is timed per operation (`times`, casfs.nodemetrics):
+the node agent exports them as latency histograms.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
 
 from casfs.manifest.reader import Inode
+from casfs.nodemetrics import OpTimes
 from casfs.vfs import FsError, ImageFS
 
 log = logging.getLogger(__name__)
@@ -40,8 +45,12 @@ KERNEL_NO_OPEN = bool(getattr(pyfuse3, "INODE_FH_WITHOUT_OPEN", False))
 
 
 def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    name = fn.__name__
+    clock = time.perf_counter
+
     @functools.wraps(fn)
     async def wrapper(self: CasfsOperations, *args: Any) -> T:
+        started = clock()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -50,9 +59,11 @@ def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception as exc:
             self.fs.metrics.io_errors += 1
-            log.error("%s%r failed, returning EIO: %s", fn.__name__, args[:2], exc,
+            log.error("%s%r failed, returning EIO: %s", name, args[:2], exc,
                       exc_info=not hasattr(exc, "exit_code"))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.times.observe(name, clock() - started)
 
     return wrapper
 
@@ -66,6 +77,7 @@ class CasfsOperations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.no_open = no_open
+        self.times = OpTimes()  # per-operation latency (node metrics)
 
     def _attrs(self, ino: int, node: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()

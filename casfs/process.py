@@ -1,6 +1,8 @@
 """Process plumbing shared by the background processes casfs starts (mount daemons, the
-node agent): the log format, detaching stdio onto a log file, malloc arena and open-file
-limits, and the one-message pipes a starting process reports "ready" (or its error) on.
+node view, the node agent): the log format, detaching stdio onto a log file (reopened on
+SIGHUP, rotated past a size cap) or keeping it on the journal when supervised by
+systemd, readiness notifications to systemd, malloc arena and open-file limits, and the
+one-message pipes a starting process reports "ready" (or its error) on.
 
 Nothing here knows what a mount is; the daemon and the agent use these pieces, and the
 CLI uses the log format. Light on imports: the `casfs mount` front end loads it.
@@ -33,6 +35,11 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # not PATH, not LD_PRELOAD, not PYTHONPATH.
 ENV_PREFIXES = ("AWS_", "CASFS_")
 ENV_NAMES = frozenset({"HOME"})
+# Daemon logs: rotated by the process that writes them once past this size
+# ($CASFS_LOG_MAX_BYTES), keeping this many older files (<log>.1 newest; $CASFS_LOG_KEEP).
+LOG_MAX_BYTES = 16 << 20
+LOG_KEEP = 3
+_log_path: Path | None = None  # the file this process's stdout/stderr go to, if any
 
 
 def daemon_environment(env: dict[str, str]) -> dict[str, str]:
@@ -126,27 +133,116 @@ def open_log(log_path: Path) -> int:
     return fd
 
 
-def redirect_stdio(log_fd: int) -> None:
-    """stdin from /dev/null; stdout and stderr into log_fd (which is closed)."""
+def redirect_stdio(log_fd: int | None) -> None:
+    """stdin from /dev/null; stdout and stderr into log_fd (which is closed), or left
+    where they are (the journal) when log_fd is None."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    if log_fd is None:
+        return
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
 
 
-def detach(log_fd: int, verbose: bool) -> None:
+def detach(log_fd: int | None, verbose: bool, log_path: Path | None = None) -> None:
     """In a forked child becoming a background process: its own session, private
-    files, stdio on its log, default signal dispositions, daemon logging, few malloc
-    arenas."""
+    files, stdio on its log (log_fd, opened from log_path, which SIGHUP reopens and
+    rotation renames; None: keep stderr, the journal of a supervised agent), default
+    signal dispositions, daemon logging, few malloc arenas."""
+    global _log_path
     os.setsid()
     os.umask(PRIVATE_UMASK)
     redirect_stdio(log_fd)
+    _log_path = log_path if log_fd is not None else None
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     configure_daemon_logging(verbose)
     limit_malloc_arenas(2)
+
+
+def log_file() -> Path | None:
+    """The file this background process logs to (None: stderr, e.g. the journal)."""
+    return _log_path
+
+
+def reopen_log() -> bool:
+    """SIGHUP: open the log file again by its path (logrotate moved it away, or an
+    operator removed it) and put stdout and stderr on it. False without a log file."""
+    if _log_path is None:
+        return False
+    try:
+        fd = open_log(_log_path)
+    except OSError:
+        return False
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return True
+
+
+def rotate_log(max_bytes: int | None = None, keep: int | None = None) -> bool:
+    """Past the size cap, shift <log>.1.. <log>.<keep> (the oldest dropped), move the
+    log to <log>.1 and reopen a new one. Whether it rotated."""
+    if _log_path is None:
+        return False
+    cap = max_bytes if max_bytes is not None else \
+        _env_int("CASFS_LOG_MAX_BYTES", LOG_MAX_BYTES)
+    count = keep if keep is not None else _env_int("CASFS_LOG_KEEP", LOG_KEEP)
+    try:
+        if cap <= 0 or os.fstat(2).st_size <= cap:
+            return False
+    except OSError:
+        return False
+    path = _log_path
+    with contextlib.suppress(OSError):
+        if count <= 0:
+            path.unlink()
+        else:
+            for i in range(count - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{i}")
+                if older.exists():
+                    os.rename(older, path.with_name(f"{path.name}.{i + 1}"))
+            os.rename(path, path.with_name(f"{path.name}.1"))
+    return reopen_log()
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+
+
+def journal_stderr() -> bool:
+    """Whether stderr is systemd's journal stream for this service ($JOURNAL_STREAM names
+    its device and inode): a supervised process logs there rather than to files."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(2)
+        return bool(value) and st.st_dev == int(dev) and st.st_ino == int(ino)
+    except (OSError, ValueError):
+        return False
+
+
+def sd_notify(message: str) -> bool:
+    """A notification to the service manager on $NOTIFY_SOCKET ("READY=1",
+    "STOPPING=1", "MAINPID=N", "STATUS=...", "WATCHDOG=1"), as sd_notify(3) sends it:
+    one datagram on a Unix socket (a leading "@" names an abstract one). False when
+    not supervised or the send fails; never raises."""
+    target = os.environ.get("NOTIFY_SOCKET", "")
+    if not target or target[0] not in "/@":
+        return False
+    address = "\0" + target[1:] if target[0] == "@" else target
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
 
 
 def limit_malloc_arenas(count: int) -> None:

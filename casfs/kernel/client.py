@@ -1,5 +1,8 @@
 """`casfs mount|umount|stats` talking to the node view service (casfs.kernel.service):
-start it when no one serves the cache directory yet, send it a request, read its answer.
+start it when no one serves the cache directory yet (asking the node agent to fork it
+warm when an agent runs, else forking it here), send it a request, read its answer.
+While a view fails over or is being replaced (casfs.failover), its socket does not
+answer for a moment: a request then waits for the successor through the agent.
 Light on imports: the front end loads this before it knows whether it needs more.
 """
 
@@ -26,9 +29,15 @@ class KernelFallback(Exception):  # noqa: N818 - auto mode serves through FUSE i
 
 
 def request(cache_dir: str, message: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    """One request to the service; its answer. ServiceUnavailable when none runs,
-    KernelFallback for "fallback", MountError for "error"."""
-    sock = connect_private(socket_path(cache_dir), timeout=timeout)
+    """One request to the service; its answer. ServiceUnavailable when none runs (and
+    the agent, if any, holds no view coming back), KernelFallback for "fallback",
+    MountError for "error"."""
+    try:
+        sock = connect_private(socket_path(cache_dir), timeout=timeout)
+    except ServiceUnavailable:
+        if not _view_coming_back(cache_dir):
+            raise
+        sock = connect_private(socket_path(cache_dir), timeout=timeout)
     try:
         sock.sendall(json.dumps(message).encode() + b"\n")
         sock.shutdown(socket.SHUT_WR)
@@ -56,16 +65,35 @@ def request(cache_dir: str, message: dict[str, Any], timeout: float = 120.0) -> 
     raise MountError(f"the node view closed the connection; see {log_path(cache_dir)}")
 
 
+def _view_coming_back(cache_dir: str, timeout: float = 30.0) -> bool:
+    """Whether the agent holds a view of cache_dir that serves again (after waiting for
+    it to: a failover, a handover). False without an agent, or when it holds none."""
+    from casfs.agent import AgentUnavailable, request_view
+
+    try:
+        return request_view(cache_dir, 0, start=False, timeout=timeout)
+    except (AgentUnavailable, MountError):
+        return False
+
+
 def ensure_service(cache_dir: str, cache_size: int, verbose: bool = False,
                    timeout: float = 60.0) -> None:
-    """Make sure the node view serves cache_dir, starting it (forked from this process)
-    when nobody does. A lock file keeps two `casfs mount` from starting two."""
+    """Make sure the node view serves cache_dir: the node agent forks it (warm) when one
+    runs, else it is forked from this process. A lock file keeps two `casfs mount` from
+    starting two."""
+    from casfs.agent import AgentUnavailable, request_view
+
     lock = os.open(Path(cache_dir) / "view.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(ServiceUnavailable):
             connect_private(socket_path(cache_dir), timeout=5).close()
             return
+        try:
+            request_view(cache_dir, cache_size, verbose, start=True, timeout=timeout)
+            return
+        except AgentUnavailable:
+            pass  # no agent: this process starts the view
         _spawn(cache_dir, cache_size, verbose, timeout, lock)
     finally:
         os.close(lock)
@@ -100,8 +128,8 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
             env = daemon_environment(dict(os.environ))
             os.environ.clear()
             os.environ.update(env)
-            detach(log_fd, verbose)
-            code = _serve(cache_dir, cache_size, write_fd)
+            detach(log_fd, verbose, logfile)
+            code = serve_view(cache_dir, cache_size, write_fd)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -118,7 +146,11 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
     raise MountError(last_error_line(logfile) or f"the node view did not start; see {logfile}")
 
 
-def _serve(cache_dir: str, cache_size: int, ready_fd: int) -> int:
+def serve_view(cache_dir: str, cache_size: int, ready_fd: int, link: Any = None,
+               takeover: Any = None, mounts: dict[str, Any] | None = None) -> int:
+    """Be the node view (in a forked child); its exit status. An error before "ready"
+    also goes to ready_fd. `takeover` (casfs.failover.Takeover): serve a dead view's
+    connection; `link`: a connected link to the holder that forked this process."""
     import logging
 
     from casfs.errors import CasfsError
@@ -128,7 +160,7 @@ def _serve(cache_dir: str, cache_size: int, ready_fd: int) -> int:
     pipe = ReadyPipe(ready_fd)
     raise_open_files_limit(8192)
     try:
-        serve_node(cache_dir, cache_size, pipe)
+        serve_node(cache_dir, cache_size, pipe, takeover=takeover, link=link, mounts=mounts)
     except CasfsError as exc:
         print(f"casfs: error: {exc}", file=sys.stderr)
         pipe.fail(str(exc))

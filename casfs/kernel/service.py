@@ -12,9 +12,18 @@ does. It watches opens on the mount (fanotify) to record boots and guess ahead, 
 makes objects whole once a file's chunks are all on the node (so the next mount that
 opens the file reads it natively).
 
-It starts with the first kernel-mode mount of its cache directory (`casfs mount` forks
-it) and exits when the last one is unmounted. Requests come over a socket in the user's
-runtime directory (`view-<key>.sock`, 0600, own uid only), one JSON line each:
+It starts with the first kernel-mode mount of its cache directory (the node agent forks
+it warm when one runs, else `casfs mount` does) and exits when the last one is
+unmounted. Failover (casfs.failover): once serving, it links to the node agent and hands
+it its view's /dev/fuse descriptor; if it dies, the agent starts a successor that takes
+the view's connection over (`serve_node(takeover=...)`) and re-attaches every kernel-mode
+mount of the cache directory its mount records name (`reattach`: the image, a prefetch
+session replaying the plan without recording, the fanotify watch): the overlays never
+notice, reads waiting on the view are answered by the successor. Asked for a handover
+(an upgrade), it stops taking requests, hands the connection back, then saves its mounts'
+traces and exits, leaving every mount mounted. SIGHUP reopens its log file. Requests
+come over a socket in the user's runtime directory (`view-<key>.sock`, 0600, own uid
+only), one JSON line each:
 
     {"op": "mount", "config": {...}, "env": {...}}  -> ok {"pid": N} | fallback: reason | error: msg
     {"op": "umount", "mountpoint": "/abs"}          -> ok {"last": bool} | error: msg
@@ -43,6 +52,15 @@ import trio
 
 from casfs.cache import ChunkCache
 from casfs.errors import CasfsError, MountError
+from casfs.failover import (
+    HANDOVER_DRAIN_SECONDS,
+    HoldLink,
+    Takeover,
+    b64,
+    code_fingerprint,
+    connection_alive,
+    notify_resend,
+)
 from casfs.fetch import Fetcher
 from casfs.kernel import syscalls
 from casfs.kernel.images import NodeImage, node_image
@@ -53,13 +71,25 @@ from casfs.manifest.objects import multi_chunk_files, object_name_of
 from casfs.metrics import MountMetrics
 from casfs.mountconfig import MountConfig
 from casfs.mounts import prepare_mountpoint, remove_record, write_record
-from casfs.process import ReadyPipe, daemon_environment, listen_private, peer_uid
+from casfs.nodemetrics import OpTimes
+from casfs.process import (
+    ReadyPipe,
+    daemon_environment,
+    listen_private,
+    log_file,
+    peer_uid,
+    reopen_log,
+    rotate_log,
+)
 from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
 IDLE_EXIT_SECONDS = 30.0  # a service nobody asked to mount anything exits
+LOG_CHECK_SECONDS = 30.0
+VIEW_OPTIONS = {"fsname=casfs-view", "subtype=casfs-view", "ro", "nosuid", "nodev",
+                "default_permissions"}
 
 
 def lowerdir_escape(path: str) -> str:
@@ -71,8 +101,12 @@ class KernelMount:
     """One kernel-mode mount: its image, its reads through the view, its prefetch."""
 
     def __init__(self, cfg: MountConfig, store: Any, manifest: Manifest, image: NodeImage,
-                 cache: ChunkCache) -> None:
+                 cache: ChunkCache, env: dict[str, str] | None = None,
+                 record: bool = True) -> None:
         self.cfg = cfg
+        self.env = env or {}  # the requester's settings (a successor view opens its store so)
+        self.image_ref = str(cfg.extra.get("image") or cfg.ref)
+        self.times = OpTimes()  # reads the view served for this mount
         self.mountpoint = cfg.mountpoint
         self.manifest = manifest
         self.cache = cache
@@ -81,7 +115,7 @@ class KernelMount:
         self.metrics = MountMetrics()
         self.fetcher = Fetcher(store, cache, self.metrics, fetch_concurrency=cfg.fetch_concurrency)
         self.session = PrefetchSession(manifest, store, self.fetcher, prefetch=cfg.prefetch,
-                                       record=cfg.trace, trace_idle=cfg.trace_idle)
+                                       record=cfg.trace and record, trace_idle=cfg.trace_idle)
         self.fs = ImageFS(manifest, self.fetcher, self.metrics, self.stats,
                           security_xattrs=cfg.allow_suid)
         self.session.attach(self.fs)
@@ -217,7 +251,7 @@ class KernelMount:
     def stats(self) -> dict[str, Any]:
         return {
             "mount": {"digest": self.manifest.digest, "pid": os.getpid(), "mode": "kernel",
-                      "mountpoint": self.mountpoint,
+                      "mountpoint": self.mountpoint, "image": self.image_ref,
                       "uptime_seconds": round(time.monotonic() - self.started, 3),
                       "erofs_built_seconds": round(self.image.built_seconds, 3)},
             "kernel": {"native_opens": self.native_opens, "view_opens": self.view_opens,
@@ -225,6 +259,21 @@ class KernelMount:
                        "objects_completed": self.objects_completed},
             "prefetch": self.session.stats(),
         }
+
+    def full_stats(self) -> dict[str, Any]:
+        """What `casfs stats` shows, and the node metrics."""
+        out = self.stats()
+        out["metrics"] = self.metrics.as_dict()
+        out["cache"] = self.fetcher.cache_stats()
+        out["fuse_ops"] = self.times.as_dict()
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The mount record: which mount this is, and what a successor view needs to
+        serve it again (its settings; never the environment, which holds credentials)."""
+        return {"pid": os.getpid(), "mountpoint": self.mountpoint, "mode": "kernel",
+                "digest": self.manifest.digest, "cache_dir": str(self.cache.root),
+                "image": self.image_ref, "config": self.cfg.as_dict()}
 
 
 class NodeView:
@@ -242,6 +291,17 @@ class NodeView:
         self.ever_mounted = False  # a mount was asked for (whether it worked or not)
         self.pending = 0  # requests being answered
         self.lock = trio.Lock()  # one mount or unmount at a time
+        self.mode = "serve"  # "unmount" (asked to stop), "handover", "lost" (connection gone)
+        self.handover_reason = ""
+        self.done: trio.Event | None = None
+        self.link: HoldLink | None = None
+        self.fuse_scope = trio.CancelScope()
+        self.fuse_done: trio.Event | None = None
+        self.listener: Any = None  # the control socket (closed first in a handover)
+        self.tsock: Any = None  # the same, as trio accepts on it
+        self.sock_path: Path | None = None
+        self.sock_ino = 0
+        self.takeover: Takeover | None = None
 
     def _sources(self) -> list[KernelMount]:
         return sorted(self.mounts.values(), key=lambda m: -m.started)
@@ -249,7 +309,128 @@ class NodeView:
     def view_stats(self) -> dict[str, Any]:
         return {"mounts": sorted(self.mounts), "lookups": self.ops.lookups,
                 "reads": self.ops.reads, "misses": self.ops.misses,
-                "io_errors": self.ops.io_errors}
+                "io_errors": self.ops.io_errors, "ambiguous": self.ops.ambiguous,
+                "pid": os.getpid(),
+                "takeover": self.takeover.reason if self.takeover else "",
+                "resent_requests": pyfuse3.failover_resent_requests()
+                if hasattr(pyfuse3, "failover_resent_requests") else 0}
+
+    # -- failover ------------------------------------------------------------------------------
+
+    def mounts_meta(self) -> dict[str, Any]:
+        """For the holder: each mount and the environment its store was opened with."""
+        return {mp: {"env": km.env, "image": km.image_ref, "digest": km.manifest.digest}
+                for mp, km in self.mounts.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "view", "key": "view", "pid": os.getpid(),
+                "cache_dir": self.cache_dir, "cache_size": self.cache.max_bytes,
+                "init": b64(pyfuse3.failover_init_request() or b""),
+                "env": daemon_environment(dict(os.environ)), "code": code_fingerprint(),
+                "verbose": logging.getLogger().level <= logging.DEBUG,
+                "log": str(log_file() or ""), "mounts": self.mounts_meta(),
+                "image": "", "digest": ""}
+
+    def agent_stats(self) -> dict[str, Any]:
+        view = self.view_stats()
+        view["fuse_ops"] = self.ops.times.as_dict()
+        return {"view": view, "mounts": {mp: km.full_stats() for mp, km in self.mounts.items()}}
+
+    async def _update_holder(self) -> None:
+        if self.link is not None:
+            await self.link.send({"op": "update", "mounts": self.mounts_meta()})
+
+    def handover(self, reason: str) -> None:
+        """The holder asks for the connection back (an upgrade): see hand_over."""
+        if self.mode != "serve" or self.done is None:
+            return
+        self.mode, self.handover_reason = "handover", reason
+        self.done.set()
+
+    async def hand_over(self) -> None:
+        """Stop taking requests (control socket first: `casfs mount` waits for the
+        successor through the agent), let the view's running requests finish, give the
+        connection back; then save the mounts' traces and let them go, mounted."""
+        self._close_listener()
+        pyfuse3.terminate()
+        assert self.fuse_done is not None
+        with trio.move_on_after(HANDOVER_DRAIN_SECONDS):
+            await self.fuse_done.wait()
+        self.fuse_scope.cancel()
+        await self.fuse_done.wait()
+        pyfuse3.close(unmount=False)
+        if self.link is not None:
+            await self.link.release("handover")
+        log.info("handed the node view over (%s): %d mounts left to the successor",
+                 self.handover_reason, len(self.mounts))
+        for km in list(self.mounts.values()):
+            self._stop_watch(km)
+            km.cancel.cancel()
+            with trio.CancelScope(shield=True):
+                await km.session.close()
+            km.closed = True
+
+    def _close_listener(self) -> None:
+        listener, self.listener = self.listener, None
+        tsock, self.tsock = self.tsock, None
+        if listener is None:
+            return
+        with contextlib.suppress(OSError):
+            if self.sock_path is not None and os.stat(self.sock_path).st_ino == self.sock_ino:
+                self.sock_path.unlink()  # ours, not a successor's
+        if tsock is not None:
+            tsock.close()  # wakes the task accepting on it
+        else:
+            listener.close()
+
+    async def reattach_all(self, mounts: dict[str, Any]) -> None:
+        """A successor: serve again every kernel-mode mount of this cache directory that
+        the mount records name and that is still mounted (before the view answers a
+        request: a read must find its mount)."""
+        from casfs.mounts import find_record, mount_table, records_dir
+
+        table = await trio.to_thread.run_sync(mount_table)
+        for path in sorted(records_dir().glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict) or record.get("mode") != "kernel" or \
+                    os.path.realpath(str(record.get("cache_dir", ""))) != self.cache_dir:
+                continue
+            mountpoint = str(record.get("mountpoint", ""))
+            if find_record(mountpoint) != record:
+                continue  # not the record of that mountpoint (a stray file)
+            if table.get(mountpoint) != "overlay":
+                log.info("%s: no longer mounted; its record dropped", mountpoint)
+                remove_record(mountpoint)
+                continue
+            env = dict((mounts.get(mountpoint) or {}).get("env") or {}) or \
+                daemon_environment(dict(os.environ))
+            try:
+                await self.reattach(record, env)
+            except Exception as exc:  # noqa: BLE001 - one mount lost is not all of them
+                log.error("%s: cannot serve it again (%s): files the node lacks fail there",
+                          mountpoint, exc)
+        self.ever_mounted = True
+
+    async def reattach(self, record: dict[str, Any], env: dict[str, str]) -> None:
+        raw = record.get("config")
+        if not isinstance(raw, dict):
+            raise MountError("its record has no settings (mounted by an older casfs)")
+        cfg = _checked_config(raw, self.cache_dir)
+        cfg.ref = f"blake3:{record['digest']}"  # the manifest is on the node: no request
+        cfg.extra = {**cfg.extra, "image": str(record.get("image") or cfg.extra.get("image")
+                                               or cfg.ref)}
+        store, manifest = await trio.to_thread.run_sync(self._open_image, cfg, env)
+        image = await trio.to_thread.run_sync(
+            lambda: node_image(self.root, manifest, security_xattrs=cfg.allow_suid))
+        km = KernelMount(cfg, store, manifest, image, self.cache, env, record=False)
+        self.mounts[km.mountpoint] = km
+        assert self.nursery is not None
+        await self.nursery.start(self._run_mount, km)
+        write_record(km.mountpoint, km.record())
+        log.info("%s: serving it again (%s)", km.mountpoint, manifest.digest)
 
     # -- mounting ----------------------------------------------------------------------------
 
@@ -270,13 +451,13 @@ class NodeView:
         if real in self.mounts:
             raise MountError(f"{real} is already a casfs mount")
         await trio.to_thread.run_sync(self._mount_stack, cfg, image)
-        km = KernelMount(cfg, store, manifest, image, self.cache)
+        km = KernelMount(cfg, store, manifest, image, self.cache, env)
         self.mounts[real] = km
         try:
             assert self.nursery is not None
             await self.nursery.start(self._run_mount, km)
-            write_record(real, {"pid": os.getpid(), "mountpoint": real, "mode": "kernel",
-                                "digest": manifest.digest, "cache_dir": self.cache_dir})
+            write_record(real, km.record())
+            await self._update_holder()
         except BaseException:
             await self._teardown(km, lazy=True)
             raise
@@ -420,11 +601,7 @@ class NodeView:
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(syscalls.umount, km.mountpoint,
                                               syscalls.MNT_DETACH)
-        if km.watch_stop is not None:
-            with contextlib.suppress(OSError):
-                os.write(km.watch_stop, b"x")
-                os.close(km.watch_stop)
-            km.watch_stop = None
+        self._stop_watch(km)
         km.cancel.cancel()
         with trio.CancelScope(shield=True):
             await km.session.close()
@@ -436,6 +613,16 @@ class NodeView:
         self.mounts.pop(km.mountpoint, None)
         remove_record(km.mountpoint)
         log.info("unmounted %s", km.mountpoint)
+        with trio.CancelScope(shield=True):
+            await self._update_holder()
+
+    @staticmethod
+    def _stop_watch(km: KernelMount) -> None:
+        if km.watch_stop is not None:
+            with contextlib.suppress(OSError):
+                os.write(km.watch_stop, b"x")
+                os.close(km.watch_stop)
+            km.watch_stop = None
 
     async def shutdown(self) -> None:
         """Signalled: take every mount down (lazily: a busy one goes once its users do)."""
@@ -446,8 +633,12 @@ class NodeView:
 
     async def serve_requests(self, listener: trio.socket.SocketType, done: trio.Event) -> None:
         assert self.nursery is not None
+        self.tsock = listener
         while not done.is_set():
-            conn, _ = await listener.accept()
+            try:
+                conn, _ = await listener.accept()
+            except (trio.ClosedResourceError, OSError):
+                return  # closed for a handover
             self.nursery.start_soon(self._handle, conn, done)
 
     async def _handle(self, conn: trio.socket.SocketType, done: trio.Event) -> None:
@@ -538,46 +729,112 @@ def _clear_stale_view(view_dir: Path) -> None:
             syscalls.umount(str(view_dir), syscalls.MNT_DETACH)
 
 
-def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None) -> None:
-    """Run the node view service until its last mount is unmounted (blocks)."""
+def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None,
+               takeover: Takeover | None = None, link: Any = None,
+               mounts: dict[str, Any] | None = None) -> None:
+    """Run the node view service until its last mount is unmounted, or it is handed
+    over (blocks). With a takeover: serve a dead view's connection and re-attach its
+    mounts (`mounts`: what the holder knew of them, their environments)."""
     node = NodeView(cache_dir, cache_size)
-    _clear_stale_view(node.view_dir)
-    node.view_dir.mkdir(mode=0o700, exist_ok=True)
+    node.takeover = takeover
+    if takeover is None:
+        _clear_stale_view(node.view_dir)
+        node.view_dir.mkdir(mode=0o700, exist_ok=True)
     from casfs.kernel.paths import socket_path
 
-    sock_path = socket_path(node.cache_dir)
-    listener = listen_private(sock_path)
+    code_fingerprint()
+    sock_path = node.sock_path = socket_path(node.cache_dir)
+    listener = node.listener = listen_private(sock_path)
+    node.sock_ino = os.stat(sock_path).st_ino
+    failover = hasattr(pyfuse3, "init_takeover")
+    if failover:
+        node.link = HoldLink(node.cache_dir, node.describe, pyfuse3.failover_session_fd,
+                             node.agent_stats, node.handover, preconnected=link)
+    elif takeover is not None:
+        raise MountError("this pyfuse3 cannot take a connection over (third_party/pyfuse3)")
+
+    def held_alive() -> bool:
+        return node.link is not None and node.link.held and \
+            connection_alive(pyfuse3.failover_session_fd())
+
+    async def serve_fuse() -> None:
+        assert node.fuse_done is not None
+        try:
+            with node.fuse_scope:
+                await pyfuse3.main()
+        finally:
+            node.fuse_done.set()
+        if node.mode == "serve":  # the view's connection ended under us
+            node.mode = "crash" if held_alive() else "lost"
+            log.error("the node view's FUSE session ended (%s)", node.mode)
+            assert node.done is not None
+            node.done.set()
 
     async def main() -> None:
         try:
-            pyfuse3.init(node.ops, str(node.view_dir),
-                         {"fsname=casfs-view", "subtype=casfs-view", "ro", "nosuid", "nodev",
-                          "default_permissions"})
-        except RuntimeError as exc:
+            if takeover is None:
+                pyfuse3.init(node.ops, str(node.view_dir), VIEW_OPTIONS)
+            else:
+                pyfuse3.init_takeover(node.ops, takeover.fd, takeover.init,
+                                      str(node.view_dir), VIEW_OPTIONS)
+        except (RuntimeError, ValueError) as exc:
             raise MountError(f"cannot mount the node view at {node.view_dir}: {exc}") from exc
-        done = trio.Event()
+        done = node.done = trio.Event()
+        node.fuse_done = trio.Event()
+        outcome = "unmount"
         try:
             async with trio.open_nursery() as nursery:
                 node.nursery = nursery
-                nursery.start_soon(pyfuse3.main)
+                if takeover is not None:
+                    # the mounts first: a read the kernel resends must find its mount
+                    await node.reattach_all(mounts or {})
+                    if not notify_resend(takeover.fd):
+                        log.warning("this kernel does not resend requests "
+                                    "(FUSE_NOTIFY_RESEND, Linux 6.9+): requests the last "
+                                    "view had taken stay unanswered")
+                nursery.start_soon(serve_fuse)
                 tsock = trio.socket.from_stdlib_socket(listener)
                 nursery.start_soon(node.serve_requests, tsock, done)
                 nursery.start_soon(_watch_signals, node, done)
                 nursery.start_soon(_exit_if_unused, node, done)
+                nursery.start_soon(_maintain_log)
                 await trio.to_thread.run_sync(os.statvfs, str(node.view_dir))
-                log.info("node view %d serving %s at %s", os.getpid(), node.cache_dir,
+                log.info("node view %d %s %s at %s", os.getpid(),
+                         "took over" if takeover else "serving", node.cache_dir,
                          node.view_dir)
+                if node.link is not None:
+                    nursery.start_soon(node.link.run)
                 if ready is not None:
                     ready.ready()
+                if takeover is not None and not node.mounts:
+                    log.info("no kernel-mode mount left to serve: exiting")
+                    done.set()
                 await done.wait()
-                await node.shutdown()
+                if node.mode == "handover":
+                    await node.hand_over()
+                    outcome = "closed"
+                elif node.mode == "crash":
+                    outcome = "crash"
+                else:
+                    if node.link is not None:
+                        await node.link.release("unmount")
+                    await node.shutdown()
                 nursery.cancel_scope.cancel()
+        except BaseException:
+            if outcome == "unmount" and node.mode == "serve" and held_alive():
+                outcome = "crash"
+            raise
         finally:
-            with contextlib.suppress(OSError):
-                if os.stat(sock_path).st_ino == os.fstat(listener.fileno()).st_ino:
-                    sock_path.unlink()
-            listener.close()
-            pyfuse3.close(unmount=True)
+            node._close_listener()
+            if outcome == "crash":
+                pyfuse3.close(unmount=False)
+                log.error("node view %d ended unexpectedly: its connection and mounts are "
+                          "left to a successor", os.getpid())
+            elif outcome == "unmount":
+                pyfuse3.close(unmount=takeover is None)
+                if takeover is not None:
+                    with contextlib.suppress(OSError):
+                        syscalls.umount(str(node.view_dir), syscalls.MNT_DETACH)
             log.info("node view %d stopped", os.getpid())
 
     trio.run(main)
@@ -592,11 +849,25 @@ async def _guarded(what: str, fn: Callable[[], Awaitable[None]]) -> None:
 
 
 async def _watch_signals(node: NodeView, done: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: %s", "log file reopened" if reopen_log() else
+                         "logging to stderr, nothing to reopen")
+                continue
+            if node.mode != "serve":
+                continue
             log.info("signal %d: unmounting every kernel-mode mount", signum)
+            node.mode = "unmount"
             done.set()
             return
+
+
+async def _maintain_log() -> None:
+    while True:
+        await trio.sleep(LOG_CHECK_SECONDS)
+        if rotate_log():
+            log.info("log rotated")
 
 
 async def _exit_if_unused(node: NodeView, done: trio.Event) -> None:

@@ -12,6 +12,17 @@ kernel for a long time; a name no mount has is not cached (a later mount may add
 overlayfs keeps the data layer it resolved at a file's first open for as long as that
 inode lives, so the view keeps serving an object after the node completed it on disk:
 what a running container opened through the view stays readable through it.
+
+An object's inode number is a function of its name (`object_ino`: 62 bits of it, with
+bit 62 set), and the way back is a search of the registered mounts' object tables,
+which are sorted by name (`_names_with_prefix`): a new view taking a dead one's
+connection over (casfs.failover) answers the numbers the kernel already holds without
+any state handed over. Two names sharing those 62 bits (about n^2 / 2^63 for n objects
+on the node) would make one number ambiguous: the view then answers it EIO (logged),
+never one object's bytes for the other's.
+
+Every request is timed per operation (`times`; node metrics), and a read also in its
+mount's own histograms (`ViewSource.times`).
 """
 
 from __future__ import annotations
@@ -20,19 +31,68 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import pyfuse3
 
 from casfs.errors import FsError
-from casfs.manifest.objects import ObjectTable
+from casfs.manifest.objects import RECORD, ObjectTable
+from casfs.nodemetrics import OpTimes
 from casfs.vfs import ImageFS
 
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 FIRST_OBJECT_INO = 1024  # below: the root and the 256 prefix directories
+OBJECT_INO_BIT = 1 << 62  # every object's number has it (and nothing above)
+_INO_MASK = OBJECT_INO_BIT - 1
+
+
+def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a request handler into the view's per-operation histograms."""
+    import functools
+
+    name = fn.__name__
+    clock = time.perf_counter
+
+    @functools.wraps(fn)
+    async def wrapper(self: ObjectView, *args: Any) -> Any:
+        started = clock()
+        try:
+            return await fn(self, *args)
+        finally:
+            self.times.observe(name, clock() - started)
+
+    return wrapper
+
+
+def object_ino(name: bytes) -> int:
+    """The inode number of object `name` (32 raw bytes): its first 62 bits, bit 62 set."""
+    return (int.from_bytes(name[:8], "big") >> 2) | OBJECT_INO_BIT
+
+
+def _names_with_prefix(table: ObjectTable, ino: int) -> list[bytes]:
+    """The names in a (sorted) object table whose number is ino."""
+    low = ((ino & _INO_MASK) << 2).to_bytes(8, "big")
+    buf, size = table.buf, RECORD.size
+    count = len(buf) // size
+    lo, hi = 0, count
+    while lo < hi:  # the first name >= low
+        mid = (lo + hi) // 2
+        if bytes(buf[mid * size: mid * size + 8]) < low:
+            lo = mid + 1
+        else:
+            hi = mid
+    out = []
+    while lo < count:
+        name = bytes(buf[lo * size: lo * size + 32])
+        if object_ino(name) != ino:
+            break
+        out.append(name)
+        lo += 1
+    return out
 CACHE_TIMEOUT = 86400.0 * 365
 KERNEL_NO_OPEN = bool(getattr(pyfuse3, "INODE_FH_WITHOUT_OPEN", False))
 
@@ -43,6 +103,7 @@ class ViewSource(Protocol):
     table: ObjectTable
     fs: ImageFS
     closed: bool
+    times: OpTimes
 
     def served(self, ino: int) -> None:
         """The view is about to serve file `ino` of this mount (it was not local)."""
@@ -58,13 +119,13 @@ class ObjectView(pyfuse3.Operations):
         super().__init__()
         self.sources = sources  # newest first
         self.stats = stats
-        self._by_name: dict[bytes, int] = {}
-        self._names: dict[int, bytes] = {}
         self._resolved: dict[int, tuple[ViewSource, int]] = {}
         self.lookups = 0
         self.reads = 0
         self.misses = 0  # lookups of names no mount has
         self.io_errors = 0
+        self.ambiguous = 0  # numbers two object names share (answered EIO)
+        self.times = OpTimes()
 
     # -- names -----------------------------------------------------------------------------
 
@@ -77,12 +138,27 @@ class ObjectView(pyfuse3.Operations):
                 return source, ino
         return None
 
+    def _name_of(self, view_ino: int) -> bytes:
+        """The one object name with this number among the registered mounts' tables
+        (ENOENT: none; EIO: two)."""
+        names: set[bytes] = set()
+        for source in self.sources():
+            if not source.closed:
+                names.update(_names_with_prefix(source.table, view_ino))
+        if not names:
+            raise FsError(errno.ENOENT)
+        if len(names) > 1:
+            self.ambiguous += 1
+            log.error("object inode %d is shared by %d object names (%s): answered EIO",
+                      view_ino, len(names), ", ".join(sorted(n.hex()[:16] for n in names)))
+            raise FsError(errno.EIO)
+        return names.pop()
+
     def _resolve(self, view_ino: int) -> tuple[ViewSource, int]:
         hit = self._resolved.get(view_ino)
         if hit is not None and not hit[0].closed:
             return hit
-        name = self._names.get(view_ino)
-        found = self._find(name) if name is not None else None
+        found = self._find(self._name_of(view_ino))
         if found is None:
             raise FsError(errno.ENOENT)
         self._resolved[view_ino] = found
@@ -106,6 +182,7 @@ class ObjectView(pyfuse3.Operations):
         source, ino = self._resolve(view_ino)
         return self._attrs(view_ino, stat.S_IFREG | 0o444, source.fs.manifest.inode(ino).size)
 
+    @_timed
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.lookups += 1
         if parent_inode == ROOT:
@@ -123,16 +200,17 @@ class ObjectView(pyfuse3.Operations):
             return self._negative()
         if len(raw) != 32 or int(name[:2], 16) != parent_inode - 2:
             return self._negative()
-        view_ino = self._by_name.get(raw)
-        if view_ino is None:
-            if self._find(raw) is None:
-                self.misses += 1
-                return self._negative()
-            view_ino = self._by_name[raw] = FIRST_OBJECT_INO + len(self._by_name)
-            self._names[view_ino] = raw
+        if self._find(raw) is None:
+            self.misses += 1
+            return self._negative()
+        view_ino = object_ino(raw)
         try:
+            if self._name_of(view_ino) != raw:  # another name has this number too
+                raise FsError(errno.EIO)
             return self._object_attrs(view_ino)
-        except FsError:
+        except FsError as exc:
+            if exc.errno == errno.EIO:
+                raise pyfuse3.FUSEError(errno.EIO) from None
             return self._negative()
 
     @staticmethod
@@ -142,6 +220,7 @@ class ObjectView(pyfuse3.Operations):
         neg.entry_timeout = 0  # a mount registered later may bring the name
         return neg
 
+    @_timed
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             return self._attrs(ROOT, stat.S_IFDIR | 0o555, 0)
@@ -154,6 +233,7 @@ class ObjectView(pyfuse3.Operations):
 
     # -- content ---------------------------------------------------------------------------
 
+    @_timed
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -169,6 +249,7 @@ class ObjectView(pyfuse3.Operations):
             source, ino = self._resolve(fh)
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
+        started = time.perf_counter()
         try:
             source.served(ino)
             return await source.fs.read(ino, off, size)
@@ -180,7 +261,12 @@ class ObjectView(pyfuse3.Operations):
             log.error("read of inode %d at %d (object inode %d) failed, returning EIO: %s",
                       ino, off, fh, exc, exc_info=not hasattr(exc, "exit_code"))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            seconds = time.perf_counter() - started
+            self.times.observe("read", seconds)
+            source.times.observe("read", seconds)
 
+    @_timed
     async def opendir(self, inode: int, ctx: Any) -> int:
         if KERNEL_NO_OPEN:
             raise pyfuse3.FUSEError(errno.ENOSYS)
@@ -198,6 +284,7 @@ class ObjectView(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @_timed
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == ROOT and name == b"user.casfs.stats" and self.stats is not None:
             import json
@@ -208,6 +295,7 @@ class ObjectView(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
 
+    @_timed
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
