@@ -389,9 +389,10 @@ class Agent:
         sd_notify("WATCHDOG=1")
         self.later(interval, lambda: self._watchdog(interval))
 
-    def fork(self, child: Callable[[], int], keep: list[Any]) -> int:
+    def fork(self, child: Callable[[], int], keep: list[Any], drop: list[Any]) -> int:
         """Fork a child that runs child() and exits with its status; in it, everything
-        of the agent but `keep` (sockets and descriptors it needs) is closed first."""
+        of the agent but `keep` (sockets and descriptors it needs) is closed first, and
+        `drop` (the parent's ends of what was made for this child) too."""
         import sys
 
         sys.stdout.flush()
@@ -401,6 +402,12 @@ class Agent:
             return pid
         code = 1
         try:
+            for item in drop:
+                with contextlib.suppress(OSError):
+                    if isinstance(item, int):
+                        os.close(item)
+                    else:
+                        item.close()
             self._become_child(keep)
             code = child()
         except BaseException:  # noqa: BLE001 - the child's end, logged
@@ -515,7 +522,7 @@ class Agent:
             os.write(fd, f"pid {os.getpid()}\n".encode())
             return serve_reporting(cfg, fd, link=link_child)
 
-        self.fork(child, [caller, link_child])
+        self.fork(child, [caller, link_child], [link_agent])
         link_child.close()
         self._new_link(link_agent)
         conn.close()
@@ -745,7 +752,7 @@ class Agent:
                 return _view_child(self.cache_dir, cache_size, write_fd, link_child,
                                    takeover, mounts)
 
-        pid = self.fork(child, [write_fd, link_child, fuse_copy])
+        pid = self.fork(child, [write_fd, link_child, fuse_copy], [read_fd, link_agent])
         os.close(write_fd)
         os.close(fuse_copy)
         link_child.close()
@@ -852,7 +859,7 @@ class Agent:
             link_child.setblocking(True)
             return _view_child(self.cache_dir, cache_size, write_fd, link_child, None, {})
 
-        pid = self.fork(child, [write_fd, link_child])
+        pid = self.fork(child, [write_fd, link_child], [read_fd, link_agent])
         os.close(write_fd)
         link_child.close()
         self._new_link(link_agent)

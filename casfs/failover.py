@@ -225,6 +225,8 @@ class HoldLink:
         import trio
 
         failures = 0
+        lost_at: float | None = None  # when the last link broke (None: never linked yet)
+        warned = False
         while not self.released:
             raw = self.preconnected
             self.preconnected = None
@@ -233,18 +235,22 @@ class HoldLink:
             if raw is not None:
                 try:
                     await self._serve(trio.socket.from_stdlib_socket(raw))
-                    failures = 0
                 except (OSError, ValueError) as exc:
                     log.debug("link to the holder lost: %s", exc)
                 finally:
                     was_held, self.held, self.sock = self.held, False, None
                     with contextlib.suppress(OSError):
                         raw.close()
-                    if was_held and not self.released:
-                        log.warning("the holder of this connection went away: no failover "
-                                    "until an agent serves %s again", self.path.parent)
+                    if was_held:
+                        failures, lost_at, warned = 0, time.monotonic(), False
+                        if not self.released:
+                            log.info("the link to the holder closed; linking again")
             if self.released:
                 return
+            if lost_at is not None and not warned and time.monotonic() - lost_at > 5.0:
+                warned = True
+                log.warning("no holder: no failover until an agent serves %s again",
+                            self.path.parent)
             await trio.sleep(RELINK_DELAYS[min(failures, len(RELINK_DELAYS) - 1)])
             failures += 1
 
