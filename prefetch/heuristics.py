@@ -214,8 +214,17 @@ class Heuristics:
     def _readahead(self, ino: int, last: ChunkRef, warm: bool = False) -> None:
         end = last.offset + last.length
         # Big files have big chunks (indexer.chunking): bound the window in bytes too,
-        # which bounds the memory that chunks in flight hold.
-        span = max(last.length, min(self.readahead_chunks * last.length, self.readahead_bytes))
+        # which bounds the memory that chunks in flight hold. A reader that has streamed
+        # through a whole window (`warm`, and its reads stepped from chunk to next chunk
+        # for readahead_chunks more steps: model weights) gets a window 4 times wider,
+        # enough requests in flight for the bandwidth-delay product of a remote store
+        # (a 4 MiB GET at 20 ms takes 100-300 ms through a busy store: a 32 MiB window
+        # caps a stream at about a third of what the store serves); scattered reads (a
+        # library's page faults) and short runs keep the narrow one.
+        chunks, limit = self.readahead_chunks, self.readahead_bytes
+        if warm and self._steps.get(ino, (0, 0))[1] >= STREAMING_STEPS + chunks:
+            chunks, limit = chunks * 4, limit * 4
+        span = max(last.length, min(chunks * last.length, limit))
         windows = self._ahead.setdefault(ino, [])
         start = end
         moved = True
