@@ -54,6 +54,7 @@ from indexer.decompress import (
     ExpansionGuard,
     HashingReader,
     PassThrough,
+    ReadAhead,
     layer_limits,
     open_decompressed,
 )
@@ -68,7 +69,7 @@ from indexer.open import open_image, open_tree
 from indexer.registry import RegistryOptions
 from indexer.tree import MEDIA_TYPE as TREE_MEDIA_TYPE
 from indexer.tree import TreeReader, TreeSource
-from indexer.upload import Aborted, BlobUploader, UploadStats, stoppable_store
+from indexer.upload import Aborted, BlobPresence, BlobUploader, UploadStats, stoppable_store
 
 log = logging.getLogger(__name__)
 HASH_READ = 4 << 20
@@ -229,6 +230,15 @@ def _release(lock: Lock, stop: threading.Event) -> None:
                     lock.key, exc)
 
 
+def _uploader(store: Store, stop: threading.Event) -> BlobUploader:
+    """The index's uploader; against a remote store, one that lists blob prefixes rather
+    than asking about each chunk (indexer.upload.BlobPresence)."""
+    presence = None
+    if store.url.startswith("s3://"):
+        presence = BlobPresence(getattr(store.backend, "inner", store.backend))
+    return BlobUploader(store, stop=stop, presence=presence)
+
+
 def tree_image(tree: TreeSource) -> Image:
     """The Image a tree stands as (its one pseudo-layer is named once it has been read)."""
     return Image(ref=tree.ref, config={}, config_digest="", manifest_digest="", layers=[],
@@ -251,7 +261,7 @@ def _index_locked(image: Image, store: Store, tag: str | None, progress: Progres
     # behind, only unreferenced blobs.
     new_records: list[tuple[str, bytes, bytes | None]] = []  # (key, record, pack index)
     abort = stop  # one event: a failed layer stops the uploads, a failed upload the layers
-    uploader = BlobUploader(store, stop=stop)
+    uploader = _uploader(store, stop)
     layers = image.layers
     if layer_workers is None:
         remote = any(layer.verifies_digest for layer in layers)
@@ -407,7 +417,7 @@ def _index_tree_locked(tree: TreeSource, image: Image, store: Store, tag: str | 
     (the tree's operations): the same tree gives the same name, so its record and
     directory packs are written once, and a mount finds its pack index like a layer's."""
     result = IndexResult(digest="", image=image)
-    uploader = BlobUploader(store, stop=stop)
+    uploader = _uploader(store, stop)
     packer = DirPacker(store)
     bar = progress.bar(f"tree {tree.path}")
     bar.set_phase("indexing")
@@ -519,8 +529,16 @@ def _index_layer(
                 ExpansionGuard(stream, lambda: tracked.count, what, max_total, max_ratio), READ_SIZE
             )
             diff = HashingReader(guarded)
-            ops = read_layer(diff, uploader, what, on_bytes, packer)
-            diff.drain()
+            # Reading, digests, decompression and bounds run on a thread of their own,
+            # beside the tar parsing and chunking here (two cores).
+            ahead = ReadAhead(diff, name="layer-read")
+            try:
+                tar = io.BufferedReader(ahead, READ_SIZE)
+                ops = read_layer(tar, uploader, what, on_bytes, packer)
+                while tar.read(READ_SIZE):
+                    pass
+            finally:
+                ahead.close()  # raw is this thread's again
         except (CorruptLayer, HostileLayer):
             if layer.verifies_digest:
                 _blame_digest(raw, layer)
