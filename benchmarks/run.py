@@ -161,6 +161,7 @@ def first_line(argv: list[str], env: dict[str, str], expect: str, t0: float | No
                timeout: float = 900) -> dict[str, Any]:
     """Seconds from t0 (default: now) to the line `expect` on the command's stdout, and
     to its exit."""
+    load = os.getloadavg()[0]  # a shared machine: say how busy it was
     t0 = time.perf_counter() if t0 is None else t0
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                          stdin=subprocess.DEVNULL, text=True)
@@ -180,7 +181,8 @@ def first_line(argv: list[str], env: dict[str, str], expect: str, t0: float | No
     if seen is None or p.returncode != 0:
         raise BenchError(f"{' '.join(argv[:4])}... exited {p.returncode} without "
                          f"{expect!r}: {''.join(lines)[-1000:]} {err[-2000:]}")
-    return {"first_line_seconds": round(seen, 3), "exit_seconds": round(done, 3)}
+    return {"first_line_seconds": round(seen, 3), "exit_seconds": round(done, 3),
+            "load_average_1m": round(load, 2)}
 
 
 # -- containerd ----------------------------------------------------------------------------
@@ -390,10 +392,14 @@ def write_results(results: dict[str, Any]) -> None:
     stem = RESULTS / f"{today()}-run-{results['image']}-{rev}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     plain = results["summary"].get("containerd plain (pull + unpack + run)", {}).get("median")
+    loads = [r.get("load_average_1m", 0.0) for v in results["scenarios"].values() for r in v]
     lines = [f"# Container start: command to the app's first line ({results['image']} image)",
              "", f"App: `{results['app']}`. {results.get('proxy_note', '')}. Page cache "
              "dropped before every run. " + ("" if results["page_cache"]["ok"] else
                                                "**The page cache could not be dropped.**"),
+             f"Load average (1 min) at the runs' starts: {min(loads, default=0):.1f} to "
+             f"{max(loads, default=0):.1f} on {os.cpu_count()} cores (a machine shared with "
+             "other work: compare rows of one run, not runs).",
              "", "| scenario | first line (s, median) | runs | vs containerd plain |",
              "|---|---|---|---|"]
     for name, s in results["summary"].items():
