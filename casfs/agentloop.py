@@ -45,6 +45,7 @@ from casfs.process import (
     daemon_environment,
     detach,
     journal_stderr,
+    log_check_seconds,
     open_log,
     peer_uid,
     reopen_log,
@@ -62,7 +63,6 @@ SCRAPE_SECONDS = 1.5  # the longest a scrape waits for the processes' stats
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
-LOG_CHECK_SECONDS = 30.0
 REAPED_KEEP = 256
 
 
@@ -276,7 +276,7 @@ class Agent:
         watchdog = _watchdog_interval()
         if watchdog:
             self._watchdog(watchdog)
-        self.later(LOG_CHECK_SECONDS, self._maintain_log)
+        self.later(log_check_seconds(), self._maintain_log)
         if ready_fd is not None:
             os.write(ready_fd, f"ok {os.getpid()}\n".encode())
             if successor:
@@ -383,7 +383,7 @@ class Agent:
     def _maintain_log(self) -> None:
         if rotate_log():
             log.info("log rotated")
-        self.later(LOG_CHECK_SECONDS, self._maintain_log)
+        self.later(log_check_seconds(), self._maintain_log)
 
     def _watchdog(self, interval: float) -> None:
         sd_notify("WATCHDOG=1")

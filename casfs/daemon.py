@@ -54,6 +54,7 @@ from casfs.process import (
     daemon_environment,
     detach,
     last_error_line,
+    log_check_seconds,
     log_file,
     open_log,
     raise_open_files_limit,
@@ -66,7 +67,6 @@ from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
 
 log = logging.getLogger(__name__)
-LOG_CHECK_SECONDS = 30.0  # how often a daemon looks at its log's size
 
 
 def mount_options(cfg: MountConfig) -> set[str]:
@@ -322,7 +322,7 @@ async def _watch_signals(ctl: _Control, link: HoldLink | None) -> None:
 async def _maintain_log() -> None:
     """Rotate this process's log file once it passes its size cap."""
     while True:
-        await trio.sleep(LOG_CHECK_SECONDS)
+        await trio.sleep(log_check_seconds())
         if rotate_log():
             log.info("log rotated")
 

@@ -39,6 +39,7 @@ ENV_NAMES = frozenset({"HOME"})
 # ($CASFS_LOG_MAX_BYTES), keeping this many older files (<log>.1 newest; $CASFS_LOG_KEEP).
 LOG_MAX_BYTES = 16 << 20
 LOG_KEEP = 3
+LOG_CHECK_SECONDS = 30.0  # how often a process looks at its log's size ($CASFS_LOG_CHECK_SECONDS)
 _log_path: Path | None = None  # the file this process's stdout/stderr go to, if any
 
 
@@ -206,6 +207,14 @@ def rotate_log(max_bytes: int | None = None, keep: int | None = None) -> bool:
                     os.rename(older, path.with_name(f"{path.name}.{i + 1}"))
             os.rename(path, path.with_name(f"{path.name}.1"))
     return reopen_log()
+
+
+def log_check_seconds() -> float:
+    """How often a background process checks its log's size."""
+    try:
+        return max(0.05, float(os.environ.get("CASFS_LOG_CHECK_SECONDS", "")))
+    except ValueError:
+        return LOG_CHECK_SECONDS
 
 
 def _env_int(name: str, default: int) -> int:

@@ -76,6 +76,7 @@ from casfs.process import (
     ReadyPipe,
     daemon_environment,
     listen_private,
+    log_check_seconds,
     log_file,
     peer_uid,
     reopen_log,
@@ -87,7 +88,6 @@ from prefetch.session import PrefetchSession
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
 IDLE_EXIT_SECONDS = 30.0  # a service nobody asked to mount anything exits
-LOG_CHECK_SECONDS = 30.0
 VIEW_OPTIONS = {"fsname=casfs-view", "subtype=casfs-view", "ro", "nosuid", "nodev",
                 "default_permissions"}
 
@@ -865,7 +865,7 @@ async def _watch_signals(node: NodeView, done: trio.Event) -> None:
 
 async def _maintain_log() -> None:
     while True:
-        await trio.sleep(LOG_CHECK_SECONDS)
+        await trio.sleep(log_check_seconds())
         if rotate_log():
             log.info("log rotated")
 
