@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
 
     _add_more_commands(add, store_arg)
+    from casfs.run import add_arguments as add_run_commands
+    from casfs.snapshotter import add_arguments as add_snapshotter_command
+
+    add_run_commands(add)
+    add_snapshotter_command(add)
     return p
 
 

@@ -163,6 +163,9 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
     if real not in table:
         raise MountError(f"{mountpoint} is not mounted")
     record = find_record(real)
+    if kernel_record(real) is not None:
+        raise MountError(f"{mountpoint} is a kernel-mode mount: its node view takes it down "
+                         "(casfs umount, casfs.kernel.client.unmount)")
     if is_stale(real):
         force_unmount(real)
         remove_record(real)

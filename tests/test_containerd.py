@@ -87,7 +87,7 @@ class Node:
     def start_snapshotter(self) -> None:
         log = open(self.snap_log, "ab")
         self.snap = subprocess.Popen(
-            [sys.executable, "-m", "casfs.snapshotter", "--address", str(self.snap_sock),
+            [sys.executable, "-m", "casfs.cli", "snapshotter", "--address", str(self.snap_sock),
              "--root", str(self.snap_root), "--store", self.store, "--cache-dir",
              str(self.cache), "--mode", self.mode],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

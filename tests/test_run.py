@@ -2,8 +2,7 @@
 from this machine's interpreter and C library, indexed into a file store, mounted by
 casfs (kernel and FUSE modes), run by crun and runc (Debian packages) as root.
 
-The commands are run as `python -m casfs.run ...` until casfs/cli.py wires them as
-`casfs run|ps|rm` (the same handlers). Nothing here skips when CI=true: a missing runtime
+The commands are run as `casfs run|ps|rm` (python -m casfs.cli). Nothing here skips when CI=true: a missing runtime
 or mount facility fails the test instead.
 """
 
@@ -25,7 +24,7 @@ import pytest
 from casfs.testing import ocibuild as ob
 from tests.mounthelp import in_ci, mounts_under, require_mode
 
-RUN = [sys.executable, "-m", "casfs.run"]
+RUN = [sys.executable, "-m", "casfs.cli"]
 RUNTIMES = ("crun", "runc")
 PY = Path(sys.base_prefix) / "bin" / "python3"
 

@@ -101,7 +101,7 @@ class ObjectTable:
         if len(buf) % RECORD.size:
             raise ManifestError("object table size is not a whole number of records")
         self.buf = buf
-        self.size = len(buf) // RECORD.size
+        self.size = self.count = len(buf) // RECORD.size  # records in the table
         self._names = _Names(buf, self.size)
 
     def lookup(self, name: bytes) -> int:

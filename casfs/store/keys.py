@@ -70,7 +70,13 @@ PREFIXES: dict[Kind, str] = {
     Kind.LOCK: "locks/",
 }
 
-TAG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,199}")
+# A tag name: one or more segments joined by "/" (registry-style names such as
+# registry.example/team/app:1.2), each starting with a letter, digit or "_" (so never "."
+# or ".."), at most 255 characters in all. In a key each "/" is written "%2F": a tag is
+# always one key right under tags/, whatever its name.
+_TAG_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.:@+-]*"
+TAG_NAME = re.compile(rf"(?=.{{1,255}}$){_TAG_SEGMENT}(?:/{_TAG_SEGMENT})*")
+_TAG_SLASH = "%2F"
 TRACE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 LOCK_NAME = re.compile(r"([a-z]+)-([0-9]{1,12})-([0-9a-f]{12})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -90,7 +96,7 @@ def manifest_key(digest: str) -> str:
 
 
 def tag_key(name: str) -> str:
-    return f"tags/{validate_tag(name)}"
+    return "tags/" + validate_tag(name).replace("/", _TAG_SLASH)
 
 
 def layer_record_key(layer_digest: str) -> str:
@@ -150,7 +156,8 @@ def lock_key(holder: str, unix_seconds: int, token: str) -> str:
 
 def validate_tag(name: str) -> str:
     if not TAG_NAME.fullmatch(name):
-        raise BadKey(f"invalid tag name {name!r} (letters, digits and _.:@+- only)")
+        raise BadKey(f"invalid tag name {name!r} (segments of letters, digits and _.:@+-, "
+                     "joined by /, at most 255 characters)")
     return name
 
 
@@ -208,9 +215,10 @@ def parse_key(key: str) -> ParsedKey:
     if head == "packs" and n == 2:
         return ParsedKey(Kind.PACK, key, digest=_digest(key, parts[1], "pack name"))
     if head == "tags" and n == 2:
-        if not TAG_NAME.fullmatch(parts[1]):
+        name = parts[1].replace(_TAG_SLASH, "/")
+        if not TAG_NAME.fullmatch(name):
             raise _bad(key, "invalid tag name")
-        return ParsedKey(Kind.TAG, key, name=parts[1])
+        return ParsedKey(Kind.TAG, key, name=name)
     if head in ("layers", "packidx") and n == 3:
         kind = Kind.LAYER_RECORD if head == "layers" else Kind.PACK_INDEX
         return ParsedKey(kind, key, layer=_layer(key, parts[1], parts[2]))
