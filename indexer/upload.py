@@ -38,11 +38,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import zstandard
+
 from casfs.digest import hash_bytes
 from casfs.errors import TransientStoreError
 from casfs.store import Store
 from casfs.store.backend import ObjectBackend
-from casfs.store.content import MIN_FRAME_SIZE, compress
+from casfs.store.content import MIN_FRAME_SIZE
 from casfs.store.keys import blob_key
 from casfs.store.retry import RetryingBackend
 
@@ -55,6 +57,20 @@ PREFIX_LIST_AFTER = 4
 ones are asked about one HEAD each: a small image never lists)."""
 LIST_PAGES = 4
 """The most listing pages (1,000 keys each) read of one prefix before giving up on it."""
+ZSTD_LEVEL = 1
+"""Blobs written by the indexer: zstd level 1 compresses an image's files about 1.4 times
+as fast as level 3 on this machine (about 500 against 350 MB/s of CPU) for about 8% more
+stored bytes (0.296 against 0.275 of the torch image); readers take any zstd frame."""
+
+_local = threading.local()
+
+
+def compress(data: bytes | memoryview) -> bytes:
+    """A chunk's stored form: one zstd frame (level ZSTD_LEVEL, its size in the header)."""
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None:  # compressors are not thread-safe: one per thread
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return cctx.compress(data)
 
 
 class Aborted(Exception):
@@ -305,16 +321,16 @@ class BlobUploader:
 
     def _put(self, data: bytes, digest: str, packed: bytes | None) -> int:
         """Store a chunk unless the store has it; the compressed bytes uploaded (0: it
-        was there)."""
+        was there). Compressed only when it is uploaded (or packed)."""
         present = self.presence.lookup(digest) if self.presence is not None else None
         if present is None:  # ask the store (a HEAD, a stat)
-            return self.store.put_blob(data, digest, packed)[1]
+            present = self.store.has_blob(digest)
         if present:
             return 0
         packed = packed if packed is not None else compress(data)
         self.store.backend.put(blob_key(digest), packed)
-        assert self.presence is not None
-        self.presence.add(digest)
+        if self.presence is not None:
+            self.presence.add(digest)
         return len(packed)
 
     def close(self, cancel: bool = False) -> None:
