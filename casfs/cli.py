@@ -115,6 +115,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked (importlib.metadata costs every command ~8 ms)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"casfs {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -129,7 +138,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="casfs", description="Content-addressed lazy container filesystem")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
-    p.add_argument("--version", action="version", version=f"casfs {_version()}")
+    p.add_argument("--version", action=_VersionAction, nargs=0,
+                   help="show casfs's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ $CASFS_CACHE_DIR, else a per-user or system default). Free of heavy imports: the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -41,6 +42,31 @@ def ensure_private_dir(path: str | os.PathLike[str], what: str = "cache director
                             f"(uid {os.geteuid()}): choose a directory of your own")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def runtime_dir(*sub: str) -> Path:
+    """This user's private runtime directory (mount records, the node view's socket):
+    /run/casfs as root, else $XDG_RUNTIME_DIR/casfs, else /tmp/casfs-<uid>; each level
+    created 0700 and refused unless it is a real directory this user owns that no other
+    user can write (a shared /tmp must not let another user plant a symlink or a
+    record)."""
+    from casfs.errors import MountError
+
+    if os.geteuid() == 0:
+        base = Path("/run/casfs")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "casfs"
+    else:
+        base = Path(f"/tmp/casfs-{os.geteuid()}")
+    path = base
+    for level in (base, *(base / "/".join(sub[: i + 1]) for i in range(len(sub)))):
+        path = level
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise MountError(f"{path} is not a private directory of this user: remove it")
+    return path
 
 
 def mount_log_path(cache_dir: str | os.PathLike[str], mountpoint: str) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from casfs.errors import MountError
+from casfs.locations import runtime_dir
 from casfs.process import helper_command, helper_env
 
 FSTYPE = "fuse.casfs"
@@ -212,24 +213,9 @@ def wait_for_exit(pid: int, timeout: float) -> None:
 # -- mount records (one per live mount, in a runtime directory private to the user) ---------
 
 def records_dir() -> Path:
-    """This user's directory of mount records: /run/casfs/mounts as root, else
-    $XDG_RUNTIME_DIR/casfs/mounts, else /tmp/casfs-<uid>/mounts; created 0700 and
-    refused unless it is a real directory this user owns (a shared /tmp must not let
-    another user plant a symlink or a record)."""
-    if os.geteuid() == 0:
-        base = Path("/run/casfs")
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "casfs"
-    else:
-        base = Path(f"/tmp/casfs-{os.geteuid()}")
-    d = base / "mounts"
-    for path in (base, d):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise MountError(f"{path} is not a private directory of this user: remove it")
-    return d
+    """This user's directory of mount records: `mounts/` in its private runtime
+    directory (casfs.locations.runtime_dir)."""
+    return runtime_dir("mounts")
 
 
 def _record_path(real_mountpoint: str) -> Path:

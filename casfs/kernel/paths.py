@@ -13,10 +13,10 @@ LOG_NAME = "view.log"
 
 def socket_path(cache_dir: str) -> Path:
     """The control socket of the node view serving cache_dir."""
-    from casfs.mounts import records_dir
+    from casfs.locations import runtime_dir
 
     key = hashlib.sha256(os.path.realpath(cache_dir).encode()).hexdigest()[:20]
-    return records_dir().parent / f"view-{key}.sock"
+    return runtime_dir() / f"view-{key}.sock"
 
 
 def log_path(cache_dir: str) -> Path:
