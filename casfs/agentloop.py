@@ -1174,7 +1174,7 @@ def _parse_request(request: dict[str, Any], cache_dir: str) -> tuple[MountConfig
 def _view_child(cache_dir: str, cache_size: int, ready_fd: int, link: socket.socket,
                 takeover: Takeover | None, mounts: dict[str, Any]) -> int:
     """In a forked child: become the node view (fresh, or taking a dead one's over)."""
-    from casfs.kernel.client import serve_view
+    from casfs.kernel.service import serve_view
 
     return serve_view(cache_dir, cache_size, ready_fd, link=link, takeover=takeover,
                       mounts=mounts)

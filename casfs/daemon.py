@@ -229,6 +229,8 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
                 await nursery.start(session.run)
                 nursery.start_soon(_announce_ready, mountpoint, cfg, ready, link_, nursery,
                                    takeover is not None)
+                if cfg.metrics_port is not None and takeover is not None:
+                    nursery.start_soon(_metrics_when_free, cfg.metrics_port, metrics, fetcher)
                 with ctl.fuse_scope:
                     await pyfuse3.main()
                 if ctl.mode == "handover":
@@ -325,6 +327,18 @@ async def _maintain_log() -> None:
         await trio.sleep(log_check_seconds())
         if rotate_log():
             log.info("log rotated")
+
+
+async def _metrics_when_free(port: int, metrics: MountMetrics, fetcher: Fetcher) -> None:
+    """A successor serves its predecessor's --metrics-port once that one let it go (a
+    handover: the old daemon may still hold it for a moment)."""
+    for _ in range(100):
+        try:
+            _start_metrics(port, metrics, fetcher)
+            return
+        except OSError:
+            await trio.sleep(0.2)
+    log.warning("cannot serve metrics on 127.0.0.1:%d: the port stays taken", port)
 
 
 def _start_metrics(port: int, metrics: MountMetrics, fetcher: Fetcher) -> None:

@@ -135,12 +135,14 @@ def open_log(log_path: Path) -> int:
 
 
 def redirect_stdio(log_fd: int | None) -> None:
-    """stdin from /dev/null; stdout and stderr into log_fd (which is closed), or left
-    where they are (the journal) when log_fd is None."""
+    """stdin from /dev/null; stdout and stderr into log_fd (which is closed), or both
+    onto stderr (the journal) when log_fd is None: a background process keeps nothing
+    of whoever started it but that stream."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     if log_fd is None:
+        os.dup2(2, 1)
         return
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)

@@ -129,6 +129,8 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
             os.environ.clear()
             os.environ.update(env)
             detach(log_fd, verbose, logfile)
+            from casfs.kernel.service import serve_view
+
             code = serve_view(cache_dir, cache_size, write_fd)
         finally:
             os._exit(code)
@@ -144,32 +146,6 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
     if buf.startswith(FAILED):
         raise MountError(buf[len(FAILED):].decode(errors="replace").strip())
     raise MountError(last_error_line(logfile) or f"the node view did not start; see {logfile}")
-
-
-def serve_view(cache_dir: str, cache_size: int, ready_fd: int, link: Any = None,
-               takeover: Any = None, mounts: dict[str, Any] | None = None) -> int:
-    """Be the node view (in a forked child); its exit status. An error before "ready"
-    also goes to ready_fd. `takeover` (casfs.failover.Takeover): serve a dead view's
-    connection; `link`: a connected link to the holder that forked this process."""
-    import logging
-
-    from casfs.errors import CasfsError
-    from casfs.kernel.service import serve_node
-    from casfs.process import ReadyPipe, raise_open_files_limit
-
-    pipe = ReadyPipe(ready_fd)
-    raise_open_files_limit(8192)
-    try:
-        serve_node(cache_dir, cache_size, pipe, takeover=takeover, link=link, mounts=mounts)
-    except CasfsError as exc:
-        print(f"casfs: error: {exc}", file=sys.stderr)
-        pipe.fail(str(exc))
-        return exc.exit_code
-    except BaseException as exc:
-        logging.getLogger("casfs.kernel").exception("the node view failed")
-        pipe.fail(f"the node view failed: {exc!r}")
-        return 1
-    return 0
 
 
 def mount(cfg: MountConfig, verbose: bool = False) -> int:

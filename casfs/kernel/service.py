@@ -840,6 +840,30 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None,
     trio.run(main)
 
 
+def serve_view(cache_dir: str, cache_size: int, ready_fd: int, link: Any = None,
+               takeover: Takeover | None = None, mounts: dict[str, Any] | None = None) -> int:
+    """Be the node view (in a forked child); its exit status. An error before "ready"
+    also goes to ready_fd. `takeover`: serve a dead view's connection; `link`: a
+    connected link to the holder that forked this process."""
+    import sys
+
+    from casfs.process import raise_open_files_limit
+
+    pipe = ReadyPipe(ready_fd)
+    raise_open_files_limit(8192)
+    try:
+        serve_node(cache_dir, cache_size, pipe, takeover=takeover, link=link, mounts=mounts)
+    except CasfsError as exc:
+        print(f"casfs: error: {exc}", file=sys.stderr)
+        pipe.fail(str(exc))
+        return exc.exit_code
+    except BaseException as exc:
+        log.exception("the node view failed")
+        pipe.fail(f"the node view failed: {exc!r}")
+        return 1
+    return 0
+
+
 async def _guarded(what: str, fn: Callable[[], Awaitable[None]]) -> None:
     """Background work of a mount that must never take the mount down."""
     try:
