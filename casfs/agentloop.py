@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import json
@@ -470,7 +471,7 @@ class Agent:
                 continue
             conn = Conn(self, sock, "request")
             self.conns.add(conn)
-            self.later(10.0, lambda c=conn: self._request_deadline(c))
+            self.later(10.0, functools.partial(self._request_deadline, conn))
 
     def _request_deadline(self, conn: Conn) -> None:
         if conn.kind == "request" and not conn.closed:
@@ -596,7 +597,7 @@ class Agent:
             held = Held(key, kind, fuse_fd, message)
             held.pid = pid
             self.held[key] = held
-            self.register(fuse_fd, 0, lambda ev, h=held: self._fuse_event(h, ev))
+            self.register(fuse_fd, 0, functools.partial(self._fuse_event, held))
             self._watch_pid(held, pid)
         held.link = conn
         conn.held = held
@@ -928,7 +929,12 @@ class Agent:
                 return
             conn = Conn(self, sock, "http")
             self.conns.add(conn)
-            self.later(10.0, lambda c=conn: c.close() if c.kind == "http" else None)
+            self.later(10.0, functools.partial(self._http_deadline, conn))
+
+    @staticmethod
+    def _http_deadline(conn: Conn) -> None:
+        if conn.kind == "http":
+            conn.close()
 
     def on_http(self, conn: Conn, data: bytes) -> None:
         conn.http += data
@@ -1100,7 +1106,7 @@ class Agent:
         held.restarts.update(dict(message.get("restarts") or {}))
         held.stalls = [float(s) for s in message.get("stalls") or []]
         self.held[key] = held
-        self.register(fuse_fd, 0, lambda ev, h=held: self._fuse_event(h, ev))
+        self.register(fuse_fd, 0, functools.partial(self._fuse_event, held))
         if len(fds) > 1:
             held.pidfd = fds[1]
             pid = held.pid

@@ -395,13 +395,13 @@ def spawn_background(cfg: MountConfig, log_path: Path, verbose: bool = False,
         reap(pid, 5.0)
         message = buf[len(FAILED):].decode(errors="replace").strip()
         raise MountError(message or f"the mount daemon failed; see {log_path}")
-    code = reap(pid, max(1.0, deadline - time.monotonic()))
-    if code is None:
+    status = reap(pid, max(1.0, deadline - time.monotonic()))
+    if status is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         raise MountError(f"the mount daemon did not become ready; see {log_path}")
     tail = last_error_line(log_path)
-    raise MountError(tail or f"the mount daemon exited with status {code}; see {log_path}")
+    raise MountError(tail or f"the mount daemon exited with status {status}; see {log_path}")
 
 
 def serve_reporting(cfg: MountConfig, ready_fd: int, takeover: Takeover | None = None,

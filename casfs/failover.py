@@ -138,7 +138,8 @@ def encode(message: dict[str, Any], nfds: int = 0) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] = ()) -> None:
+def send_message(sock: socket.socket, message: dict[str, Any],
+                 fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one message (blocking), its descriptors with its bytes."""
     data = encode(message, len(fds))
     if fds:
@@ -165,7 +166,7 @@ class Decoder:
             raise ValueError("message too large")
 
     def messages(self) -> list[tuple[dict[str, Any], list[int]]]:
-        out = []
+        out: list[tuple[dict[str, Any], list[int]]] = []
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
             if not line.strip():

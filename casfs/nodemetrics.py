@@ -91,7 +91,7 @@ def render(sample: NodeSample) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(sample))  # type: ignore[arg-type]
+    registry.register(_Collector(sample))
     return bytes(generate_latest(registry))
 
 

@@ -64,7 +64,7 @@ from casfs.failover import (
 from casfs.fetch import Fetcher
 from casfs.kernel import syscalls
 from casfs.kernel.images import NodeImage, node_image
-from casfs.kernel.view import ObjectView
+from casfs.kernel.view import ObjectView, ViewSource
 from casfs.localimage import open_image
 from casfs.manifest import Manifest
 from casfs.manifest.objects import multi_chunk_files, object_name_of
@@ -303,8 +303,8 @@ class NodeView:
         self.sock_ino = 0
         self.takeover: Takeover | None = None
 
-    def _sources(self) -> list[KernelMount]:
-        return sorted(self.mounts.values(), key=lambda m: -m.started)
+    def _sources(self) -> list[ViewSource]:
+        return [*sorted(self.mounts.values(), key=lambda m: -m.started)]
 
     def view_stats(self) -> dict[str, Any]:
         return {"mounts": sorted(self.mounts), "lookups": self.ops.lookups,
