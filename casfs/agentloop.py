@@ -993,7 +993,9 @@ class Agent:
                       "mountpoint": str(Path(self.cache_dir) / "view")}
             view_stats = {"mount": {"pid": held.pid}, "fuse_ops": view.get("fuse_ops") or {},
                           "metrics": {k: v for k, v in view.items()
-                                      if k in ("lookups", "reads", "misses", "io_errors")}} \
+                                      if k in ("lookups", "reads", "misses", "io_errors")},
+                          "failover": {"resent_requests": int(view.get("resent_requests")
+                                                              or 0)}} \
                 if stats else None
             mounts.append(MountSample(labels, view_stats, up, dict(held.restarts),
                                       list(held.stalls)))

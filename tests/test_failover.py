@@ -61,6 +61,10 @@ def url(path: Path) -> str:
     return f"file://{path}"
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def fuse_stats(mountpoint: Path) -> dict[str, Any]:
     return dict(json.loads(os.getxattr(mountpoint, "user.casfs.stats")))
 
@@ -131,10 +135,11 @@ def test_node_view_killed_ten_times_under_a_reader(tmp_path: Path) -> None:
     require_mode("kernel")
     store, cache, mnt = tmp_path / "store", tmp_path / "cache", tmp_path / "mnt"
     image = failover_image(tmp_path / "img", url(store))
-    with running_agent(cache):
+    with running_agent(cache) as agent:
         m = start_mount(image.ref, mnt, url(store), cache, "--no-prefetch", mode="kernel")
         try:
-            assert agent_held(cache, "view") is not None  # forked by the agent, held
+            first = agent_held(cache, "view")  # forked by the agent (warm), held by it
+            assert first is not None and parent_of(int(first["pid"])) == agent
             report, kill_times = killed_under_reader(
                 cache, "view", mnt, image, lambda: kernel_stats(cache, mnt), kills=KILLS)
             print(summary("kernel mode (node view)", report, kill_times))
