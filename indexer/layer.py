@@ -198,7 +198,7 @@ def _read_chunks(
     assert f is not None
     chunks = []
     remaining = member.size
-    chunk_size = chunk_size_for(member.size)
+    chunk_size = chunk_size_for(member.size, path)
     while remaining > 0:
         data = f.read(min(chunk_size, remaining))
         if not data:

@@ -227,7 +227,7 @@ class TreeReader:
                     packer.add(rel, digest, stored)
 
             chunks: list[tuple[Future[str], int]] = []
-            chunk_size = chunk_size_for(size)
+            chunk_size = chunk_size_for(size, rel)
             offset = 0
             while offset < size:
                 if self.abort.is_set():

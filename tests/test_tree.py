@@ -24,7 +24,7 @@ from treecheck import index, manifest_snapshot, store_keys  # noqa: E402
 
 from casfs.errors import BadImageRef, ImageError  # noqa: E402
 from casfs.store import Store, open_store  # noqa: E402
-from indexer.chunking import MIB  # noqa: E402
+from indexer.chunking import MIB, chunk_size_for  # noqa: E402
 from indexer.imageref import parse_image_ref  # noqa: E402
 from indexer.index import index_image  # noqa: E402
 from indexer.tree import MEDIA_TYPE  # noqa: E402
@@ -97,9 +97,20 @@ def test_tree_indexes_every_entry(store: Store, tmp_path: Path) -> None:
     assert store.get_layer_record(layer["digest"]) is not None
     assert store.get_pack_index(layer["digest"], 1 << 30) is not None
     assert result.packs.files >= 30
-    # Chunked by size like any image's files: 70 MiB in 1 MiB chunks.
+    # Chunked like any image's files: a 70 MiB weights file in 4 MiB chunks (18 of them).
     ino = m.resolve("/weights/model-00002-of-00002.safetensors")
-    assert len(m.chunks(ino)) == 70 and result.upload.chunks >= 70 + 13
+    assert len(m.chunks(ino)) == 18 and result.upload.chunks >= 18 + 13
+
+
+def test_weight_files_get_big_chunks() -> None:
+    """Files of 64 MiB to 1 GiB get 1 MiB chunks (a big library is paged through), but 4
+    MiB when named like weights (read front to back, or a tensor at a time)."""
+    assert chunk_size_for(70 * MIB, "libtorch_cpu.so") == MIB
+    assert chunk_size_for(70 * MIB, "w/model-00001-of-00004.safetensors") == 4 * MIB
+    assert chunk_size_for(70 * MIB, "consolidated.00.pth") == 4 * MIB
+    assert chunk_size_for(70 * MIB, "data.bin") == MIB  # .bin is too common a name
+    assert chunk_size_for(1 << 20, "tiny.safetensors") == 256 * 1024
+    assert chunk_size_for(2 << 30, "anything") == 4 * MIB
 
 
 def test_same_tree_elsewhere_same_manifest(store: Store, tmp_path: Path) -> None:
@@ -121,13 +132,13 @@ def test_reindex_after_one_change_uploads_only_its_chunks(store: Store, tmp_path
     # One tensor re-saved: bytes changed inside the second chunk of a 70 MiB shard.
     shard = root / "weights" / "model-00002-of-00002.safetensors"
     with open(shard, "r+b") as f:
-        f.seek(MIB + 17)
+        f.seek(4 * MIB + 17)
         f.write(b"changed tensor")
     second, m2 = index(f"tree:{root}", store)
     assert second.digest != first.digest
     new = store_keys(store, "blobs/") - blobs
     assert len(new) == 1 == second.upload.new_blobs
-    assert second.upload.new_bytes == MIB
+    assert second.upload.new_bytes == 4 * MIB
     assert second.packs.packs == 0 or second.packs.bytes < 1 * MIB  # packs hold small files
     assert diff_snapshots(snapshot(root), manifest_snapshot(m2, store)) == []
 
