@@ -170,6 +170,7 @@ class Held:
         self.meta = meta
         self.pid = 0
         self.prev_pid = 0  # the process before the current one
+        self.linked_pid = 0  # the process whose `hold` message `meta` is
         self.pidfd: int | None = None
         self.link: Conn | None = None
         self.state = "serving"
@@ -600,6 +601,7 @@ class Agent:
             self.register(fuse_fd, 0, functools.partial(self._fuse_event, held))
             self._watch_pid(held, pid)
         held.link = conn
+        held.linked_pid = pid
         conn.held = held
         if held.state == "adopted":
             held.state = "serving"
@@ -908,7 +910,8 @@ class Agent:
             "code": self.code, "metrics": self.metrics if self.metrics_sock else None,
             "journal": self.journal, "uptime_seconds": round(time.monotonic() - self.started, 3),
             "held": [{"key": h.key, "kind": h.kind, "pid": h.pid, "state": h.state,
-                      "linked": h.link is not None, "image": h.meta.get("image", ""),
+                      "linked": h.link is not None and h.linked_pid == h.pid,
+                      "image": h.meta.get("image", ""),
                       "digest": h.meta.get("digest", ""),
                       "mounts": sorted(dict(h.meta.get("mounts") or {})),
                       "restarts": dict(h.restarts),
