@@ -124,7 +124,6 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
     from casfs.fuse_ops import CasfsOperations
 
     started = time.monotonic()
-    code_fingerprint()  # the code this process runs, taken before anything can change it
     raise_open_files_limit(8192)  # the cache holds up to OPEN_FILES_MAX chunk files open
     cache = ChunkCache(cfg.cache_dir, cfg.cache_size)
     store, manifest = open_image(cfg.ref, cfg.store_url, cache)

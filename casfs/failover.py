@@ -90,8 +90,10 @@ def connection_alive(fd: int) -> bool:
 def code_fingerprint() -> str:
     """What code this process runs: casfs's version and the (path, size, mtime) of every
     source file of casfs, prefetch and indexer, and of the pyfuse3 build, as they were
-    when first asked (call it early: a process keeps the code it imported). A holder
-    replaces the processes whose fingerprint is not its own (an upgrade under them)."""
+    when first asked: the agent asks as it starts (the processes it forks inherit its
+    answer), a process started otherwise when it first links, moments after it imported
+    them. A holder replaces the processes whose fingerprint is not its own (an upgrade
+    installed under them)."""
     from casfs import __version__
 
     h = hashlib.sha256(f"casfs {__version__}\n".encode())

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pkg in fuse3 libfuse3-dev pkg-config patch umoci skopeo docker-registry apache2-utils erofs-utils attr \
-    runc crun containerd; do
+    runc crun containerd systemd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 say() { echo "install: $*" >&2; }

@@ -742,7 +742,6 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None,
         node.view_dir.mkdir(mode=0o700, exist_ok=True)
     from casfs.kernel.paths import socket_path
 
-    code_fingerprint()
     sock_path = node.sock_path = socket_path(node.cache_dir)
     listener = node.listener = listen_private(sock_path)
     node.sock_ino = os.stat(sock_path).st_ino
