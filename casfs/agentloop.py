@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -582,7 +583,14 @@ class Agent:
         if kind not in ("fuse", "view") or pid <= 0:
             os.close(fuse_fd)
             raise ValueError("bad hold message")
-        unb64(str(message.get("init", "")))  # checked: a successor needs it
+        try:
+            _check_hold(message, kind, key, self.cache_dir)
+            st = os.fstat(fuse_fd)
+            if not stat.S_ISCHR(st.st_mode) or st.st_rdev != os.makedev(10, 229):
+                raise ValueError("the descriptor is not a /dev/fuse connection")
+        except (ValueError, TypeError, KeyError):
+            os.close(fuse_fd)
+            raise
         held = self.held.get(key)
         if held is not None and held.pid == pid:
             os.close(fuse_fd)  # the same file we hold already
@@ -732,7 +740,7 @@ class Agent:
         verbose = bool(meta.get("verbose"))
         if held.kind == "fuse":
             cfg = MountConfig(**meta["config"])
-            log_file = Path(str(meta.get("log") or mount_log_path(self.cache_dir, held.key)))
+            log_file = mount_log_path(self.cache_dir, held.key)  # never a path it was told
 
             def child() -> int:
                 from casfs.daemon import serve_reporting
@@ -745,7 +753,7 @@ class Agent:
         else:
             cache_size = int(meta.get("cache_size") or 0)
             mounts = dict(meta.get("mounts") or {})
-            log_file = Path(str(meta.get("log") or self._view_log()))
+            log_file = self._view_log()
 
             def child() -> int:
                 os.environ.clear()
@@ -1180,6 +1188,24 @@ def _parse_request(request: dict[str, Any], cache_dir: str) -> tuple[MountConfig
         raise ValueError("env must be an object")
     env = daemon_environment({str(k): str(v) for k, v in raw_env.items()})
     return cfg, env, bool(request.get("verbose"))
+
+
+def _check_hold(message: dict[str, Any], kind: str, key: str, cache_dir: str) -> None:
+    """What a successor would be started from, checked as a mount request is: this
+    agent's cache directory, the mount it names, a FUSE_INIT request (ValueError)."""
+    init = unb64(str(message.get("init", "")))
+    if len(init) < 48 or int.from_bytes(init[4:8], "little") != 26:
+        raise ValueError("no FUSE_INIT request")
+    if kind == "view":
+        if os.path.realpath(str(message.get("cache_dir", ""))) != os.path.realpath(cache_dir):
+            raise ValueError("not a view of this agent's cache directory")
+        return
+    cfg = MountConfig(**message["config"])
+    if os.path.realpath(cfg.cache_dir) != os.path.realpath(cache_dir):
+        raise ValueError(f"cache directory {cfg.cache_dir!r} is not this agent's")
+    if cfg.mountpoint != key or not os.path.isabs(key) or \
+            any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise ValueError("the mountpoint must be the key, absolute, without control characters")
 
 
 def _view_child(cache_dir: str, cache_size: int, ready_fd: int, link: socket.socket,

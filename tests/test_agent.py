@@ -149,6 +149,19 @@ def test_agent_refuses_garbage_and_keeps_serving(image: tuple[str, str], tmp_pat
                 s.sendall(junk)
                 s.shutdown(socket.SHUT_WR)
                 assert s.recv(4096).startswith(b"refused: "), junk
+        # a hold message (what a serving process sends with its /dev/fuse descriptor)
+        # must carry a FUSE connection and name a mount of this cache dir
+        import array
+        import json
+
+        bogus = {"op": "hold", "protocol": 1, "kind": "fuse", "key": "/x", "pid": os.getpid(),
+                 "init": "", "config": {}, "fds": 1}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, open(os.devnull) as f:
+            s.settimeout(10)
+            s.connect(str(cache / "agent.sock"))
+            s.sendmsg([json.dumps(bogus).encode() + b"\n"],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [f.fileno()]))])
+            assert s.recv(4096).startswith(b"refused: ")
         assert process_alive(pid)
         m = start_mount(ref, tmp_path / "m", store, cache)
         try:
