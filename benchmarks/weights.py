@@ -28,6 +28,7 @@ Writes ``<out>/<date>-weights.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,7 @@ def build_model(work: Path, size_gb: float, shards: int, seed: int = 1) -> dict[
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     plan = _tensor_plan(int(size_gb * 1e9), shards)
-    files = []
+    files: list[dict[str, Any]] = []
     index: dict[str, str] = {}
     for i, tensors in enumerate(plan):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
@@ -532,13 +534,14 @@ def main(argv: list[str] | None = None) -> int:
             res["store"] = svc.note
             res["index"] = bench.index()
             res["reindex"] = bench.reindex_one_changed()
-            steps = [("local", bench.local), ("download", bench.download)]
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("local", bench.local), ("download", bench.download)]
             for mode in filter(None, args.modes.split(",")):
-                steps.append((f"tree {mode}", lambda mode=mode: bench.casfs(
-                    res["index"]["tree"]["ref"], "tree", mode)))
+                steps.append((f"tree {mode}", functools.partial(
+                    bench.casfs, res["index"]["tree"]["ref"], "tree", mode)))
             if not args.no_image:
-                steps.append(("image fuse", lambda: bench.casfs(
-                    res["index"]["image"]["ref"], "image", "fuse", hot=False)))
+                steps.append(("image fuse", functools.partial(
+                    bench.casfs, res["index"]["image"]["ref"], "image", "fuse", hot=False)))
             for name, fn in steps:
                 if args.quiet_wait > 0:
                     wait_for_quiet(args.quiet_wait)

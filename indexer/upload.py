@@ -193,9 +193,9 @@ class BlobPresence:
 
     def lookup(self, digest: str) -> bool | None:
         prefix = digest[:2]
+        mine = False
         with self._lock:
-            listed = self._listed.get(prefix, False)
-            if listed is False:
+            if prefix not in self._listed:
                 event = self._listing.get(prefix)
                 if event is None:
                     asked = self._asked[prefix] = self._asked.get(prefix, 0) + 1
@@ -203,18 +203,17 @@ class BlobPresence:
                         return None
                     event = self._listing[prefix] = threading.Event()
                     mine = True
-                else:
-                    mine = False
-        if listed is False:
+            else:
+                event = None
+        if event is not None:
             if mine:
                 self._list(prefix, event)
             else:
                 event.wait()
-            with self._lock:
-                listed = self._listed.get(prefix)
-        if listed is None:
-            return None
         with self._lock:
+            listed = self._listed.get(prefix)
+            if listed is None:
+                return None
             self.answered += 1
             return digest in listed
 
