@@ -50,9 +50,9 @@ from casfs.process import (
     log_check_seconds,
     open_log,
     peer_uid,
-    reopen_log,
     rotate_log,
     sd_notify,
+    sighup,
 )
 
 log = logging.getLogger("casfs.agent")
@@ -241,6 +241,14 @@ class Agent:
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.ep.unregister(fd)
 
+    def close_fd(self, fd: int | None) -> None:
+        """Stop watching a descriptor of ours and close it."""
+        if fd is None or fd < 0:
+            return
+        self.unregister(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_ids), fn))
 
@@ -357,8 +365,7 @@ class Agent:
                 log.info("signal %d: stopping", signum)
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP: %s", "log file reopened" if reopen_log() else
-                         "logging to stderr, nothing to reopen")
+                log.info("%s", sighup())
             elif signum == signal.SIGCHLD:
                 self._reap()
 
@@ -624,11 +631,8 @@ class Agent:
                 self._answer_view_waiters(held, "ready")
 
     def _watch_pid(self, held: Held, pid: int) -> None:
-        if held.pidfd is not None:
-            self.unregister(held.pidfd)
-            with contextlib.suppress(OSError):
-                os.close(held.pidfd)
-            held.pidfd = None
+        self.close_fd(held.pidfd)
+        held.pidfd = None
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -658,10 +662,7 @@ class Agent:
         if self.held.get(held.key) is held:
             del self.held[held.key]
         for fd in (held.fuse_fd, held.pidfd, held.ready_fd):
-            if fd is not None and fd >= 0:
-                self.unregister(fd)
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self.close_fd(fd)
         held.fuse_fd, held.pidfd, held.ready_fd = -1, None, None
         if held.link is not None:
             link, held.link = held.link, None
@@ -678,11 +679,8 @@ class Agent:
     def _exited(self, held: Held, pid: int) -> None:
         if self.held.get(held.key) is not held or held.pid != pid:
             return  # an old process of a connection already handed to a successor
-        if held.pidfd is not None:
-            self.unregister(held.pidfd)
-            with contextlib.suppress(OSError):
-                os.close(held.pidfd)
-            held.pidfd = None
+        self.close_fd(held.pidfd)
+        held.pidfd = None
         how = self._exit_text(pid)
         if not connection_alive(held.fuse_fd):
             log.info("%s: pid %d %s; its connection is gone", held.key, pid, how)
@@ -696,11 +694,8 @@ class Agent:
 
     def _start_failed(self, held: Held, why: str) -> None:
         held.failures += 1
-        if held.ready_fd is not None:
-            self.unregister(held.ready_fd)
-            with contextlib.suppress(OSError):
-                os.close(held.ready_fd)
-            held.ready_fd = None
+        self.close_fd(held.ready_fd)
+        held.ready_fd = None
         if held.failures >= START_FAILURES_MAX:
             log.error("%s: %s; %d successors failed in a row: letting the connection go "
                       "(its requests fail from now on)", held.key, why, held.failures)
@@ -726,11 +721,8 @@ class Agent:
         held.link = None
         if old_link is not None:
             old_link.held = None  # the old process's link: it may finish saying goodbye
-        if held.pidfd is not None:
-            self.unregister(held.pidfd)
-            with contextlib.suppress(OSError):
-                os.close(held.pidfd)
-            held.pidfd = None
+        self.close_fd(held.pidfd)
+        held.pidfd = None
         meta = held.meta
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         link_agent, link_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -797,9 +789,7 @@ class Agent:
         held.ready_buf += data
         if data and b"\n" not in held.ready_buf:
             return
-        self.unregister(fd)
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        self.close_fd(fd)
         if held.ready_fd == fd:
             held.ready_fd = None
         line = held.ready_buf.split(b"\n", 1)[0].decode(errors="replace")
@@ -891,8 +881,7 @@ class Agent:
         start["buf"] += data
         if data and b"\n" not in start["buf"]:
             return
-        self.unregister(fd)
-        os.close(fd)
+        self.close_fd(fd)
         self.view_start = None
         line = start["buf"].split(b"\n", 1)[0].decode(errors="replace")
         answer = "ready" if line == "ready" else (
@@ -1174,15 +1163,7 @@ def _parse_request(request: dict[str, Any], cache_dir: str) -> tuple[MountConfig
     without control characters, string settings; the environment filtered again."""
     if request.get("protocol") != PROTOCOL:
         raise ValueError(f"protocol {request.get('protocol')!r}, agent speaks {PROTOCOL}")
-    cfg = MountConfig(**request["config"])
-    if os.path.realpath(cfg.cache_dir) != os.path.realpath(cache_dir):
-        raise ValueError(f"cache directory {cfg.cache_dir!r} is not this agent's")
-    mountpoint = cfg.mountpoint
-    if not isinstance(mountpoint, str) or not os.path.isabs(mountpoint) or \
-            any(ord(ch) < 32 or ord(ch) == 127 for ch in mountpoint):
-        raise ValueError("the mountpoint must be an absolute path without control characters")
-    if not isinstance(cfg.ref, str) or any(ord(ch) < 32 for ch in cfg.ref):
-        raise ValueError("bad image reference")
+    cfg = _checked_mount(request["config"], cache_dir)
     raw_env = request["env"]
     if not isinstance(raw_env, dict):
         raise ValueError("env must be an object")
@@ -1200,12 +1181,23 @@ def _check_hold(message: dict[str, Any], kind: str, key: str, cache_dir: str) ->
         if os.path.realpath(str(message.get("cache_dir", ""))) != os.path.realpath(cache_dir):
             raise ValueError("not a view of this agent's cache directory")
         return
-    cfg = MountConfig(**message["config"])
+    if _checked_mount(message["config"], cache_dir).mountpoint != key:
+        raise ValueError("the mountpoint must be the key")
+
+
+def _checked_mount(raw: dict[str, Any], cache_dir: str) -> MountConfig:
+    """A mount's settings as a request gives them, checked: the agent's own cache
+    directory, an absolute mountpoint without control characters, a plain reference."""
+    cfg = MountConfig(**raw)
     if os.path.realpath(cfg.cache_dir) != os.path.realpath(cache_dir):
         raise ValueError(f"cache directory {cfg.cache_dir!r} is not this agent's")
-    if cfg.mountpoint != key or not os.path.isabs(key) or \
-            any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        raise ValueError("the mountpoint must be the key, absolute, without control characters")
+    mountpoint = cfg.mountpoint
+    if not isinstance(mountpoint, str) or not os.path.isabs(mountpoint) or \
+            any(ord(ch) < 32 or ord(ch) == 127 for ch in mountpoint):
+        raise ValueError("the mountpoint must be an absolute path without control characters")
+    if not isinstance(cfg.ref, str) or any(ord(ch) < 32 for ch in cfg.ref):
+        raise ValueError("bad image reference")
+    return cfg
 
 
 def _view_child(cache_dir: str, cache_size: int, ready_fd: int, link: socket.socket,

@@ -54,14 +54,13 @@ from casfs.process import (
     daemon_environment,
     detach,
     last_error_line,
-    log_check_seconds,
     log_file,
+    maintain_log,
     open_log,
     raise_open_files_limit,
     read_until,
     reap,
-    reopen_log,
-    rotate_log,
+    sighup,
 )
 from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
@@ -136,7 +135,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
     session = PrefetchSession(manifest, store, fetcher, prefetch=cfg.prefetch,
                               record=cfg.trace and takeover is None, trace_idle=cfg.trace_idle)
     no_open = [False]
-    resend = {"sent": False, "supported": True}
+    resend_supported = [True]
 
     def extra_stats() -> dict:
         return {"mount": {"digest": manifest.digest, "pid": os.getpid(), "mode": "fuse",
@@ -147,7 +146,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
                 "fuse_ops": ops.times.as_dict(),
                 "failover": {"linked": link_.held if link_ else False,
                              "takeover": takeover.reason if takeover else "",
-                             "resend_supported": resend["supported"],
+                             "resend_supported": resend_supported[0],
                              "resent_requests": pyfuse3.failover_resent_requests()
                              if failover_supported() else 0}}
 
@@ -200,9 +199,8 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
             except (RuntimeError, ValueError) as exc:
                 raise MountError(f"cannot take {mountpoint} over: {exc}") from exc
             # What the last daemon read and never answered, queued again for us.
-            resend["supported"] = notify_resend(takeover.fd)
-            resend["sent"] = True
-            if not resend["supported"]:
+            resend_supported[0] = notify_resend(takeover.fd)
+            if not resend_supported[0]:
                 log.warning("this kernel does not resend requests (FUSE_NOTIFY_RESEND, "
                             "Linux 6.9+): requests the last daemon had taken stay unanswered")
         outcome = "unmount"  # what the end leaves: "unmount", "crash" or "closed"
@@ -221,7 +219,7 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
             async with trio.open_nursery() as nursery:
                 ctl.nursery = nursery
                 nursery.start_soon(_watch_signals, ctl, link_)
-                nursery.start_soon(_maintain_log)
+                nursery.start_soon(maintain_log)
                 # Prefetch starts while the mount gets ready: a boot's first reads (the
                 # interpreter, libpython) come right after "ready", and each one the
                 # plan is not yet there for is a GET of its own, in series.
@@ -307,8 +305,7 @@ async def _watch_signals(ctl: _Control, link: HoldLink | None) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 # logrotate's signal: the log file again, by its path; nothing else.
-                log.info("SIGHUP: %s", "log file reopened" if reopen_log() else
-                         "logging to stderr, nothing to reopen")
+                log.info("%s", sighup())
                 continue
             if ctl.mode != "serve":
                 continue
@@ -318,14 +315,6 @@ async def _watch_signals(ctl: _Control, link: HoldLink | None) -> None:
                 await link.release("unmount")
             pyfuse3.terminate()
             return
-
-
-async def _maintain_log() -> None:
-    """Rotate this process's log file once it passes its size cap."""
-    while True:
-        await trio.sleep(log_check_seconds())
-        if rotate_log():
-            log.info("log rotated")
 
 
 async def _metrics_when_free(port: int, metrics: MountMetrics, fetcher: Fetcher) -> None:

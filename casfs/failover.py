@@ -191,13 +191,6 @@ class Decoder:
         self.fds = []
 
 
-def recv_some(sock: socket.socket, decoder: Decoder) -> bool:
-    """One receive into decoder (descriptors included); False at end of stream."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
-    decoder.feed(data, list(fds))
-    return bool(data)
-
-
 # -- the serving side: the link to the holder (in trio) --------------------------------------
 
 
@@ -221,7 +214,6 @@ class HoldLink:
         self.sock: Any = None  # the trio socket of the current link
         self.held = False  # a holder has this process's descriptor now
         self.released = False
-        self.linked_at = 0.0
 
     async def run(self) -> None:
         """Link, answer the holder, link again when it goes; until cancelled."""
@@ -261,6 +253,7 @@ class HoldLink:
         from casfs.errors import ServiceUnavailable
         from casfs.process import connect_private
 
+        code_fingerprint()  # the first time: a few ms of stat(), here rather than on the loop
         if not self.path.exists():
             return None
         try:
@@ -277,7 +270,6 @@ class HoldLink:
             await sock.send(data[sent:])
         self.sock = sock
         self.held = True
-        self.linked_at = time.monotonic()
         log.info("linked to the holder on %s (failover on)", self.path)
         decoder = Decoder()
         while True:

@@ -31,7 +31,7 @@ Prometheus counters may.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,12 +167,9 @@ class _Collector:
                 .add_metric(lv, value)
         h = metrics.get("fetch_latency")
         if isinstance(h, dict) and "buckets" in h:
-            cum, buckets = 0, []
-            for bound, count in h["buckets"].items():
-                cum += count
-                buckets.append((bound, cum))
             fam(HistogramMetricFamily, "casfs_fetch_latency_seconds", "store fetch latency") \
-                .add_metric(lv, buckets, sum_value=h.get("sum_seconds", 0.0))
+                .add_metric(lv, _cumulative(h["buckets"].keys(), h["buckets"].values()),
+                            sum_value=h.get("sum_seconds", 0.0))
         hits, misses = metrics.get("cache_hits", 0), metrics.get("cache_misses", 0)
         if hits + misses:
             fam(GaugeMetricFamily, "casfs_cache_hit_ratio", "reads whose chunks were on the "
@@ -188,13 +185,10 @@ class _Collector:
             counts = hist.get("buckets") or []
             if len(counts) != len(OP_BUCKETS) + 1:
                 continue
-            cum, buckets = 0, []
-            for bound, count in zip((*map(str, OP_BUCKETS), "+Inf"), counts, strict=True):
-                cum += count
-                buckets.append((bound, cum))
             fam(HistogramMetricFamily, "casfs_fuse_request_duration_seconds",
                 "FUSE requests answered by the serving process, per operation", ("op",)) \
-                .add_metric([*lv, op], buckets, sum_value=hist.get("sum_seconds", 0.0))
+                .add_metric([*lv, op], _cumulative((*map(str, OP_BUCKETS), "+Inf"), counts),
+                            sum_value=hist.get("sum_seconds", 0.0))
         prefetch = st.get("prefetch") or {}
         for key in ("planned_chunks", "planned_bytes", "done_chunks", "local_chunks",
                     "warmed_chunks", "traces"):
@@ -213,6 +207,15 @@ class _Collector:
 
 
 STALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _cumulative(bounds: Iterable[str], counts: Iterable[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts as Prometheus wants them: each bucket counts all below it."""
+    out, total = [], 0
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        out.append((bound, total))
+    return out
 
 
 def _buckets_of(values: list[float]) -> list[tuple[str, float]]:

@@ -185,6 +185,24 @@ def reopen_log() -> bool:
     return True
 
 
+def sighup() -> str:
+    """What SIGHUP does to a background process (never anything else): its log file
+    opened again by its path. The line it logs."""
+    return "SIGHUP: " + ("log file reopened" if reopen_log() else
+                         "logging to stderr, nothing to reopen")
+
+
+async def maintain_log() -> None:
+    """A trio task: rotate this process's log file once past its cap (rotate_log)."""
+    import trio
+
+    log = logging.getLogger("casfs.process")
+    while True:
+        await trio.sleep(log_check_seconds())
+        if rotate_log():
+            log.info("log rotated")
+
+
 def rotate_log(max_bytes: int | None = None, keep: int | None = None) -> bool:
     """Past the size cap, shift <log>.1.. <log>.<keep> (the oldest dropped), move the
     log to <log>.1 and reopen a new one. Whether it rotated."""

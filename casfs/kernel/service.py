@@ -76,11 +76,10 @@ from casfs.process import (
     ReadyPipe,
     daemon_environment,
     listen_private,
-    log_check_seconds,
     log_file,
+    maintain_log,
     peer_uid,
-    reopen_log,
-    rotate_log,
+    sighup,
 )
 from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
@@ -387,20 +386,11 @@ class NodeView:
         """A successor: serve again every kernel-mode mount of this cache directory that
         the mount records name and that is still mounted (before the view answers a
         request: a read must find its mount)."""
-        from casfs.mounts import find_record, mount_table, records_dir
+        from casfs.mounts import mount_table
 
         table = await trio.to_thread.run_sync(mount_table)
-        for path in sorted(records_dir().glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(record, dict) or record.get("mode") != "kernel" or \
-                    os.path.realpath(str(record.get("cache_dir", ""))) != self.cache_dir:
-                continue
-            mountpoint = str(record.get("mountpoint", ""))
-            if find_record(mountpoint) != record:
-                continue  # not the record of that mountpoint (a stray file)
+        for record in await trio.to_thread.run_sync(self._records):
+            mountpoint = str(record["mountpoint"])
             if table.get(mountpoint) != "overlay":
                 log.info("%s: no longer mounted; its record dropped", mountpoint)
                 remove_record(mountpoint)
@@ -413,6 +403,23 @@ class NodeView:
                 log.error("%s: cannot serve it again (%s): files the node lacks fail there",
                           mountpoint, exc)
         self.ever_mounted = True
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The mount records of this cache directory's kernel-mode mounts (blocking)."""
+        from casfs.mounts import find_record, records_dir
+
+        out = []
+        for path in sorted(records_dir().glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict) or record.get("mode") != "kernel" or \
+                    os.path.realpath(str(record.get("cache_dir", ""))) != self.cache_dir:
+                continue
+            if find_record(str(record.get("mountpoint", ""))) == record:
+                out.append(record)  # the record of that mountpoint, not a stray file
+        return out
 
     async def reattach(self, record: dict[str, Any], env: dict[str, str]) -> None:
         raw = record.get("config")
@@ -796,7 +803,7 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None,
                 nursery.start_soon(node.serve_requests, tsock, done)
                 nursery.start_soon(_watch_signals, node, done)
                 nursery.start_soon(_exit_if_unused, node, done)
-                nursery.start_soon(_maintain_log)
+                nursery.start_soon(maintain_log)
                 await trio.to_thread.run_sync(os.statvfs, str(node.view_dir))
                 log.info("node view %d %s %s at %s", os.getpid(),
                          "took over" if takeover else "serving", node.cache_dir,
@@ -875,8 +882,7 @@ async def _watch_signals(node: NodeView, done: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: %s", "log file reopened" if reopen_log() else
-                         "logging to stderr, nothing to reopen")
+                log.info("%s", sighup())
                 continue
             if node.mode != "serve":
                 continue
@@ -884,13 +890,6 @@ async def _watch_signals(node: NodeView, done: trio.Event) -> None:
             node.mode = "unmount"
             done.set()
             return
-
-
-async def _maintain_log() -> None:
-    while True:
-        await trio.sleep(log_check_seconds())
-        if rotate_log():
-            log.info("log rotated")
 
 
 async def _exit_if_unused(node: NodeView, done: trio.Event) -> None:
