@@ -335,24 +335,60 @@ def allowances(suid: bool, dev: bool) -> str:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from casfs.agent import agent_status, start_agent, stop_agent
+    from casfs.agent import (
+        agent_report,
+        agent_status_code,
+        restart_agent,
+        start_agent,
+        stop_agent,
+    )
     from casfs.locations import default_cache_dir
 
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     if args.action == "start":
-        pid = start_agent(cache_dir, foreground=args.foreground, verbose=args.verbose)
+        pid = start_agent(cache_dir, foreground=args.foreground, verbose=args.verbose,
+                          metrics=args.metrics_port)
         if not args.foreground:
             print(f"agent serving {cache_dir} (pid {pid}, log {cache_dir}/logs/agent.log)")
         return 0
     if args.action == "stop":
         stopped = stop_agent(cache_dir)
-        print(f"agent (pid {stopped}) stopped; its mounts keep serving" if stopped
-              else f"no agent serves {cache_dir}")
+        print(f"agent (pid {stopped}) stopped; its mounts keep serving (without failover "
+              "until an agent runs again)" if stopped else f"no agent serves {cache_dir}")
         return 0
-    running = agent_status(cache_dir)
-    print(f"agent serving {cache_dir} (pid {running})" if running
-          else f"no agent serves {cache_dir}")
-    return 0 if pid else 1
+    if args.action == "restart":
+        done = restart_agent(cache_dir, verbose=args.verbose, metrics=args.metrics_port)
+        if done.started_fresh:
+            print(f"no agent was running: agent serving {cache_dir} (pid {done.pid})")
+            return 0
+        print(f"agent restarted (pid {done.pid}): {plural(len(done.replaced), 'daemon')} "
+              "replaced, nothing unmounted")
+        for key, old, new, stall in done.replaced:
+            print(f"  {key}: pid {old} -> {new}, {stall * 1000:.0f} ms")
+        for key, why in sorted(done.not_replaced.items()):
+            print(f"  {key}: not replaced: {why}")
+        return 1 if done.not_replaced else 0
+    code = agent_status_code(cache_dir)  # as systemctl: 0, 1 (died), 3 (not running), 4
+    report = agent_report(cache_dir) if code == 0 else None
+    if args.json:
+        print(json.dumps({"status": code, "agent": report}, indent=2))
+        return code
+    if report is None:
+        print({1: f"no agent serves {cache_dir} (its pid file remains: it was killed)",
+               4: f"cannot tell whether an agent serves {cache_dir}"}.get(
+                   code, f"no agent serves {cache_dir}"))
+        return code
+    metrics = f", metrics on {report['metrics']}" if report.get("metrics") else ""
+    print(f"agent serving {cache_dir} (pid {report['pid']}, casfs {report['version']} "
+          f"code {report['code']}{metrics})")
+    for held in report["held"]:
+        restarts = ", ".join(f"{k} {v}" for k, v in sorted(held["restarts"].items()))
+        what = (f"{plural(len(held['mounts']), 'kernel-mode mount')}" if held["kind"] == "view"
+                else held["image"])
+        print(f"  {held['kind']:<5} {held['key']}  pid {held['pid']} {held['state']}"
+              f"{'' if held['linked'] else ' (not linked)'}: {what}"
+              f"{'; restarts: ' + restarts if restarts else ''}")
+    return code
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -547,11 +583,20 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
                     help="fork the daemon here even when a node agent serves the cache dir")
     sp.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
-    sp = add("agent", cmd_agent, "the node agent: starts mount daemons already warm "
-             "(mount start-up without a Python start-up and imports)")
-    sp.add_argument("action", choices=["start", "stop", "status"])
+    sp = add("agent", cmd_agent, "the node agent: starts mount daemons already warm, holds "
+             "every mount's FUSE connection for failover, serves the node's metrics")
+    sp.add_argument("action", choices=["start", "stop", "status", "restart"],
+                    help="restart: replace the agent and every daemon it holds with the "
+                    "casfs installed now, unmounting nothing; status exits 0 running, "
+                    "1 dead (pid file left), 3 not running, 4 unknown (as systemctl)")
     sp.add_argument("--cache-dir", help="the node cache directory it serves (as for mount)")
-    sp.add_argument("--foreground", action="store_true", help="start: stay attached")
+    sp.add_argument("--foreground", action="store_true", help="start: stay attached "
+                    "(under systemd: Type=notify, logs on the journal)")
+    sp.add_argument("--metrics-port", metavar="[HOST:]PORT",
+                    help="start/restart: serve the node's Prometheus metrics, every mount of "
+                    "the cache dir, on HOST:PORT (host 127.0.0.1 unless given; default "
+                    "$CASFS_AGENT_METRICS)")
+    sp.add_argument("--json", action="store_true", help="status: as JSON")
 
     sp = add("umount", cmd_umount, "unmount a casfs mount and stop its daemon")
     sp.add_argument("mountpoint")
