@@ -909,7 +909,7 @@ def test_stats_and_prometheus_metrics(rules: dict, tmp_path: Path) -> None:
             os.stat(m.path("no-such-file"))
         os.listdir(m.path("etc"))
         text = cli("stats", str(m.mountpoint), check=True).stdout
-        for word in ("lookups", "reads", "hits", "misses", "fetched"):
+        for word in ("lookup", "read", "node cache", "missing", "fetched"):
             assert word in text, text
         js = json.loads(cli("stats", str(m.mountpoint), "--json", check=True).stdout)
         mt = js["metrics"]
