@@ -27,8 +27,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
@@ -38,21 +38,24 @@ from casfs.vfs import FsError, ImageFS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 CACHE_TIMEOUT = 86400.0 * 365  # immutable content: effectively forever
 BLOCK = 4096
 # pyfuse3 passes the inode as fh when the kernel sends none (third_party/pyfuse3)
 KERNEL_NO_OPEN = bool(getattr(pyfuse3, "INODE_FH_WITHOUT_OPEN", False))
 
 
-def _errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _errors(
+    fn: Callable[Concatenate[CasfsOperations, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[CasfsOperations, P], Coroutine[Any, Any, T]]:
     name = fn.__name__
     clock = time.perf_counter
 
     @functools.wraps(fn)
-    async def wrapper(self: CasfsOperations, *args: Any) -> T:
+    async def wrapper(self: CasfsOperations, *args: P.args, **kwargs: P.kwargs) -> T:
         started = clock()
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
@@ -144,8 +147,9 @@ class CasfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        return await self.fs.read(fh, off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # A bytearray as is (pyfuse3 takes any buffer; copying it would cost the hot path)
+        return cast(bytes, await self.fs.read(fh, off, size))
 
     async def release(self, fh: int) -> None:
         return None
@@ -186,9 +190,10 @@ class CasfsOperations(pyfuse3.Operations):
         return None
 
     # Everything that would change the image is refused. The mount is also made
-    # read-only ("ro"), so the kernel answers most of these itself.
+    # read-only ("ro"), so the kernel answers most of these itself; one that reaches casfs
+    # gets EROFS too, whatever its arguments (hence the one signature for all).
     async def _rofs(self, *args: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs
-    write = create = setxattr = removexattr = fsync = fsyncdir = _rofs
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs  # type: ignore[assignment]
+    write = create = setxattr = removexattr = fsync = fsyncdir = _rofs  # type: ignore[assignment]

@@ -650,7 +650,7 @@ class NodeView:
 
     async def _handle(self, conn: trio.socket.SocketType, done: trio.Event) -> None:
         with conn:
-            if peer_uid(conn) != os.geteuid():  # type: ignore[arg-type]
+            if peer_uid(conn) != os.geteuid():
                 await conn.send(b"error: the view serves its own uid only\n")
                 return
             data = b""

@@ -33,7 +33,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pyfuse3
 
@@ -243,7 +243,7 @@ class ObjectView(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)  # no OPEN or RELEASE again; keep_cache
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         self.reads += 1
         try:
             source, ino = self._resolve(fh)
@@ -252,7 +252,8 @@ class ObjectView(pyfuse3.Operations):
         started = time.perf_counter()
         try:
             source.served(ino)
-            return await source.fs.read(ino, off, size)
+            # a bytearray as is: pyfuse3 takes any buffer, a copy would cost every read
+            return cast(bytes, await source.fs.read(ino, off, size))
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception as exc:  # noqa: BLE001 - anything else would take the view down
@@ -305,8 +306,9 @@ class ObjectView(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         return None
 
+    # Everything that would change an object is refused (the view is also mounted "ro").
     async def _rofs(self, *args: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs
-    write = create = setxattr = removexattr = fsync = fsyncdir = _rofs
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs  # type: ignore[assignment]
+    write = create = setxattr = removexattr = fsync = fsyncdir = _rofs  # type: ignore[assignment]
