@@ -11,16 +11,15 @@ boot on the node finds it there):
    `*.egg-info`, `.pth` files) and the sources of packages that have no `__pycache__`;
 2. **libraries**: shared libraries (`*.so`, `*.so.*`) of at most `whole_library_max`
    bytes whole, of bigger ones what the dynamic loader reads (prefetch.elf);
-3. **rest**: everything else (policy `all` only).
+3. **rest**: everything else.
 
-Within a tier, the package the process is importing comes first: each read moves the
-stream's *focus* to the top-level package of the file read (`site-packages/torch/...`),
-whose code then streams ahead of the others (in pack order: a directory at a time).
-
-Policy (StreamPolicy, per mount): `off`; `likely` (tiers 1 and 2); `all` (the whole
-image); `auto` (the default: `likely` for images, `off` for directory trees indexed
-with `casfs index tree:` such as model weights, which their reader streams itself and
-may read only in part). A byte cap (`cap`, default the image's stored size: the mount
+Policy (StreamPolicy, per mount): `off`; `likely`: the code and libraries of each
+package the boot enters (the top-level package of a file read: `site-packages/torch`, a
+package of the standard library, the standard library's own directory), from the
+moment it enters it, the most recently entered first; `all`: those first too, then the
+whole image, tier by tier; `auto` (the default): `likely` for images, `off` for directory
+trees indexed with `casfs index tree:` (model weights: their reader streams them itself
+and may read only some). A byte cap (`cap`, default the image's stored size: the mount
 as a whole never fetches more than that) and a bandwidth cap (`rate`, bytes per second
 of the stream's own requests; default none).
 
@@ -164,7 +163,8 @@ class Item:
 @dataclass
 class StreamPlan:
     tiers: list[list[Item]] = field(default_factory=lambda: [[], [], []])
-    big_libraries: list[int] = field(default_factory=list)  # inodes: loader parts only
+    # root (or -1) -> inodes of its libraries too big to take whole: loader parts only
+    big_libraries: dict[int, list[int]] = field(default_factory=dict)
     roots: list[bytes] = field(default_factory=list)  # package directories, for focus
     root_of_dir: dict[int, int] = field(default_factory=dict)  # directory ino -> root
     stored_bytes: int = 0  # the image's unique chunks: stored size where packs say it,
@@ -188,9 +188,9 @@ def _is_library(name: bytes) -> bool:
 def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mode: str,
                whole_library_max: int = 64 << 20) -> StreamPlan:
     """Every chunk of the image in streaming order (tiers as in the module docstring;
-    the `rest` tier only for mode `all`). Blocking: walks the manifest (~0.3 s for 27k
-    files). Packed chunks in each tier are in pack order (a directory's files lie
-    together), the others in the walk's order."""
+    for `likely` only the code and libraries of packages). Blocking: walks the manifest
+    (~0.3 s for 27k files). Packed chunks in each tier are in pack order (a directory's
+    files lie together), the others in the walk's order."""
     plan = StreamPlan()
     seen: set[str] = set()
     pack_rank: dict[str, int] = {}
@@ -198,6 +198,7 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
         pack_rank.setdefault(where[0], len(pack_rank))
     root_index: dict[bytes, int] = {}
     has_pycache: dict[int, bool] = {}
+    big = False
 
     def root_for(path: bytes, parent: int) -> int:
         root = package_root(path)
@@ -229,11 +230,14 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
         elif _is_library(name):
             tier = LIBRARIES
             if node.size > whole_library_max:
-                plan.big_libraries.append(ino)
+                big = True
                 tier = REST
         else:
             tier = REST
         focus = root_for(path, node.parent)
+        if big:
+            plan.big_libraries.setdefault(focus, []).append(ino)
+            big = False
         for c in manifest.chunks(ino):
             if c.digest in seen:
                 continue
@@ -242,9 +246,8 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
             item = Item(c.digest, c.length, PackLocation(*loc) if loc else None, focus)
             plan.stored_bytes += _stored(item)
             plan.chunks += 1
-            if tier == REST and mode != ALL:
-                continue
-            plan.tiers[tier].append(item)
+            if mode == ALL or (tier != REST and focus >= 0):
+                plan.tiers[tier].append(item)
     for items in plan.tiers:  # packed items in pack order, then the others as walked
         items.sort(key=lambda it: (0, pack_rank[it.location.pack], it.location.offset)
                   if it.location is not None else (1, 0, 0))
@@ -331,11 +334,17 @@ class BackgroundStream:
         self.fetched: dict[str, int] = {}  # digest -> bytes counted, of what it fetched
         self._used: set[str] = set()
         self._tier_of: dict[str, int] = {}  # every chunk of the mode's tiers: its tier
+        self._root_of: dict[str, int] = {}  # and its package
         self._tier = CODE  # the tier being streamed
         self._taken: set[str] = set()  # chunks handed out by _take (in order)
         self._claimed: set[str] = set()  # chunks put in a request, or skipped
-        self._focus: list[int] = []  # directories read from, most recent last
-        self._cursor: dict[tuple[int, int], int] = {}  # (tier, root) -> next index
+        self._early: list[int] = []  # directories read from before the plan was made
+        self._roots: list[int] = []  # packages entered, most recent last
+        self._moved = False  # the boot entered a package since the stream last looked
+        self._loaders: set[int] = set()  # packages whose big libraries were looked at
+        self._nursery: trio.Nursery | None = None
+        self._slots: trio.Semaphore | None = None  # requests in flight (made by run())
+        self._cursor: dict[tuple[int, int], int] = {}  # (tier, root or -2) -> next index
         self._by_root: dict[tuple[int, int], list[int]] = {}  # (tier, root) -> item indices
         # pack -> its chunks of this image as (offset, stored length, digest), by offset
         self._entries: dict[str, list[PackedChunk]] = {}
@@ -364,12 +373,22 @@ class BackgroundStream:
                 self.status.used_chunks += 1
                 self.status.used_bytes += got
         parent = self.manifest.inode(ino).parent
-        if not self._focus or self._focus[-1] != parent:
-            if parent in self._focus:
-                self._focus.remove(parent)
-            self._focus.append(parent)
-            del self._focus[:-8]
-            self.status.focus_switches += 1
+        if self.plan is None:
+            if not self._early or self._early[-1] != parent:
+                self._early.append(parent)
+                del self._early[:-64]
+            return
+        self._enter(self.plan.root_of_dir.get(parent, -1))
+
+    def _enter(self, root: int) -> None:
+        """The boot reads from package `root`: it goes first."""
+        if root < 0 or (self._roots and self._roots[-1] == root):
+            return
+        if root in self._roots:
+            self._roots.remove(root)
+        self._roots.append(root)
+        self._moved = True
+        self.status.focus_switches += 1
 
     # -- running -----------------------------------------------------------------------
 
@@ -393,6 +412,9 @@ class BackgroundStream:
             return
         st.plan_seconds = round(time.monotonic() - t, 3)
         self.plan = plan
+        for directory in self._early:
+            self._enter(plan.root_of_dir.get(directory, -1))
+        self._early.clear()
         tiers = 3 if st.mode == ALL else 2
         st.planned_chunks, st.planned_bytes = plan.planned(tiers)
         st.image_stored_bytes = plan.stored_bytes
@@ -406,17 +428,9 @@ class BackgroundStream:
         self._paced_from = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                slots = trio.Semaphore(self.concurrency)
-                for tier in range(tiers):
-                    st.tier = TIER_NAMES[tier]
-                    self._tier = tier
-                    if tier == LIBRARIES and plan.big_libraries:
-                        nursery.start_soon(self._loader_parts, plan.big_libraries, nursery,
-                                           slots)
-                    if not await self._stream_tier(tier, plan.tiers[tier], nursery, slots):
-                        break
-                else:
-                    st.stopped = "done"
+                self._nursery = nursery
+                self._slots = trio.Semaphore(self.concurrency)
+                await self._stream()
         except (CasfsError, OSError) as exc:
             log.warning("background fetch stopped: %s", exc)
             self._stop("failed")
@@ -436,6 +450,7 @@ class BackgroundStream:
             for i, it in enumerate(items):
                 self._by_root.setdefault((tier, it.focus), []).append(i)
                 self._tier_of[it.digest] = tier
+                self._root_of[it.digest] = it.focus
         by_pack: dict[str, list[PackedChunk]] = {}
         for digest, (pack, offset, length) in self.packs.locations.items():
             by_pack.setdefault(pack, []).append(PackedChunk(digest, offset, length))
@@ -477,16 +492,27 @@ class BackgroundStream:
         self._in_flight += size
         return False
 
-    def _next_batch(self, tier: int, items: list[Item]) -> list[Item]:
-        """Up to `batch` items not yet taken: of the package in focus first (the package
-        of the most recent read first), else in the tier's order."""
+    def _next_batch(self) -> tuple[list[Item], int]:
+        """Up to `batch` items not yet taken, and their tier: the code, then the
+        libraries, of the package entered most recently that has any left; with `all`,
+        then the image tier by tier."""
         assert self.plan is not None
-        for directory in reversed(self._focus):
-            root = self.plan.root_of_dir.get(directory, -1)
-            out = self._take(tier, items, root) if root >= 0 else []
-            if out:
-                return out
-        return self._take(tier, items, None)
+        tiers = self.plan.tiers
+        for root in reversed(self._roots):
+            for tier in (CODE, LIBRARIES):
+                out = self._take(tier, tiers[tier], root)
+                if out:
+                    return out, tier
+            self._start_loader_parts(root)
+        if self.mode == ALL:
+            for tier in (CODE, LIBRARIES, REST):
+                if tier == LIBRARIES:
+                    for root in self.plan.big_libraries:
+                        self._start_loader_parts(root)
+                out = self._take(tier, tiers[tier], None)
+                if out:
+                    return out, tier
+        return [], -1
 
     def _take(self, tier: int, items: list[Item], root: int | None) -> list[Item]:
         key = (tier, -2 if root is None else root)
@@ -505,15 +531,34 @@ class BackgroundStream:
         self._cursor[key] = pos
         return out
 
-    async def _stream_tier(self, tier: int, items: list[Item], nursery: trio.Nursery,
-                           slots: trio.Semaphore) -> bool:
-        """Stream one tier; False when the stream stopped."""
+    async def _stream(self) -> None:
+        """Stream batches as requests free up, until there is nothing left (`all`) or
+        the stream stops (`likely` waits for the boot to enter another package)."""
+        assert self._nursery is not None and self._slots is not None
+        st, slots = self.status, self._slots
         while True:
             await slots.acquire()  # choose once a request can start (the focus moves)
-            batch = self._next_batch(tier, items)
+            self._moved = False
+            batch, tier = self._next_batch()
             if not batch:
                 slots.release()
-                return True
+                if self.mode == ALL:
+                    while self._in_flight:  # the loader parts' requests
+                        await trio.sleep(0.05)
+                    self._stop("done")
+                    return
+                st.state = "idle"
+                while not self._moved:
+                    if self.status.stopped:
+                        return
+                    if self.boot_over():
+                        self._stop("boot over")
+                        return
+                    await trio.sleep(0.05)
+                st.state = "running"
+                continue
+            self._tier = tier
+            st.tier = TIER_NAMES[tier]
             groups = await self._requests(batch)
             if not groups:
                 slots.release()
@@ -523,8 +568,18 @@ class BackgroundStream:
                     await slots.acquire()
                 if await self._should_stop(size, group):
                     slots.release()
-                    return False
-                nursery.start_soon(self._fetch, group, size, slots)
+                    return
+                self._nursery.start_soon(self._fetch, group, size, slots)
+
+    def _start_loader_parts(self, root: int) -> None:
+        """Fetch the loader parts of a package's big libraries (once per package)."""
+        assert self.plan is not None and self._nursery is not None and self._slots is not None
+        if root in self._loaders:
+            return
+        self._loaders.add(root)
+        inos = self.plan.big_libraries.get(root)
+        if inos:
+            self._nursery.start_soon(self._loader_parts, inos, self._nursery, self._slots)
 
     def _over_cap(self, size: int) -> bool:
         """Whether a request of `size` more bytes could take the mount past the cap
@@ -553,6 +608,13 @@ class BackgroundStream:
                 break
             out.append(e)
         return out
+
+    def _planned_now(self, digest: str) -> bool:
+        """Whether a chunk is one the stream would take now: of the tier being streamed
+        or an earlier one, and (`likely`) of a package the boot entered."""
+        if self._tier_of.get(digest, REST + 1) > self._tier:
+            return False
+        return self.mode == ALL or self._root_of.get(digest, -1) in self._roots
 
     async def _requests(self, batch: list[Item]) -> list[tuple[PackRange | str, int]]:
         """The requests for a batch of items: (a pack range or a digest, stored bytes).
@@ -588,7 +650,7 @@ class BackgroundStream:
                 hole = e.offset - end
                 if hole < 0 or not free(e.digest):
                     break
-                if self._tier_of.get(e.digest, REST + 1) <= self._tier:
+                if self._planned_now(e.digest):
                     if gap + hole > self.max_gap:
                         break
                     run += pending

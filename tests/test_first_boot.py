@@ -88,7 +88,7 @@ def _files() -> dict[str, bytes]:
         f"{SITE}/plain/mod.py": rnd(4000, 7),  # no __pycache__: its source is its code
         f"{SITE}/plain/README.txt": rnd(2000, 8),
         "usr/lib/libsmall.so.1": rnd(50_000, 9),
-        "usr/lib/libbig.so": big_library(),
+        f"{SITE}/gamma/lib/libbig.so": big_library(),  # as torch/lib/libtorch_cpu.so
         "usr/share/doc/notes.txt": rnd(5000, 10),
         "usr/share/big.dat": rnd(600_000, 11),  # 3 chunks, not packed
     }
@@ -108,6 +108,11 @@ FILES = _files()
 CODE_FILES = [p for p in FILES if p.endswith((".pyc", "METADATA", "entry_points.txt"))
               or p == f"{SITE}/plain/mod.py"]
 LIBRARY_FILES = ["usr/lib/libsmall.so.1"] + [p for p in FILES if p.endswith("-gnu.so")]
+BIG = f"{SITE}/gamma/lib/libbig.so"
+
+
+def of_package(paths: list[str], pkg: str) -> list[str]:
+    return [p for p in paths if f"/{pkg}/" in p]
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +186,13 @@ def test_plan_tiers(image: Image) -> None:
     likely = build_plan(m, packs.locations, LIKELY, BIG_LIBRARY_MAX)
     tiers = [{it.digest for it in t} for t in likely.tiers]
     assert tiers[CODE] == digests_of(m, CODE_FILES)
-    assert tiers[LIBRARIES] == digests_of(m, LIBRARY_FILES)
+    # `likely` streams packages: a library of no package (usr/lib) is left to the guesses.
+    assert tiers[LIBRARIES] == digests_of(m, LIBRARY_FILES[1:])
     assert tiers[REST] == set()  # streamed only with `all`
-    assert likely.big_libraries == [m.resolve("/usr/lib/libbig.so")]
+    gamma = likely.roots.index(f"/{SITE}/gamma".encode())
+    assert likely.big_libraries == {gamma: [m.resolve("/" + BIG)]}
+    assert {likely.roots[it.focus] for it in likely.tiers[LIBRARIES]} == \
+        {f"/{SITE}/{pkg}".encode() for pkg in ("alpha", "beta", "gamma")}
     # Packed chunks come in pack order (a directory at a time), then the others.
     code = likely.tiers[CODE]
     offsets = [(it.location.pack, it.location.offset) for it in code if it.location]
@@ -273,56 +282,110 @@ class Rig:
                 if have}
 
 
-def test_stream_order_code_then_libraries(image: Image, tmp_path: Path) -> None:
-    """One request at a time: the code tier, then libraries (small ones whole, the big
-    one's loader parts), and nothing else in `likely`."""
-    rig = Rig(image, tmp_path, concurrency=1)
+def test_likely_streams_the_packages_the_boot_enters(image: Image, tmp_path: Path) -> None:
+    """One request at a time: the package being imported, its code then its libraries
+    (small ones whole, the big one's loader parts); then nothing until the boot enters
+    another package; nothing of a package it never enters; stopped by the boot's end."""
+    over = [False]
+    rig = Rig(image, tmp_path, concurrency=1, boot_over=lambda: over[0])
+    m = rig.manifest
+    beta_code, beta_libs = (digests_of(m, of_package(CODE_FILES, "beta")),
+                            digests_of(m, of_package(LIBRARY_FILES, "beta")))
+    gamma_code, gamma_libs = (digests_of(m, of_package(CODE_FILES, "gamma")),
+                              digests_of(m, of_package(LIBRARY_FILES, "gamma")))
+    seen: dict[str, Any] = {}
+
+    async def idle() -> None:
+        while rig.stream.status.state != "idle":
+            await trio.sleep(0.01)
+
+    async def boot() -> None:
+        async with trio.open_nursery() as nursery:
+            await rig.read(f"{SITE}/beta/__pycache__/__init__.cpython-311.pyc")
+            nursery.start_soon(rig.stream.run)
+            await idle()
+            seen["beta"] = rig.requests()
+            await rig.read(f"{SITE}/gamma/__pycache__/__init__.cpython-311.pyc")
+            await trio.sleep(0.05)
+            await idle()
+            seen["gamma"] = rig.requests()[len(seen["beta"]):]
+            over[0] = True
+
+    trio.run(boot)
+    st = rig.stream.status
+    assert st.stopped == "boot over" and st.state == "stopped", st
+    first = seen["beta"][1:]  # [0]: the boot's own read
+    first_lib = next(i for i, r in enumerate(first) if r & beta_libs)
+    assert beta_code - set(chunks_of(m, f"{SITE}/beta/__pycache__/__init__.cpython-311.pyc")) \
+        <= set().union(*first[:first_lib]), "code first"
+    assert beta_libs <= set().union(*first[first_lib:])
+    assert not set().union(*first) & (gamma_code | gamma_libs)
+    then = set().union(*seen["gamma"][1:])
+    assert gamma_code - set(chunks_of(m, f"{SITE}/gamma/__pycache__/__init__.cpython-311.pyc")) \
+        <= then and gamma_libs <= then
+    got = rig.on_node(all_chunks(m))
+    big = set(chunks_of(m, BIG))
+    assert 0 < len(got & big) < len(big) / 2, "the big library's loader parts only"
+    alpha = digests_of(m, of_package(CODE_FILES + LIBRARY_FILES, "alpha"))
+    assert not got & alpha, "a package the boot never entered"
+    assert not got & set(chunks_of(m, "usr/share/big.dat")), "no rest in `likely`"
+    assert st.used_chunks == 0 and st.focus_switches == 2
+    rig.cache.close()
+
+
+def test_all_streams_tier_by_tier(image: Image, tmp_path: Path) -> None:
+    """`all`, no package entered: all the code, then all the libraries, then the rest."""
+    rig = Rig(image, tmp_path, concurrency=1, policy=StreamPolicy(ALL))
     trio.run(rig.stream.run)
     st = rig.stream.status
-    assert st.stopped == "done" and st.state == "stopped", st
+    assert st.stopped == "done", st
     m = rig.manifest
     code, libs = digests_of(m, CODE_FILES), digests_of(m, LIBRARY_FILES)
     reqs = rig.requests()
     first_lib = next(i for i, r in enumerate(reqs) if r & libs)
-    assert code <= set().union(*reqs[:first_lib]), "code first"
-    assert not code & set().union(*reqs[first_lib:])
-    got = rig.on_node(all_chunks(m))
-    assert code | libs <= got
-    big = chunks_of(m, "usr/lib/libbig.so")
-    assert 0 < len(got & set(big)) < len(set(big)) / 2, "the big library's loader parts only"
-    assert not got & set(chunks_of(m, "usr/share/big.dat")), "no rest in `likely`"
-    assert st.fetched_chunks >= len(code | libs) and st.used_chunks == 0
+    last_lib = max(i for i, r in enumerate(reqs) if r & libs)
+    assert code <= set().union(*reqs[:first_lib])
+    rest = set(chunks_of(m, "usr/share/big.dat"))
+    assert rest <= set().union(*reqs[last_lib + 1:])
+    assert rig.on_node(all_chunks(m)) == all_chunks(m)
     rig.cache.close()
 
 
 def test_stream_starts_with_the_boot(image: Image, tmp_path: Path) -> None:
     """Nothing is streamed before the boot's first read (a mount nobody reads costs
     nothing), then `grace` seconds later (the read's own guesses go first)."""
-    rig = Rig(image, tmp_path, grace=0.3)
+    over = [False]
+    rig = Rig(image, tmp_path, grace=0.3, boot_over=lambda: over[0])
     rig.stream.booting = trio.Event()
     at: dict[str, float] = {}
 
     async def boot() -> None:
+        with trio.fail_after(20):
+            await booting()
+
+    async def booting() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rig.stream.run)
             await trio.sleep(0.5)
             at["before"] = len(rig.wire.log)
             assert rig.stream.status.state == "waiting" and rig.stream.plan is not None
             t = trio.current_time()
-            await rig.read("usr/share/doc/notes.txt")
+            await rig.read(f"{SITE}/alpha/__pycache__/core.cpython-311.pyc")
             while rig.stream.status.requests == 0:
                 await trio.sleep(0.01)
             at["after"] = trio.current_time() - t
+            over[0] = True
 
     trio.run(boot)
     assert at["before"] == 0
     assert at["after"] >= 0.3
-    assert rig.stream.status.stopped == "done"
+    assert rig.stream.status.stopped == "boot over"
     rig.cache.close()
 
 
 def test_stream_focuses_on_the_package_being_read(image: Image, tmp_path: Path) -> None:
-    rig = Rig(image, tmp_path, concurrency=1)
+    """`all` too takes the package being imported first, then the image in order."""
+    rig = Rig(image, tmp_path, concurrency=1, policy=StreamPolicy(ALL))
     m = rig.manifest
     gamma = f"{SITE}/gamma/__pycache__/util.cpython-311.pyc"
 
@@ -340,7 +403,7 @@ def test_stream_focuses_on_the_package_being_read(image: Image, tmp_path: Path) 
     assert gamma_code <= reqs[0] | reqs[1]
     # The read chunk was not fetched again; the boot used nothing the stream brought.
     assert not any(set(chunks_of(m, gamma)) & r for r in reqs)
-    assert rig.stream.status.focus_switches == 1
+    assert rig.stream.status.focus_switches == 1 and rig.stream.status.stopped == "done"
     rig.cache.close()
 
 
@@ -486,37 +549,40 @@ def policy_env(mode: str, **more: str) -> dict[str, str]:
 
 
 FIRST = "usr/share/doc/notes.txt"  # a boot's first read that makes no guesses
+ENTRY = f"{SITE}/alpha/__pycache__/core.cpython-311.pyc"  # the boot enters package alpha
 
 
 @pytest.mark.parametrize("policy", [OFF, LIKELY, ALL])
 def test_policy_off_likely_all(mode: str, policy: str, image: Image, tmp_path: Path) -> None:
+    """off: nothing streamed; likely: the code and libraries of the package the boot
+    entered, nothing of the others, until the boot ends; all: the whole image."""
     m = image.manifest()
     everything = all_chunks(m)
+    alpha = digests_of(m, of_package(CODE_FILES + LIBRARY_FILES, "alpha"))
+    beta = digests_of(m, of_package(CODE_FILES + LIBRARY_FILES, "beta"))
     with mounted(image.ref, tmp_path / "mnt", image.store_url, tmp_path / "cache",
-                 "--no-trace", env=policy_env(policy), mode=mode) as mnt:
+                 "--no-trace", "--trace-idle", "1", env=policy_env(policy), mode=mode) as mnt:
         wait_stats(mnt, lambda s: s["prefetch"]["state"] == "done", "the trace lookup")
         time.sleep(0.3)
         assert mnt.stats()["metrics"]["prefetch_requests"] == 0, "nothing before the boot"
-        read_checked(mnt, image, [FIRST])
+        read_checked(mnt, image, [ENTRY])
         st = stream_done(mnt)
         stream, mt = st["prefetch"]["stream"], st["metrics"]
         assert stream["mode"] == policy
         assert mt["fetches"] == 1 and mt["read_waits"] == 1, mt  # the first read
         if policy == OFF:
-            time.sleep(0.5)
-            mt = mnt.stats()["metrics"]
-            assert stream["state"] == "off" and mt["prefetch_requests"] == 0
+            assert stream["state"] == "off" and st["prefetch"]["stream_requests"] == 0
         else:
-            assert stream["stopped"] == "done", stream
+            assert stream["stopped"] == ("done" if policy == ALL else "boot over"), stream
             assert stream["fetched_chunks"] > 0 and stream["requests"] > 0
     got = node_chunks(tmp_path / "cache", everything)
+    lib = set(chunks_of(m, f"{SITE}/alpha/_ext.cpython-311-x86_64-linux-gnu.so"))
     if policy == OFF:
-        assert got == set(chunks_of(m, FIRST))
+        assert not got & lib, "the guesses fetch no library nobody read"
     elif policy == LIKELY:
-        code = digests_of(m, CODE_FILES) | digests_of(m, LIBRARY_FILES)
-        assert code <= got
+        assert alpha <= got
+        assert not got & beta
         assert not got & set(chunks_of(m, "usr/share/big.dat"))
-        assert got != everything
     else:
         assert got == everything
 
