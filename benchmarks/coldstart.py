@@ -22,12 +22,15 @@ here), upload its layer blobs for the full pull, then per workload:
 Every casfs scenario runs once per serving mode (`--modes kernel,fuse`, default both:
 `casfs mount --mode kernel` serves from an EROFS image + overlayfs with the node view
 service behind what the node lacks; `--mode fuse` serves every request through the
-daemon), interleaved scenario by scenario in the same run, each mode with cache dirs of
-its own; the natives and the full pull are measured once and every ratio is against the
-same run's figures. The warm-cache boots start from the cache of the last first boot
-after one more boot of the workload that is let run to its end (trace-idle), so whatever
-casfs does after a boot is done (kernel mode makes the boot's multi-chunk files whole
-objects, read natively from then on). Each boot reports the daemon's CPU seconds (the
+daemon), side by side in the same run: first, warm and hot boots take turns between the
+modes run by run (a machine whose load drifts moves both alike); prefetched boots replay
+a trace recorded in their own mode, so each mode records and replays in turn. Each mode
+has cache dirs of its own; the natives and the full pull are measured once and every
+ratio is against the same run's figures. The warm-cache boots start from the cache of the
+last first boot after one more boot of the workload that is let run to its end
+(trace-idle), so whatever casfs does after a boot is done (kernel mode makes the boot's
+multi-chunk files whole objects, read natively from then on); they replay those settling
+boots' traces. Each boot reports the daemon's CPU seconds (the
 FUSE daemon's, or the node view service's, utime + stime over the import).
 
 Only the recording boot records a trace (--no-trace elsewhere), and traces are deleted
@@ -51,6 +54,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,39 +294,79 @@ class ColdStart:
                 "daemon_cpu": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
                 **kernel_counters(stats)}
 
-    def casfs_first(self, wl: Workload, mode: str) -> tuple[dict[str, Any], Path]:
-        """Empty cache, no trace in the store: the first boot ever of this image."""
-        cache = self.run_dir / f"cache-{mode}-{wl.name}"
-        runs = self.empty_cache_boots(f"{mode}: first boot", wl, cache, mode)
-        return ok(runs), cache  # the last run's cache is the warm cache
+    def interleaved(self, what: str, modes: list[str],
+                    one: Callable[[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """self.runs runs of a scenario per mode, the modes taking turns run by run (so a
+        machine that drifts moves them alike); a mode whose run fails becomes an error row
+        and the others go on. Returns each mode's scenario result."""
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        failed: dict[str, str] = {}
+        busy = wait_for_quiet(self.args.quiet_wait) if self.args.quiet_wait > 0 else None
+        load = os.getloadavg()[0]
+        log(what + (f" (CPUs {busy:.0%} busy with other work)" if busy and busy > 0.25 else ""))
+        for i in range(self.runs):
+            for mode in modes:
+                if mode in failed:
+                    continue
+                try:
+                    runs[mode].append(one(mode, i))
+                except Exception as exc:  # noqa: BLE001 - reported in the results
+                    msg = f"{what} [{mode}]: {exc}"
+                    log("ERROR " + msg)
+                    if self.args.verbose:
+                        traceback.print_exc()
+                    self.errors.append(msg)
+                    failed[mode] = str(exc)[:300]
+        return {m: {"status": "error", "note": failed[m]} if m in failed else
+                ok(runs[m], loadavg_start=load, cpu_busy_start=busy) for m in modes}
+
+    def cache_dir(self, kind: str, mode: str, wl: Workload) -> Path:
+        """A cache dir of one mode's own (never shared with the other mode)."""
+        return self.run_dir / f"cache-{kind}-{mode}-{wl.name}"
+
+    def casfs_first(self, wl: Workload, modes: list[str]) -> tuple[dict[str, Any], dict[str, Path]]:
+        """Empty cache, no trace in the store: the first boot ever of this image. The last
+        run's cache of each mode is that mode's warm cache."""
+        caches = {mode: self.cache_dir("first", mode, wl) for mode in modes}
+
+        def one(mode: str, i: int) -> dict[str, Any]:
+            fresh_dir(caches[mode])
+            r = self.boot(wl, caches[mode], mode, self.quiet)
+            self.log_boot(f"{mode}: first boot run {i + 1}", r)
+            return r
+
+        return self.interleaved(f"[{wl.name}] casfs first boot", modes, one), caches
+
+    def log_boot(self, label: str, r: dict[str, Any]) -> None:
+        log(f"  {label}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), {r['requests']} requests, "
+            f"{r['fetched_bytes'] / 1e6:.1f} MB fetched, {r['read_bytes'] / 1e6:.1f} MB read "
+            f"via FUSE, daemon CPU {r['daemon_cpu'] or 0:.2f}s" + _kernel_note(r))
 
     def empty_cache_boots(self, label: str, wl: Workload, cache: Path,
                           mode: str) -> list[dict[str, Any]]:
-        """self.runs boots of wl, each on an emptied cache dir, logged as they go."""
+        """self.runs boots of wl in one mode, each on an emptied cache dir."""
         runs = []
         for i in range(self.runs):
             fresh_dir(cache)
             r = self.boot(wl, cache, mode, self.quiet)
-            log(f"  {label} run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
-                f"{r['requests']} requests, {r['fetched_bytes'] / 1e6:.1f} MB fetched, "
-                f"{r['read_bytes'] / 1e6:.1f} MB read via FUSE" + _kernel_note(r))
+            self.log_boot(f"{label} run {i + 1}", r)
             runs.append(r)
         return runs
 
-    def casfs_noprefetch(self, wl: Workload, mode: str) -> dict[str, Any]:
+    def casfs_noprefetch(self, wl: Workload, modes: list[str]) -> dict[str, Any]:
         """Plain lazy loading: no replay, no heuristics (diagnostic row, --no-prefetch-row)."""
         if not self.prefetch:
-            return na("casfs mount has no --no-prefetch flag: same as the first boot")
-        cache = self.run_dir / f"cache-np-{mode}-{wl.name}"
-        runs = []
-        for i in range(self.runs):
-            fresh_dir(cache)
+            return {m: na("casfs mount has no --no-prefetch flag: same as the first boot")
+                    for m in modes}
+
+        def one(mode: str, i: int) -> dict[str, Any]:
+            cache = fresh_dir(self.cache_dir("np", mode, wl))
             r = self.boot(wl, cache, mode, ["--no-prefetch", *self.quiet])
-            log(f"  {mode}: --no-prefetch run {i + 1}: {r['wall']:.2f}s, "
-                f"{r['requests']} requests")
-            runs.append(r)
-        shutil.rmtree(cache, ignore_errors=True)
-        return ok(runs)
+            self.log_boot(f"{mode}: --no-prefetch run {i + 1}", r)
+            shutil.rmtree(cache, ignore_errors=True)
+            return r
+
+        return self.interleaved(f"[{wl.name}] casfs --no-prefetch", modes, one)
 
     def trace_extra(self) -> list[str]:
         return [] if self.args.trace_idle is None else ["--trace-idle", f"{self.args.trace_idle:g}"]
@@ -374,8 +418,7 @@ class ColdStart:
         if not self.prefetch:
             return na("prefetch not built yet (`casfs mount` has no --no-prefetch flag)")
         self.clear_traces()  # replay this mode's recording boot, and nothing else
-        cache = self.run_dir / f"cache-pf-{mode}-{wl.name}"
-        fresh_dir(cache)
+        cache = fresh_dir(self.cache_dir("pf", mode, wl))
         recording = self.record_boot(wl, cache, mode)
         if not recording["traces_in_store"]:
             raise BenchError("the recording boot left no trace in the store")
@@ -386,9 +429,8 @@ class ColdStart:
     def settle(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
         """One more boot on the first boot's cache, recording, let run until the boot has
         ended and what casfs does after a boot is done: what a node that has run the image
-        before holds (kernel mode: the boot's multi-chunk files made whole objects)."""
-        if self.prefetch:
-            self.clear_traces()  # the warm boots then replay this boot's trace only
+        before holds (kernel mode: the boot's multi-chunk files made whole objects). Its
+        trace stays in the store for the warm boots to replay."""
         self.drop_for_boot(mode)
         log_offset = view_log_size(cache)
         with self.mount(cache, mode, self.trace_extra() if self.prefetch else []) as m:
@@ -404,15 +446,61 @@ class ColdStart:
                                     if mode == "kernel" else ""))
         return out
 
-    def casfs_warm(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
-        settled = self.settle(wl, cache, mode)
-        runs = []
-        for i in range(self.runs):
-            r = self.boot(wl, cache, mode, self.quiet)
-            log(f"  {mode}: warm run {i + 1}: {r['wall']:.2f}s ({r['mount']:.2f}s mount), "
-                f"daemon CPU {r['daemon_cpu'] or 0:.2f}s" + _kernel_note(r))
-            runs.append(r)
-        return ok(runs, settle=settled)
+    def casfs_warm(self, wl: Workload, caches: dict[str, Path]) -> dict[str, Any]:
+        """Each mode's first-boot cache settled (one boot run to its end, recording), then
+        warm boots, the modes taking turns; they replay the settling boots' traces (one
+        per mode, the same traces for both modes)."""
+        modes = list(caches)
+        if self.prefetch:
+            self.guarded("deleting traces and packs from the store", self.clear_traces)
+        settled: dict[str, Any] = {}
+        for mode in modes:
+            try:
+                settled[mode] = self.settle(wl, caches[mode], mode)
+            except Exception as exc:  # noqa: BLE001 - the warm boots are still measured
+                log(f"ERROR [{wl.name}] {mode}: settling boot: {exc}")
+                self.errors.append(f"[{wl.name}] {mode}: settling boot: {exc}")
+                settled[mode] = {"status": "error", "note": str(exc)[:300]}
+
+        def one(mode: str, i: int) -> dict[str, Any]:
+            r = self.boot(wl, caches[mode], mode, self.quiet)
+            self.log_boot(f"{mode}: warm run {i + 1}", r)
+            return r
+
+        out = self.interleaved(f"[{wl.name}] casfs warm cache", modes, one)
+        for mode in modes:
+            out[mode]["settle"] = settled[mode]
+        return out
+
+    def casfs_hot(self, wl: Workload, caches: dict[str, Path]) -> dict[str, Any]:
+        """One mount per mode (each at its own mountpoint), all up at once, page cache
+        warm; the modes take turns run by run."""
+        with contextlib.ExitStack() as stack:
+            mounts: dict[str, Mounted] = {}
+            for mode, cache in caches.items():
+                m = stack.enter_context(self.mount(cache, mode, self.quiet,
+                                                   mnt=self.run_dir / f"mnt-hot-{mode}"))
+                self.check_mode(m, mode)
+                mounts[mode] = m
+            for m in mounts.values():
+                verify_workload(self.meta, m.mountpoint, wl, self.home)  # warm-up + paths
+
+            def one(mode: str, i: int) -> dict[str, Any]:
+                m = mounts[mode]
+                before = stat_counters(m.stats())
+                self.svc.proxy.reset()
+                cpu0 = cpu_seconds(m.pid)
+                t = self.workload(wl, m.mountpoint)
+                cpu1 = cpu_seconds(m.pid)
+                after = stat_counters(m.stats())
+                pcount = self.svc.proxy_counters()
+                return {"wall": t, "import": t, "requests": pcount["requests"],
+                        "fetched_bytes": pcount["body_bytes_down"],
+                        "read_bytes": after["read_bytes"] - before["read_bytes"],
+                        "reads": after["reads"] - before["reads"], "rss_bytes": m.rss(),
+                        "daemon_cpu": None if cpu0 is None or cpu1 is None else cpu1 - cpu0}
+
+            return self.interleaved(f"[{wl.name}] casfs hot", list(mounts), one)
 
     # -- the store's traces ---------------------------------------------------------
 
@@ -440,27 +528,6 @@ class ColdStart:
         for key in dict.fromkeys(keys):
             client.delete_object(Bucket=bucket, Key=key)
         return len(keys)
-
-    def casfs_hot(self, wl: Workload, cache: Path, mode: str) -> dict[str, Any]:
-        with self.mount(cache, mode, self.quiet) as m:
-            self.check_mode(m, mode)
-            verify_workload(self.meta, self.mnt, wl, self.home)  # warm-up + checks paths
-            runs = []
-            for _ in range(self.runs):
-                before = stat_counters(m.stats())
-                self.svc.proxy.reset()
-                cpu0 = cpu_seconds(m.pid)
-                t = self.workload(wl, self.mnt)
-                cpu1 = cpu_seconds(m.pid)
-                after = stat_counters(m.stats())
-                pcount = self.svc.proxy_counters()
-                runs.append({"wall": t, "import": t, "requests": pcount["requests"],
-                             "fetched_bytes": pcount["body_bytes_down"],
-                             "read_bytes": after["read_bytes"] - before["read_bytes"],
-                             "reads": after["reads"] - before["reads"], "rss_bytes": m.rss(),
-                             "daemon_cpu": None if cpu0 is None or cpu1 is None
-                             else cpu1 - cpu0})
-        return ok(runs)
 
     # -- driving --------------------------------------------------------------------
 
@@ -506,42 +573,36 @@ class ColdStart:
                     note = f"{mode} mode not measurable here: {self.unsupported[mode]}"
                     for key in ("casfs_first", "casfs_prefetched", "casfs_warm", "casfs_hot"):
                         pm[mode][key] = na(note)
-            # Scenario by scenario, the modes side by side (a drifting machine moves both).
+            if not live:
+                continue
+            # Scenario by scenario, the modes side by side: first boots, warm and hot boots
+            # take turns run by run; prefetched boots replay a trace of their own mode, so
+            # each mode records and replays in turn.
             if self.prefetch:
                 self.guarded("deleting traces and packs from the store", self.clear_traces)
-            caches: dict[str, Path] = {}
+            first, caches = self.casfs_first(wl, live)
             for mode in live:
-                first = self.guarded(f"[{wl.name}] {mode}: casfs first boot", self.casfs_first,
-                                     wl, mode)
-                if isinstance(first, tuple):
-                    first, caches[mode] = first
-                pm[mode]["casfs_first"] = first
+                pm[mode]["casfs_first"] = first[mode]
             if self.args.no_prefetch_row:
-                for mode in live:
-                    pm[mode]["casfs_noprefetch"] = self.guarded(
-                        f"[{wl.name}] {mode}: casfs --no-prefetch", self.casfs_noprefetch, wl,
-                        mode)
+                for mode, res in self.casfs_noprefetch(wl, live).items():
+                    pm[mode]["casfs_noprefetch"] = res
             for mode in live:
                 pm[mode]["casfs_prefetched"] = self.guarded(
                     f"[{wl.name}] {mode}: casfs prefetched boot", self.casfs_prefetched, wl,
                     mode)
+            warm_caches = {m: caches[m] for m in live if first[m].get("status") == "ok"}
             for mode in live:
-                if mode in caches:
-                    pm[mode]["casfs_warm"] = self.guarded(
-                        f"[{wl.name}] {mode}: casfs warm cache", self.casfs_warm, wl,
-                        caches[mode], mode)
-                else:
-                    pm[mode]["casfs_warm"] = {"status": "error",
-                                              "note": "no cache: the first boot failed"}
-            for mode in live:
-                if mode in caches:
-                    pm[mode]["casfs_hot"] = self.guarded(
-                        f"[{wl.name}] {mode}: casfs hot", self.casfs_hot, wl, caches[mode],
-                        mode)
-                    shutil.rmtree(caches[mode], ignore_errors=True)
-                else:
-                    pm[mode]["casfs_hot"] = {"status": "error",
-                                             "note": "no cache: the first boot failed"}
+                if mode not in warm_caches:
+                    pm[mode]["casfs_warm"] = pm[mode]["casfs_hot"] = {
+                        "status": "error", "note": "no cache: the first boot failed"}
+            if warm_caches:
+                for mode, res in self.casfs_warm(wl, warm_caches).items():
+                    pm[mode]["casfs_warm"] = res
+                hot = self.guarded(f"[{wl.name}] casfs hot", self.casfs_hot, wl, warm_caches)
+                for mode in warm_caches:
+                    pm[mode]["casfs_hot"] = hot.get(mode, hot) if "status" not in hot else hot
+            for cache in caches.values():
+                shutil.rmtree(cache, ignore_errors=True)
         out = []
         for i, wl in enumerate(workloads):
             modes = {mode: {"scenarios": per_mode[wl.name][mode],

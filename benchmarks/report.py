@@ -405,11 +405,13 @@ def _modes_note(cfg: dict[str, Any]) -> str:
             "the node and overlayfs with data-only layers (the cache's chunk files, completed "
             "objects, and the node view service's FUSE view behind what the node lacks); "
             "*fuse*: every request through the casfs daemon. Each mode has cache dirs of its "
-            "own; the node view service is gone (its pid waited for) between boots. Warm boots "
-            "start from the last first boot's cache after one more boot let run to its end "
-            "(trace-idle), so what casfs does after a boot is done (kernel mode: the boot's "
-            "multi-chunk files made whole objects). *daemon CPU s* is utime + stime of the "
-            "FUSE daemon, or of the node view service, over the import.")
+            "own; the node view service is gone (its pid waited for) between boots. First, "
+            "warm and hot boots take turns between the modes run by run; prefetched boots "
+            "replay a trace recorded in their own mode. Warm boots start from the last first "
+            "boot's cache after one more boot let run to its end (trace-idle), so what casfs "
+            "does after a boot is done (kernel mode: the boot's multi-chunk files made whole "
+            "objects), and replay those boots' traces. *daemon CPU s* is utime + stime of "
+            "the FUSE daemon, or of the node view service, over the import.")
     for mode, why in (cfg.get("modes_unsupported") or {}).items():
         text += f" {mode} mode could not be measured here: {why}."
     return text
