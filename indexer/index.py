@@ -77,6 +77,7 @@ HASH_READ = 4 << 20
 LAYER_WORKERS = 3  # registry layers streamed at once
 BLAME_READ_LIMIT = 512 << 20  # see _blame_digest
 LOCAL_LAYER_WORKERS = 1  # local layers are CPU-bound: more threads only contend for the GIL
+LOCAL_UPLOAD_WORKERS = 4  # uploads into a local store (16 into a remote one)
 
 
 @dataclass
@@ -241,10 +242,12 @@ def _release(lock: Lock, stop: threading.Event) -> None:
 def _uploader(store: Store, stop: threading.Event) -> BlobUploader:
     """The index's uploader; against a remote store, one that lists blob prefixes rather
     than asking about each chunk (indexer.upload.BlobPresence)."""
-    presence = None
     if store.url.startswith("s3://"):
         presence = BlobPresence(getattr(store.backend, "inner", store.backend))
-    return BlobUploader(store, stop=stop, presence=presence)
+        return BlobUploader(store, stop=stop, presence=presence)
+    # A local store has no latency to hide: 4 threads keep both cores busy hashing and
+    # compressing; more only queue on the store directory's locks (and the GIL).
+    return BlobUploader(store, workers=LOCAL_UPLOAD_WORKERS, stop=stop)
 
 
 def tree_image(tree: TreeSource) -> Image:
