@@ -158,6 +158,7 @@ class Item:
     length: int  # uncompressed
     location: PackLocation | None
     focus: int  # index into StreamPlan.roots: the package it belongs to (-1: none)
+    depth: int = 0  # of its file's directory below the package's (depth_below)
 
 
 @dataclass
@@ -200,16 +201,16 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
     has_pycache: dict[int, bool] = {}
     big = False
 
-    def root_for(path: bytes, parent: int) -> int:
+    def root_for(path: bytes, parent: int) -> tuple[int, int]:
         root = package_root(path)
         if root is None:
-            return -1
+            return -1, 0
         idx = root_index.get(root)
         if idx is None:
             idx = root_index[root] = len(plan.roots)
             plan.roots.append(root)
         plan.root_of_dir[parent] = idx
-        return idx
+        return idx, depth_below(path, root)
 
     for path, ino in manifest.walk():
         node = manifest.inode(ino)
@@ -234,7 +235,7 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
                 tier = REST
         else:
             tier = REST
-        focus = root_for(path, node.parent)
+        focus, depth = root_for(path, node.parent)
         if big:
             plan.big_libraries.setdefault(focus, []).append(ino)
             big = False
@@ -243,7 +244,7 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
                 continue
             seen.add(c.digest)
             loc = packs.get(c.digest)
-            item = Item(c.digest, c.length, PackLocation(*loc) if loc else None, focus)
+            item = Item(c.digest, c.length, PackLocation(*loc) if loc else None, focus, depth)
             plan.stored_bytes += _stored(item)
             plan.chunks += 1
             if mode == ALL or (tier != REST and focus >= 0):
@@ -255,22 +256,30 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
 
 
 def package_root(path: bytes) -> bytes | None:
-    """The top-level package directory a file belongs to: `.../site-packages/torch` for
-    `.../site-packages/torch/nn/__pycache__/x.pyc`; the interpreter's own library
-    directory for a module of the standard library (`.../lib/python3.11`, `.../encodings`
-    under it is its own package). None for anything else."""
+    """The package a file belongs to, as a directory: `.../site-packages/torch` for
+    `.../site-packages/torch/nn/__pycache__/x.pyc` (and for the libraries a wheel
+    vendors beside it, `.../site-packages/torch.libs/...`); `.../site-packages` itself
+    for modules right in it; the interpreter's standard library as a whole
+    (`.../lib/python3.11`, with its extension modules in `lib-dynload`), which every
+    Python boot enters first. None for anything else."""
     parts = path.split(b"/")
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] in SITE_DIRS:
-            if i + 2 >= len(parts):  # a module file right in site-packages
-                return b"/".join(parts[: i + 1])
-            return b"/".join(parts[: i + 2])
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i].startswith(b"python3") or parts[i].startswith(b"python2"):
             if i + 2 >= len(parts) or parts[i + 1] == PYCACHE:
                 return b"/".join(parts[: i + 1])
-            return b"/".join(parts[: i + 2])
+            return b"/".join(parts[: i + 1] + [parts[i + 1].removesuffix(b".libs")])
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].startswith((b"python3", b"python2")) and parts[i - 1] == b"lib":
+            return b"/".join(parts[: i + 1])
     return None
+
+
+def depth_below(path: bytes, root: bytes) -> int:
+    """How deep a file's directory lies below its package's (a module's `__pycache__`
+    counts as its directory): a package's own modules are imported before its
+    subpackages', and those before theirs."""
+    rel = path[len(root) + 1 :].split(b"/")[:-1]
+    return len(rel) - (1 if rel and rel[-1] == PYCACHE else 0)
 
 
 # -- streaming ------------------------------------------------------------------------------
@@ -451,6 +460,10 @@ class BackgroundStream:
                 self._by_root.setdefault((tier, it.focus), []).append(i)
                 self._tier_of[it.digest] = tier
                 self._root_of[it.digest] = it.focus
+            depth = [it.depth for it in items]
+            for (t, _), indices in self._by_root.items():
+                if t == tier:  # within a package: shallow directories first
+                    indices.sort(key=lambda i: (depth[i], i))
         by_pack: dict[str, list[PackedChunk]] = {}
         for digest, (pack, offset, length) in self.packs.locations.items():
             by_pack.setdefault(pack, []).append(PackedChunk(digest, offset, length))

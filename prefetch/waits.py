@@ -16,12 +16,14 @@ starts, whether it must wait: a chunk in flight, or one the node cache does not 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 
 from casfs.fetch import Fetcher
 from casfs.manifest.reader import ChunkRef
 
+log = logging.getLogger(__name__)
 MAX_KNOWN = 1 << 20  # chunks remembered as on the node (bounded memory)
 
 
@@ -33,9 +35,12 @@ class ReadWaits:
         self.metrics = fetcher.metrics
         self._local: set[str] = set()  # chunks seen on the node
         self._pending: list[ChunkRef] | None = None
+        self._ino = 0
+        self._started = time.monotonic()
 
     def observe(self, ino: int, chunks: list[ChunkRef]) -> None:
         self._pending = chunks
+        self._ino = ino
 
     def _must_wait(self, chunks: list[ChunkRef]) -> bool:
         unknown: list[str] = []
@@ -64,11 +69,18 @@ class ReadWaits:
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         chunks, self._pending = self._pending, None
+        ino = self._ino
         waits = chunks is not None and self._must_wait(chunks)
         start = time.monotonic()
         try:
             yield
         finally:
             if waits:
+                took = time.monotonic() - start
                 self.metrics.read_waits += 1
-                self.metrics.read_wait_seconds += time.monotonic() - start
+                self.metrics.read_wait_seconds += took
+                if log.isEnabledFor(logging.DEBUG):
+                    assert chunks is not None
+                    log.debug("read of inode %d (chunk at %d, %d chunks) waited %.1f ms, "
+                              "%.3f s after the mount", ino, chunks[0].offset, len(chunks),
+                              took * 1000, start - self._started)

@@ -43,6 +43,7 @@ from prefetch.stream import (
     PolicyError,
     StreamPolicy,
     build_plan,
+    depth_below,
     is_tree,
     package_root,
     parse_bytes,
@@ -165,12 +166,18 @@ def test_default_mode_images_and_trees(image: Image) -> None:
 def test_package_root() -> None:
     site = b"/usr/lib/python3.11/site-packages"
     assert package_root(site + b"/torch/nn/__pycache__/x.pyc") == site + b"/torch"
+    assert package_root(site + b"/numpy.libs/libopenblas.so") == site + b"/numpy"
     assert package_root(site + b"/six.py") == site
-    assert package_root(b"/usr/lib/python3.11/__pycache__/os.cpython-311.pyc") == \
-        b"/usr/lib/python3.11"
-    assert package_root(b"/usr/lib/python3.11/encodings/__pycache__/a.pyc") == \
-        b"/usr/lib/python3.11/encodings"
+    assert package_root(site + b"/__pycache__/six.cpython-311.pyc") == site
+    stdlib = b"/usr/lib/python3.11"  # the standard library is one package
+    assert package_root(stdlib + b"/__pycache__/os.cpython-311.pyc") == stdlib
+    assert package_root(stdlib + b"/encodings/__pycache__/a.pyc") == stdlib
+    assert package_root(stdlib + b"/lib-dynload/math.cpython-311-x86_64-linux-gnu.so") == stdlib
     assert package_root(b"/usr/share/doc/notes.txt") is None
+    assert package_root(b"/usr/bin/python3.11") is None
+    assert depth_below(site + b"/torch/__pycache__/x.pyc", site + b"/torch") == 0
+    assert depth_below(site + b"/torch/nn/modules/__pycache__/x.pyc", site + b"/torch") == 2
+    assert depth_below(site + b"/torch/lib/libc10.so", site + b"/torch") == 1
 
 
 def load_packs(store: Store, m: Manifest) -> PackIndex:
