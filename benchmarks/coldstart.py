@@ -477,13 +477,19 @@ class ColdStart:
         warm; the modes take turns run by run."""
         with contextlib.ExitStack() as stack:
             mounts: dict[str, Mounted] = {}
-            for mode, cache in caches.items():
-                m = stack.enter_context(self.mount(cache, mode, self.quiet,
-                                                   mnt=self.run_dir / f"mnt-hot-{mode}"))
-                self.check_mode(m, mode)
-                mounts[mode] = m
-            for m in mounts.values():
-                verify_workload(self.meta, m.mountpoint, wl, self.home)  # warm-up + paths
+            try:
+                for mode, cache in caches.items():
+                    m = stack.enter_context(self.mount(cache, mode, self.quiet,
+                                                       mnt=self.run_dir / f"mnt-hot-{mode}"))
+                    self.check_mode(m, mode)
+                    mounts[mode] = m
+                for m in mounts.values():
+                    verify_workload(self.meta, m.mountpoint, wl, self.home)  # warm-up + paths
+            except Exception as exc:  # noqa: BLE001 - reported in the results
+                msg = f"[{wl.name}] casfs hot: mounting: {exc}"
+                log("ERROR " + msg)
+                self.errors.append(msg)
+                return {mode: {"status": "error", "note": str(exc)[:300]} for mode in caches}
 
             def one(mode: str, i: int) -> dict[str, Any]:
                 m = mounts[mode]
@@ -598,9 +604,8 @@ class ColdStart:
             if warm_caches:
                 for mode, res in self.casfs_warm(wl, warm_caches).items():
                     pm[mode]["casfs_warm"] = res
-                hot = self.guarded(f"[{wl.name}] casfs hot", self.casfs_hot, wl, warm_caches)
-                for mode in warm_caches:
-                    pm[mode]["casfs_hot"] = hot.get(mode, hot) if "status" not in hot else hot
+                for mode, res in self.casfs_hot(wl, warm_caches).items():
+                    pm[mode]["casfs_hot"] = res
             for cache in caches.values():
                 shutil.rmtree(cache, ignore_errors=True)
         out = []
