@@ -611,12 +611,22 @@ class ColdStart:
         out = []
         for i, wl in enumerate(workloads):
             modes = {mode: {"scenarios": per_mode[wl.name][mode],
-                            "targets": report.evaluate_targets(
-                                {**scen[wl.name], **per_mode[wl.name][mode]})}
+                            "targets": evaluate_mode(scen[wl.name], per_mode[wl.name], mode)}
                      for mode in self.modes}
             out.append({"name": wl.name, "code": wl.code, "primary": i == 0,
                         "scenarios": scen[wl.name], "modes": modes})
         return out
+
+
+def evaluate_mode(reference: dict[str, Any], per_mode: dict[str, dict[str, Any]],
+                  mode: str) -> list[dict[str, Any]]:
+    """One mode's targets against the run's natives. Kernel mode's byte ratios take "the
+    bytes the import reads" from the FUSE first boot of the same run (a kernel-mode mount
+    counts only what its view serves)."""
+    scenarios = {**reference, **per_mode[mode]}
+    if mode == "kernel" and "fuse" in per_mode:
+        scenarios[report.READS_REFERENCE] = per_mode["fuse"].get("casfs_first") or {}
+    return report.evaluate_targets(scenarios)
 
 
 def kernel_counters(stats: dict[str, Any]) -> dict[str, int]:

@@ -63,6 +63,19 @@ def _med(scenario: str, field: str = "wall") -> Getter:
     return get
 
 
+# "The bytes the import reads": the FUSE daemon's read_bytes on a first boot. A kernel-mode
+# mount only counts what its view serves (the kernel reads the rest itself), so a kernel-mode
+# evaluation is given the same run's FUSE first boot as READS_REFERENCE.
+READS_REFERENCE = "reads_reference"
+
+
+def _reads() -> Getter:
+    def get(sc: dict[str, Any]) -> float | None:
+        ref = _med(READS_REFERENCE, "read_bytes")(sc)
+        return ref if ref is not None else _med("casfs_first", "read_bytes")(sc)
+    return get
+
+
 # The brief's table ("The numbers we aim at").
 TARGETS: list[tuple[str, Getter, Getter, float]] = [
     ("prefetched boot ≤ 1.2× native cold", _med("casfs_prefetched"), _med("native_cold"), 1.2),
@@ -71,15 +84,15 @@ TARGETS: list[tuple[str, Getter, Getter, float]] = [
     ("warm cache ≤ 1.1× native cold", _med("casfs_warm"), _med("native_cold"), 1.1),
     ("prefetched boot ≤ 0.2× full pull", _med("casfs_prefetched"), _med("full_pull"), 0.2),
     ("bytes fetched on a prefetched boot ≤ 1.3× bytes the import reads",
-     _med("casfs_prefetched", "fetched_bytes"), _med("casfs_first", "read_bytes"), 1.3),
+     _med("casfs_prefetched", "fetched_bytes"), _reads(), 1.3),
 ]
 # Shown beside the targets for context; not targets of the brief.
 INFO: list[tuple[str, Getter, Getter]] = [
     ("hot (page cache warm) vs native warm", _med("casfs_hot"), _med("native_warm")),
     ("chunk bytes brought to the node on a prefetched boot (uncompressed) vs bytes the "
-     "import reads", _med("casfs_prefetched", "cache_bytes"), _med("casfs_first", "read_bytes")),
+     "import reads", _med("casfs_prefetched", "cache_bytes"), _reads()),
     ("bytes fetched on a first boot vs bytes the import reads",
-     _med("casfs_first", "fetched_bytes"), _med("casfs_first", "read_bytes")),
+     _med("casfs_first", "fetched_bytes"), _reads()),
 ]
 # Context in seconds (not ratios): CPU of the process serving the mount during the import.
 CPU_INFO: list[tuple[str, Getter]] = [
@@ -90,7 +103,9 @@ RSS_LIMIT = 150e6
 
 
 def evaluate_targets(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each target with its measured ratio and whether it is met (None: not measurable)."""
+    """Each target with its measured ratio and whether it is met (None: not measurable).
+    ``scenarios``: the natives, one mode's casfs scenarios and, for kernel mode, the FUSE
+    first boot as READS_REFERENCE (what the import reads)."""
     out = []
     for desc, num, den, limit in TARGETS:
         r = _ratio(num(scenarios), den(scenarios))
