@@ -70,7 +70,7 @@ from casfs.manifest import Manifest
 from casfs.manifest.objects import multi_chunk_files, object_name_of
 from casfs.metrics import MountMetrics
 from casfs.mountconfig import MountConfig
-from casfs.mounts import prepare_mountpoint, remove_record, write_record
+from casfs.mounts import prepare_mountpoint, remove_record, tune_kernel, write_record
 from casfs.nodemetrics import OpTimes
 from casfs.process import (
     ReadyPipe,
@@ -87,6 +87,8 @@ from prefetch.session import PrefetchSession
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
 IDLE_EXIT_SECONDS = 30.0  # a service nobody asked to mount anything exits
+VIEW_READAHEAD_KB = 4096  # the view's readahead window (a FUSE-mode mount's default is 1024)
+VIEW_MAX_BACKGROUND = 64
 VIEW_OPTIONS = {"fsname=casfs-view", "subtype=casfs-view", "ro", "nosuid", "nodev",
                 "default_permissions"}
 
@@ -805,6 +807,11 @@ def serve_node(cache_dir: str, cache_size: int, ready: ReadyPipe | None = None,
                 nursery.start_soon(_exit_if_unused, node, done)
                 nursery.start_soon(maintain_log)
                 await trio.to_thread.run_sync(os.statvfs, str(node.view_dir))
+                # As a FUSE-mode mount is tuned: a big readahead window and many
+                # background requests, or a streaming read through the view crawls.
+                tuned = await trio.to_thread.run_sync(
+                    tune_kernel, str(node.view_dir), VIEW_READAHEAD_KB, VIEW_MAX_BACKGROUND)
+                log.info("view kernel tuning: %s", ", ".join(tuned) or "none")
                 log.info("node view %d %s %s at %s", os.getpid(),
                          "took over" if takeover else "serving", node.cache_dir,
                          node.view_dir)
