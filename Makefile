@@ -12,8 +12,9 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-lint:
+lint: install
 	ruff check .
+	$(PYTHON) -m mypy
 
 # Benchmarks (docs/benchmarks.md). `make bench`: the full cold-start suite (torch image,
 # 3 runs per scenario, ~15-20 min); `make bench-quick`: the small image, a few minutes;
