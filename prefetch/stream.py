@@ -201,16 +201,23 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
     has_pycache: dict[int, bool] = {}
     big = False
 
+    dir_roots: dict[int, tuple[int, int]] = {}  # directory -> (root, depth), once each
+
     def root_for(path: bytes, parent: int) -> tuple[int, int]:
+        known = dir_roots.get(parent)
+        if known is not None:
+            return known
         root = package_root(path)
         if root is None:
+            dir_roots[parent] = (-1, 0)
             return -1, 0
         idx = root_index.get(root)
         if idx is None:
             idx = root_index[root] = len(plan.roots)
             plan.roots.append(root)
         plan.root_of_dir[parent] = idx
-        return idx, depth_below(path, root)
+        dir_roots[parent] = (idx, depth_below(path, root))
+        return dir_roots[parent]
 
     for path, ino in manifest.walk():
         node = manifest.inode(ino)
@@ -304,11 +311,51 @@ class StreamStatus:
     used_chunks: int = 0  # chunks it fetched that the boot then read
     used_bytes: int = 0
     focus_switches: int = 0
+    cpu_waits: int = 0  # times a request waited for an idle CPU
     plan_seconds: float = 0.0
     seconds: float = 0.0  # from its first request to its stop
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class IdleCpu:
+    """How many of the node's CPUs were idle lately, from /proc/stat (the stream runs
+    on idle CPU as on an idle link: on a node with cores to spare it runs flat out, on
+    a busy one it waits while the boot computes). None where /proc/stat is not."""
+
+    def __init__(self, path: str = "/proc/stat", interval: float = 0.02) -> None:
+        self.path = path
+        self.interval = interval
+        self.cpus = os.cpu_count() or 1
+        self._last: tuple[float, int, int] | None = None  # (when, idle, total) ticks
+        self._idle: float | None = None
+
+    def _sample(self) -> tuple[int, int] | None:
+        try:
+            with open(self.path, "rb") as f:
+                fields = f.readline().split()[1:]
+        except OSError:
+            return None
+        ticks = [int(x) for x in fields[:8]]
+        if len(ticks) < 5:
+            return None
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    def idle_cpus(self) -> float | None:
+        """Idle CPUs (0..cpus) since the previous call at least `interval` ago."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.interval:
+            return self._idle
+        sample = self._sample()
+        if sample is None:
+            return None
+        if self._last is not None:
+            d_idle, d_total = sample[0] - self._last[1], sample[1] - self._last[2]
+            if d_total > 0:
+                self._idle = self.cpus * d_idle / d_total
+        self._last = (now, *sample)
+        return self._idle
 
 
 class BackgroundStream:
@@ -325,7 +372,8 @@ class BackgroundStream:
                  policy: StreamPolicy, boot_over: Callable[[], bool],
                  concurrency: int = 6, range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
                  batch: int = 64, whole_library_max: int = 64 << 20,
-                 grace: float = 0.1) -> None:
+                 grace: float = 0.1, min_idle_cpus: float = 0.0,
+                 idle_cpu: IdleCpu | None = None) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
         self.packs = packs
@@ -337,6 +385,8 @@ class BackgroundStream:
         self.batch = batch
         self.whole_library_max = whole_library_max
         self.grace = grace
+        self.min_idle_cpus = min_idle_cpus
+        self.idle_cpu = idle_cpu or IdleCpu()
         self.booting = trio.Event()  # set by the boot's first read
         self.status = StreamStatus(mode=policy.mode_for(manifest.meta))
         self.plan: StreamPlan | None = None
@@ -407,6 +457,10 @@ class BackgroundStream:
         st = self.status
         if st.mode == OFF:
             return
+        st.state = "waiting"
+        # Nothing before the boot's first read: planning walks the manifest, and the
+        # mount is getting ready meanwhile (a mount nobody reads costs nothing).
+        await self.booting.wait()
         st.state = "planning"
         t = time.monotonic()
         try:
@@ -429,9 +483,7 @@ class BackgroundStream:
         st.image_stored_bytes = plan.stored_bytes
         st.cap_bytes = self.policy.cap if self.policy.cap is not None else plan.stored_bytes
         st.rate_bytes_per_second = self.policy.rate or 0
-        st.state = "waiting"
-        await self.booting.wait()  # the boot's first read: its guesses go first
-        await trio.sleep(self.grace)
+        await trio.sleep(self.grace)  # the first reads' guesses go first
         st.state = "running"
         self._t0 = time.monotonic()
         self._paced_from = trio.current_time()
@@ -498,6 +550,14 @@ class BackgroundStream:
             if self.boot_over():
                 self._stop("boot over")
                 return True
+        if self.min_idle_cpus > 0:
+            while (idle := self.idle_cpu.idle_cpus()) is not None and \
+                    idle < self.min_idle_cpus:
+                self.status.cpu_waits += 1
+                await trio.sleep(self.idle_cpu.interval)
+                if self.boot_over():
+                    self._stop("boot over")
+                    return True
         if not await self.fetcher.room_left(ROOM_SHARE):
             self._stop("cache cap")
             return True
