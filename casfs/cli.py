@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--store", help="store URL: file:///abs/path or s3://bucket/prefix "
                         "(default: $CASFS_STORE, else the local default store)")
 
-    sp = add("index", cmd_index, "index an image into the store; prints its manifest reference last")
-    sp.add_argument("image", help="oci:<dir>[:<tag>] | docker-archive:<file.tar> | docker://host/repo:tag")
+    sp = add("index", cmd_index, "index an image or a directory (tree:<path>) into the store; "
+             "prints its manifest reference last")
+    sp.add_argument("image", help="oci:<dir>[:<tag>] | docker-archive:<file.tar> | "
+                    "docker://host/repo:tag | tree:<directory>")
     store_arg(sp)
     sp.add_argument("--tag", help="also name the manifest with this tag")
     sp.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform image")

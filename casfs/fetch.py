@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import trio
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 
 UNPACK_BYTES = 512 << 10
+RECENT_CHUNKS = 16  # fetched chunks kept in memory for reads that just missed them
+RECENT_BYTES = 16 << 20  # ... and at most this many bytes of them
 
 
 def _pieces(items: Sequence[PackedChunk], size: int) -> list[list[PackedChunk]]:
@@ -75,6 +78,11 @@ class Fetcher:
         self.prefetch_limiter = trio.CapacityLimiter(prefetch_concurrency)
         self.disk_limiter = trio.CapacityLimiter(disk_concurrency)
         self._flights: dict[str, _Flight] = {}
+        # The last chunks fetched, by digest: a read that missed in the cache just before
+        # a fetch of its chunk ended (and its flight was gone) takes the bytes from here
+        # instead of fetching the chunk a second time.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
         self.prefetched: set[str] = set()  # inserted by prefetch, not yet read
         self.missing_packs: set[str] = set()  # packs the store answered 404 for
 
@@ -179,9 +187,28 @@ class Fetcher:
 
     # -- fetching ------------------------------------------------------------------------
 
+    def _keep(self, digest: str, data: bytes) -> None:
+        if not self.cache.contains_many([digest])[0]:
+            self.cache.insert(digest, data)
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        old = self._recent.pop(digest, None)
+        self._recent_bytes += len(data) - (len(old) if old is not None else 0)
+        self._recent[digest] = data
+        while self._recent and (len(self._recent) > RECENT_CHUNKS
+                                or self._recent_bytes > RECENT_BYTES):
+            _, dropped = self._recent.popitem(last=False)
+            self._recent_bytes -= len(dropped)
+
     async def _chunk(self, digest: str, prefetch: bool) -> bytes:
         """A chunk's verified bytes: joined to a fetch already under way, else fetched.
         A read that joined a prefetch which then failed fetches the chunk itself."""
+        recent = self._recent.get(digest)
+        if recent is not None:
+            # Fetched a moment ago (between this read's miss and now), or its cache file
+            # vanished since: the verified bytes, put back in the cache if it lacks them.
+            await trio.to_thread.run_sync(self._keep, digest, recent, limiter=self.disk_limiter)
+            return recent
         joined = False
         while (flight := self._flights.get(digest)) is not None:
             if not prefetch and not joined:
@@ -200,6 +227,7 @@ class Fetcher:
         flight = self._flights[digest] = _Flight(prefetch)
         try:
             flight.data = await self._fetch(digest, prefetch)
+            self._remember(digest, flight.data)
         except BaseException as exc:
             flight.error = exc
             if isinstance(exc, CasfsError) and not isinstance(exc, FetchFailed):
@@ -307,6 +335,8 @@ class Fetcher:
                     if self._flights.get(digest) is flight:
                         del self._flights[digest]
                     if error is None:
+                        assert blob is not None
+                        self._remember(digest, blob)
                         inserted += 1
                         self.prefetched.add(digest)
                         self.metrics.prefetch_chunks += 1

@@ -561,7 +561,14 @@ def test_cache_file_deleted_under_a_running_mount_is_fetched_again(env: Env) -> 
     assert env.read("/d/big", CHUNK_SIZE, 100) == BIG[CHUNK_SIZE : CHUNK_SIZE + 100]
     assert env.blob_gets(chunk.digest) == 1
     # Once it lets go of it (LRU, or a failed read), the path is looked up: gone, so the
-    # entry is dropped and the chunk fetched again.
+    # entry is dropped and the chunk is put back: from the fetcher's last fetched chunks
+    # when it is still among them, else fetched again.
+    env.cache.invalidate(chunk.digest)
+    assert env.read("/d/big", CHUNK_SIZE, 100) == BIG[CHUNK_SIZE : CHUNK_SIZE + 100]
+    assert env.blob_gets(chunk.digest) <= 2
+    assert env.cache.chunk_path(chunk.digest).read_bytes() == BIG[CHUNK_SIZE : 2 * CHUNK_SIZE]
+    env.fs.fetcher._recent.clear()  # long after: no longer in memory
+    env.cache.chunk_path(chunk.digest).unlink()
     env.cache.invalidate(chunk.digest)
     assert env.read("/d/big", CHUNK_SIZE, 100) == BIG[CHUNK_SIZE : CHUNK_SIZE + 100]
     assert env.blob_gets(chunk.digest) == 2

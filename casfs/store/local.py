@@ -194,6 +194,8 @@ class FileBackend:
             files, self._pending_files = self._pending_files, set()
             dirs, self._pending_dirs = self._pending_dirs, set()
         try:
+            if len(files) + len(dirs) >= SYNCFS_AT and _syncfs(self.root):
+                return  # one syncfs(2) of the store's filesystem: far cheaper than 27k fsyncs
             for batch in (files, dirs):
                 if len(batch) <= 1:
                     for p in batch:
@@ -278,5 +280,29 @@ def _fsync_path(path: str) -> None:
         return
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SYNCFS_AT = 256  # pending files from which one syncfs(2) replaces the fsyncs
+
+
+def _syncfs(root: Path) -> bool:
+    """syncfs(2) of the filesystem holding root (every file on it made durable, its
+    directories included); False where it is not available, so the caller fsyncs."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return False
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(root))
+        return True
+    except AttributeError:
+        return False
     finally:
         os.close(fd)
