@@ -46,8 +46,22 @@ from benchmarks.report import fmt_bytes, publish, unique_stem
 THROUGHPUT_TARGET = 100e6  # bytes/s of uncompressed layer data
 REINDEX_TARGET = 0.10  # re-index time / first index time
 
-_LINE = re.compile(r"indexed .*?: (\d+) layers \((\d+) already indexed\), (\d+) bytes, "
-                   r"(\d+) new blobs \((\d+) bytes stored\) in ([\d.]+)s")
+# casfs index's summary: "... 2 layers (0 already indexed), 98.1 MB, 2,883 new blobs
+# (33.2 MB stored) in 2.57s" (sizes as casfs.progress.human_bytes writes them)
+_LINE = re.compile(r"indexed .*?: ([\d,]+) layers? \(([\d,]+) already indexed\), "
+                   r"([\d.]+ [KMGT]?B), ([\d,]+) new blobs? \(([\d.]+ [KMGT]?B) stored\) "
+                   r"in ([\d.]+)s")
+_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def _size(text: str) -> int:
+    """'98.1 MB' -> 98100000 (to the precision casfs printed)."""
+    number, unit = text.split()
+    return int(float(number) * _UNITS[unit])
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
 
 
 def _children_cpu() -> float:
@@ -64,8 +78,8 @@ def index_once(oci_dir: Path, store: str, env: dict[str, str], uncompressed: int
     out: dict[str, Any] = {"label": label, "wall": run.seconds, "cpu_seconds": cpu,
                            "ref": run.ref, "mb_per_s": uncompressed / run.seconds / 1e6}
     if m:
-        out.update({"layers": int(m[1]), "layers_reused": int(m[2]), "bytes": int(m[3]),
-                    "new_blobs": int(m[4]), "stored_bytes": int(m[5]),
+        out.update({"layers": _int(m[1]), "layers_reused": _int(m[2]), "bytes": _size(m[3]),
+                    "new_blobs": _int(m[4]), "stored_bytes": _size(m[5]),
                     "indexer_seconds": float(m[6])})
     log(f"  {label}: {run.seconds:.1f}s wall ({out['mb_per_s']:.0f} MB/s), "
         f"{cpu:.1f} CPU s" + (f", {out.get('new_blobs')} new blobs" if m else ""))
