@@ -63,6 +63,8 @@ DEFAULT_FOR_TREES = OFF
 ENV_MODE = "CASFS_BACKGROUND_FETCH"
 ENV_CAP = "CASFS_BACKGROUND_CAP"
 ENV_RATE = "CASFS_BACKGROUND_RATE"
+ENV_IDLE_CPUS = "CASFS_BACKGROUND_IDLE_CPUS"
+IDLE_CPUS = 1.0  # the stream starts a request only while this many CPUs are idle
 ROOM_SHARE = 0.85  # as replay: stop once the cache holds this share of its cap
 CODE, LIBRARIES, REST = 0, 1, 2
 TIER_NAMES = ("code", "libraries", "rest")
@@ -99,17 +101,22 @@ class StreamPolicy:
 
     mode: off | likely | all | auto. cap: bytes the mount may fetch in all before the
     stream stops (None: the image's stored size). rate: bytes per second of the
-    stream's own requests (None: no limit)."""
+    stream's own requests (None: no limit). idle_cpus: a request starts only while at
+    least this many of the node's CPUs are idle (0: whatever the load; a node setting,
+    from CASFS_BACKGROUND_IDLE_CPUS)."""
 
     mode: str = AUTO
     cap: int | None = None
     rate: int | None = None
+    idle_cpus: float = IDLE_CPUS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PolicyError(f"background fetch {self.mode!r}: one of {', '.join(MODES)}")
         if self.rate is not None and self.rate <= 0:
             raise PolicyError("a background fetch rate must be positive")
+        if not 0 <= self.idle_cpus <= 4096:
+            raise PolicyError(f"idle CPUs {self.idle_cpus!r}: between 0 and the node's CPUs")
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None = None,
@@ -125,9 +132,14 @@ class StreamPolicy:
             return env.get(var) or None if value is None or value == "" else value
 
         mode = pick("background_fetch", ENV_MODE)
+        idle = pick("background_idle_cpus", ENV_IDLE_CPUS)
+        try:
+            idle_cpus = IDLE_CPUS if idle is None else float(idle)
+        except ValueError:
+            raise PolicyError(f"idle CPUs {idle!r}: a number") from None
         return cls(mode=str(mode).strip().lower() if mode is not None else AUTO,
                    cap=parse_bytes(pick("background_cap", ENV_CAP)),
-                   rate=parse_bytes(pick("background_rate", ENV_RATE)))
+                   rate=parse_bytes(pick("background_rate", ENV_RATE)), idle_cpus=idle_cpus)
 
     def mode_for(self, meta: Mapping[str, Any]) -> str:
         """The mode for an image with this manifest meta (`auto` resolved)."""
@@ -370,9 +382,10 @@ class BackgroundStream:
 
     def __init__(self, manifest: Manifest, fetcher: Fetcher, packs: PackIndex, *,
                  policy: StreamPolicy, boot_over: Callable[[], bool],
-                 concurrency: int = 6, range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
+                 concurrency: int = 16, in_flight_bytes: int = 8 << 20,
+                 range_bytes: int = 4 << 20, max_gap: int = 64 << 10,
                  batch: int = 64, whole_library_max: int = 64 << 20,
-                 grace: float = 0.1, min_idle_cpus: float = 0.0,
+                 grace: float = 0.1, min_idle_cpus: float | None = None,
                  idle_cpu: IdleCpu | None = None) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
@@ -385,7 +398,8 @@ class BackgroundStream:
         self.batch = batch
         self.whole_library_max = whole_library_max
         self.grace = grace
-        self.min_idle_cpus = min_idle_cpus
+        self.in_flight_bytes = in_flight_bytes
+        self.min_idle_cpus = policy.idle_cpus if min_idle_cpus is None else min_idle_cpus
         self.idle_cpu = idle_cpu or IdleCpu()
         self.booting = trio.Event()  # set by the boot's first read
         self.status = StreamStatus(mode=policy.mode_for(manifest.meta))
@@ -550,6 +564,8 @@ class BackgroundStream:
             if self.boot_over():
                 self._stop("boot over")
                 return True
+        while self._in_flight and self._in_flight + size > self.in_flight_bytes:
+            await trio.sleep(0.005)  # bytes in flight bound memory and the burst
         if self.min_idle_cpus > 0:
             while (idle := self.idle_cpu.idle_cpus()) is not None and \
                     idle < self.min_idle_cpus:
@@ -566,17 +582,19 @@ class BackgroundStream:
         return False
 
     def _next_batch(self) -> tuple[list[Item], int]:
-        """Up to `batch` items not yet taken, and their tier: the code, then the
-        libraries, of the package entered most recently that has any left; with `all`,
-        then the image tier by tier."""
+        """Up to `batch` items not yet taken, and their tier: the libraries (the big
+        ones' loader parts), then the code, of the package entered most recently that
+        has any left; with `all`, then the image tier by tier."""
         assert self.plan is not None
         tiers = self.plan.tiers
         for root in reversed(self._roots):
-            for tier in (CODE, LIBRARIES):
+            # A package loads its extension modules and their libraries early in its
+            # import; its modules' code comes in all along.
+            self._start_loader_parts(root)
+            for tier in (LIBRARIES, CODE):
                 out = self._take(tier, tiers[tier], root)
                 if out:
                     return out, tier
-            self._start_loader_parts(root)
         if self.mode == ALL:
             for tier in (CODE, LIBRARIES, REST):
                 if tier == LIBRARIES:

@@ -40,6 +40,7 @@ from prefetch.stream import (
     OFF,
     REST,
     BackgroundStream,
+    IdleCpu,
     PolicyError,
     StreamPolicy,
     build_plan,
@@ -152,6 +153,51 @@ def test_policy_from_settings_and_environment() -> None:
             StreamPolicy.from_settings(bad, env={})
 
 
+def test_idle_cpus(tmp_path: Path) -> None:
+    """IdleCpu reads the node's idle time from /proc/stat between two looks."""
+    stat_file = tmp_path / "stat"
+
+    def ticks(user: int, idle: int) -> None:
+        stat_file.write_text(f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    ticks(100, 100)
+    cpu = IdleCpu(str(stat_file), interval=0.0)
+    cpu.cpus = 4
+    assert cpu.idle_cpus() is None  # one look: nothing to compare yet
+    ticks(130, 170)  # of 100 ticks since, 70 idle: 2.8 of 4 CPUs
+    assert cpu.idle_cpus() == pytest.approx(2.8)
+    ticks(230, 170)
+    assert cpu.idle_cpus() == 0.0
+    assert IdleCpu(str(tmp_path / "missing")).idle_cpus() is None
+    assert StreamPolicy.from_settings({}, env={}).idle_cpus == 1.0
+    assert StreamPolicy.from_settings({}, env={"CASFS_BACKGROUND_IDLE_CPUS": "0"}).idle_cpus == 0
+    with pytest.raises(PolicyError):
+        StreamPolicy.from_settings({"background_idle_cpus": "many"}, env={})
+
+
+def test_stream_waits_for_an_idle_cpu(image: Image, tmp_path: Path) -> None:
+    """While no CPU is idle (the boot computing) the stream starts no request."""
+    class Busy(IdleCpu):
+        idle = 0.0
+
+        def idle_cpus(self) -> float | None:
+            return self.idle
+
+    busy = Busy(interval=0.01)
+    rig = Rig(image, tmp_path, policy=StreamPolicy(ALL), min_idle_cpus=1.0, idle_cpu=busy)
+
+    async def boot() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.stream.run)
+            await trio.sleep(0.5)
+            assert rig.stream.status.requests == 0 and rig.stream.status.cpu_waits > 10
+            busy.idle = 1.5  # the boot waits on the network: a CPU is free
+
+    trio.run(boot)
+    assert rig.stream.status.stopped == "done" and rig.stream.status.requests > 0
+    rig.cache.close()
+
+
 def test_default_mode_images_and_trees(image: Image) -> None:
     meta = image.manifest().meta
     assert not is_tree(meta)
@@ -251,6 +297,7 @@ class Rig:
                  = lambda: False, **stream_kw: Any) -> None:
         policy = policy or StreamPolicy(LIKELY)
         stream_kw.setdefault("grace", 0.0)
+        stream_kw.setdefault("min_idle_cpus", 0.0)  # whatever the machine's load
         self.manifest = image.manifest()
         self.wire = Wire(open_store(image.store_url).backend, delay)
         self.store = Store(self.wire)
@@ -290,8 +337,8 @@ class Rig:
 
 
 def test_likely_streams_the_packages_the_boot_enters(image: Image, tmp_path: Path) -> None:
-    """One request at a time: the package being imported, its code then its libraries
-    (small ones whole, the big one's loader parts); then nothing until the boot enters
+    """One request at a time: the package being imported, its libraries (small ones
+    whole, the big one's loader parts) then its code; then nothing until the boot enters
     another package; nothing of a package it never enters; stopped by the boot's end."""
     over = [False]
     rig = Rig(image, tmp_path, concurrency=1, boot_over=lambda: over[0])
@@ -322,10 +369,10 @@ def test_likely_streams_the_packages_the_boot_enters(image: Image, tmp_path: Pat
     st = rig.stream.status
     assert st.stopped == "boot over" and st.state == "stopped", st
     first = seen["beta"][1:]  # [0]: the boot's own read
-    first_lib = next(i for i, r in enumerate(first) if r & beta_libs)
+    first_code = next(i for i, r in enumerate(first) if r & beta_code)
+    assert beta_libs <= set().union(*first[:first_code]), "libraries first"
     assert beta_code - set(chunks_of(m, f"{SITE}/beta/__pycache__/__init__.cpython-311.pyc")) \
-        <= set().union(*first[:first_lib]), "code first"
-    assert beta_libs <= set().union(*first[first_lib:])
+        <= set().union(*first[first_code:])
     assert not set().union(*first) & (gamma_code | gamma_libs)
     then = set().union(*seen["gamma"][1:])
     assert gamma_code - set(chunks_of(m, f"{SITE}/gamma/__pycache__/__init__.cpython-311.pyc")) \
@@ -405,9 +452,11 @@ def test_stream_focuses_on_the_package_being_read(image: Image, tmp_path: Path) 
     reqs = rig.requests()
     gamma_code = digests_of(m, [p for p in CODE_FILES if "/gamma/" in p]) - \
         set(chunks_of(m, gamma))
-    # gamma's code first: two ranges (util's pyc, read already, splits its directory).
-    assert len(reqs) >= 2 and reqs[0] & gamma_code, "gamma's code first"
-    assert gamma_code <= reqs[0] | reqs[1]
+    # gamma first: its libraries, the big one's loader parts, its code (a range may run
+    # on into what follows it in the pack); then the rest of the image.
+    last = max(i for i, r in enumerate(reqs) if r & gamma_code)
+    gamma_files = digests_of(m, [p for p in FILES if "/gamma/" in p])
+    assert all(r & gamma_files for r in reqs[: last + 1]), "only gamma until its code is in"
     # The read chunk was not fetched again; the boot used nothing the stream brought.
     assert not any(set(chunks_of(m, gamma)) & r for r in reqs)
     assert rig.stream.status.focus_switches == 1 and rig.stream.status.stopped == "done"
@@ -550,7 +599,7 @@ def node_chunks(cache_dir: Path, digests: set[str]) -> set[str]:
 
 
 def policy_env(mode: str, **more: str) -> dict[str, str]:
-    env = {"CASFS_BACKGROUND_FETCH": mode}
+    env = {"CASFS_BACKGROUND_FETCH": mode, "CASFS_BACKGROUND_IDLE_CPUS": "0"}
     env.update({f"CASFS_BACKGROUND_{k.upper()}": v for k, v in more.items()})
     return env
 
