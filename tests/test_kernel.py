@@ -282,3 +282,48 @@ def test_sigterm_to_the_view_takes_its_mounts_down(
     assert not is_mounted(a.mountpoint) and not is_mounted(b.mountpoint)
     assert not is_mounted(cache / "view")
     assert "unmounted" in (cache / "logs" / "view.log").read_text()
+
+
+# -- warming, kernel mode's way ---------------------------------------------------------------
+
+def test_kernel_warming_reads_ahead_what_the_kernel_serves(tmp_path: Path,
+                                                          image: tuple[str, Path]) -> None:
+    """A kernel mount's fetcher warms a chunk by asking the kernel to read ahead the file
+    it serves the chunk from (the object of a file of several chunks, else the chunk
+    file): no hashing, and never a fetch of a chunk the node holds."""
+    import trio
+
+    from casfs.cache import ChunkCache
+    from casfs.kernel.pagecache import KernelFetcher
+    from casfs.manifest import Manifest
+    from casfs.manifest.objects import object_name_of
+    from casfs.metrics import MountMetrics
+
+    ref, store_path = image
+    store = open_store(url(store_path))
+    digest = ref.removeprefix("blake3:")
+    manifest = Manifest(store.get_manifest(digest), digest)
+    cache = ChunkCache(tmp_path / "cache")
+    multi = manifest.chunks(manifest.resolve("/app/multi"))
+    small = manifest.chunks(manifest.resolve("/app/s0"))[0]
+    for c in [*multi, small]:
+        cache.insert(c.digest, store.get_blob(c.digest))
+    fetcher = KernelFetcher(store, cache, MountMetrics(), manifest=manifest)
+    gets = []
+    real_get = store.get_blob_compressed
+    store.get_blob_compressed = lambda d: gets.append(d) or real_get(d)  # type: ignore[method-assign]
+
+    async def main() -> tuple[int, int, int]:
+        # the object is not whole yet: its chunks' files are read ahead (the view's)
+        before = await fetcher.warm([c.digest for c in multi])
+        ok = cache.complete_object(object_name_of(multi), [(c.digest, c.length) for c in multi])
+        assert ok
+        after = await fetcher.warm([c.digest for c in multi] + [small.digest])
+        await fetcher.prefetch(multi[1].digest, warm=True)  # cached: warmed, not fetched
+        return before, after, fetcher.readahead_bytes
+
+    before, after, ahead = trio.run(main)
+    assert before == len(multi) and after == len(multi) + 1
+    assert ahead >= sum(c.length for c in multi)  # the object's ranges
+    assert gets == [] and cache.stats.hits == 0  # nothing fetched, nothing verified
+    cache.close()

@@ -61,9 +61,9 @@ from casfs.failover import (
     connection_alive,
     notify_resend,
 )
-from casfs.fetch import Fetcher
 from casfs.kernel import syscalls
 from casfs.kernel.images import NodeImage, node_image
+from casfs.kernel.pagecache import KernelFetcher
 from casfs.kernel.view import ObjectView, ViewSource
 from casfs.localimage import open_image
 from casfs.manifest import Manifest
@@ -114,7 +114,9 @@ class KernelMount:
         self.table = image.table
         self.image = image
         self.metrics = MountMetrics()
-        self.fetcher = Fetcher(store, cache, self.metrics, fetch_concurrency=cfg.fetch_concurrency)
+        # Warming fills the page cache for the kernel rather than verifying for the daemon.
+        self.fetcher = KernelFetcher(store, cache, self.metrics, manifest=manifest,
+                                     fetch_concurrency=cfg.fetch_concurrency)
         self.session = PrefetchSession(manifest, store, self.fetcher, prefetch=cfg.prefetch,
                                        record=cfg.trace and record, trace_idle=cfg.trace_idle)
         self.fs = ImageFS(manifest, self.fetcher, self.metrics, self.stats,
