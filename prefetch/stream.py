@@ -39,7 +39,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,16 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
     (~0.3 s for 27k files). Packed chunks in each tier are in pack order (a directory's
     files lie together), the others in the walk's order."""
     plan = StreamPlan()
+    for _ in plan_steps(plan, manifest, packs, mode, whole_library_max):
+        pass
+    return plan
+
+
+def plan_steps(plan: StreamPlan, manifest: Manifest, packs: Mapping[str, tuple[str, int, int]],
+               mode: str, whole_library_max: int = 64 << 20,
+               files_per_step: int = 256) -> Iterator[None]:
+    """build_plan, a step at a time: fills `plan`, yielding after every
+    `files_per_step` files (so that it can run on the event loop between requests)."""
     seen: set[str] = set()
     pack_rank: dict[str, int] = {}
     for where in packs.values():  # layer order: the base layer's packs first
@@ -231,10 +241,14 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
         dir_roots[parent] = (idx, depth_below(path, root))
         return dir_roots[parent]
 
+    files = 0
     for path, ino in manifest.walk():
         node = manifest.inode(ino)
         if not stat.S_ISREG(node.mode) or node.size == 0:
             continue
+        files += 1
+        if files % files_per_step == 0:
+            yield
         slash = path.rfind(b"/")
         name, dirpath = path[slash + 1 :], path[:slash]
         dirname = dirpath[dirpath.rfind(b"/") + 1 :]
@@ -271,7 +285,6 @@ def build_plan(manifest: Manifest, packs: Mapping[str, tuple[str, int, int]], mo
     for items in plan.tiers:  # packed items in pack order, then the others as walked
         items.sort(key=lambda it: (0, pack_rank[it.location.pack], it.location.offset)
                   if it.location is not None else (1, 0, 0))
-    return plan
 
 
 def package_root(path: bytes) -> bytes | None:
@@ -415,6 +428,7 @@ class BackgroundStream:
         self._roots: list[int] = []  # packages entered, most recent last
         self._moved = False  # the boot entered a package since the stream last looked
         self._loaders: set[int] = set()  # packages whose big libraries were looked at
+        self._turn: dict[int, int] = {}  # package -> batches taken (libraries, code in turn)
         self._nursery: trio.Nursery | None = None
         self._slots: trio.Semaphore | None = None  # requests in flight (made by run())
         self._cursor: dict[tuple[int, int], int] = {}  # (tier, root or -2) -> next index
@@ -471,16 +485,17 @@ class BackgroundStream:
         st = self.status
         if st.mode == OFF:
             return
-        st.state = "waiting"
-        # Nothing before the boot's first read: planning walks the manifest, and the
-        # mount is getting ready meanwhile (a mount nobody reads costs nothing).
-        await self.booting.wait()
+        # Planned at once, on the event loop a slice at a time between requests (a
+        # thread walking the manifest would hold the GIL against the mount getting
+        # ready and the boot's first reads); nothing is fetched before the boot's
+        # first read (a mount nobody reads costs no request).
         st.state = "planning"
         t = time.monotonic()
+        plan = StreamPlan()
         try:
-            plan = await trio.to_thread.run_sync(
-                build_plan, self.manifest, self.packs.locations, st.mode,
-                self.whole_library_max)
+            for _ in plan_steps(plan, self.manifest, self.packs.locations, st.mode,
+                                self.whole_library_max):
+                await trio.sleep(0)
             await trio.to_thread.run_sync(self._index, plan)
         except (CasfsError, OSError) as exc:
             self._stop("failed")
@@ -497,6 +512,8 @@ class BackgroundStream:
         st.image_stored_bytes = plan.stored_bytes
         st.cap_bytes = self.policy.cap if self.policy.cap is not None else plan.stored_bytes
         st.rate_bytes_per_second = self.policy.rate or 0
+        st.state = "waiting"
+        await self.booting.wait()
         await trio.sleep(self.grace)  # the first reads' guesses go first
         st.state = "running"
         self._t0 = time.monotonic()
@@ -582,16 +599,18 @@ class BackgroundStream:
         return False
 
     def _next_batch(self) -> tuple[list[Item], int]:
-        """Up to `batch` items not yet taken, and their tier: the libraries (the big
-        ones' loader parts), then the code, of the package entered most recently that
-        has any left; with `all`, then the image tier by tier."""
+        """Up to `batch` items not yet taken, and their tier: of the package entered
+        most recently that has any left, its libraries (the big ones' loader parts) and
+        its code in turn; with `all`, then the image tier by tier."""
         assert self.plan is not None
         tiers = self.plan.tiers
         for root in reversed(self._roots):
             # A package loads its extension modules and their libraries early in its
-            # import; its modules' code comes in all along.
+            # import, and its modules' code all along: a batch of each in turn.
             self._start_loader_parts(root)
-            for tier in (LIBRARIES, CODE):
+            turn = self._turn.get(root, 0)
+            self._turn[root] = turn + 1
+            for tier in ((LIBRARIES, CODE) if turn % 2 == 0 else (CODE, LIBRARIES)):
                 out = self._take(tier, tiers[tier], root)
                 if out:
                     return out, tier

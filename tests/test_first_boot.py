@@ -422,7 +422,7 @@ def test_stream_starts_with_the_boot(image: Image, tmp_path: Path) -> None:
             nursery.start_soon(rig.stream.run)
             await trio.sleep(0.5)
             at["before"] = len(rig.wire.log)
-            assert rig.stream.status.state == "waiting" and rig.stream.plan is None
+            assert rig.stream.status.state == "waiting" and rig.stream.plan is not None
             t = trio.current_time()
             await rig.read(f"{SITE}/alpha/__pycache__/core.cpython-311.pyc")
             while rig.stream.status.requests == 0:
