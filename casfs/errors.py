@@ -16,6 +16,8 @@ conditions; the table (also in docs/operations.md):
     10  the node agent cannot be started, stopped or reached
     11  `casfs check` found problems in the store
     12  a setting is refused as unsafe (a cache directory another user owns, ...)
+    125 `casfs run` failed around the container (126: the command cannot run, 127: it
+        does not exist; otherwise `casfs run` exits with the container's own status)
 
 Base floor: imports nothing of casfs.
 """
@@ -61,6 +63,15 @@ class ObjectTooLarge(StoreError):
     """A store object is larger than its kind can be (damaged or hostile store)."""
 
     exit_code = 5
+
+
+class RangeNotSatisfiable(StoreError):
+    """A ranged GET started at or past the object's end."""
+
+
+class ResponseTooLarge(ObjectTooLarge):
+    """The store answered with a body longer than the object asked for can be (the
+    backend contract's ObjectTooLarge: permanent, never retried)."""
 
 
 class ObjectNotFound(StoreError):
@@ -192,6 +203,25 @@ class MountError(CasfsError):
     exit_code = 7
 
 
+class ErofsError(MountError):
+    """The EROFS image for kernel serving cannot be written."""
+
+
+class ErofsUnsupported(ErofsError):
+    """The image holds something EROFS served through overlayfs cannot represent faithfully."""
+
+
+class RunError(CasfsError):
+    """`casfs run` failed before or around the container (exit 125; docs/containers.md:
+    126 and 127 are a command that cannot run or does not exist)."""
+
+    exit_code = 125
+
+
+class CreateFailed(RunError):
+    """The runtime could not create the container."""
+
+
 class AgentError(CasfsError):
     """The agent cannot be started, stopped or reached as asked."""
 
@@ -236,4 +266,6 @@ EXIT_CODES: dict[int, str] = {
     10: "the node agent failed",
     11: "casfs check found problems",
     12: "a setting was refused as unsafe",
+    125: "casfs run failed around the container (126: command not executable, "
+         "127: not found; else the container's own status)",
 }

@@ -21,18 +21,34 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
 import zstandard
 
-try:  # ISA-L's inflate; zlib's when it is missing
-    from isal import igzip as _fast_gzip
-    from isal.isal_zlib import error as _IsalError
-except ImportError:  # pragma: no cover - isal is a dependency
-    _fast_gzip = None  # type: ignore[assignment]
-    _IsalError = zlib.error  # type: ignore[assignment,misc]
-
 from casfs.errors import CorruptLayer, HostileLayer, LayerDigestMismatch
+
+_fast_gzip: Any  # ISA-L's inflate; zlib's when it is missing
+try:
+    from isal import igzip as _fast_gzip
+    from isal.isal_zlib import error as _isal_error
+
+    _GZIP_ERRORS: tuple[type[BaseException], ...] = (
+        zlib.error, cast(type[BaseException], _isal_error))
+except ImportError:  # pragma: no cover - isal is a dependency
+    _fast_gzip = None
+    _GZIP_ERRORS = (zlib.error,)
+# What reading a damaged compressed stream raises
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, zstandard.ZstdError, *_GZIP_ERRORS)
+
+
+class Readable(Protocol):
+    """Anything a layer's bytes can be read from."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -43,7 +59,7 @@ class PassThrough(io.RawIOBase):
     """A readable stream over another that counts what passes and lets subclasses look
     at each piece (`seen`) or fetch it differently (`pull`)."""
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: Readable) -> None:
         self.inner = inner
         self.count = 0
 
@@ -68,7 +84,7 @@ class PassThrough(io.RawIOBase):
 class HashingReader(PassThrough):
     """Passes reads through and hashes them; `check()` compares at the end."""
 
-    def __init__(self, inner: IO[bytes], algo: str = "sha256") -> None:
+    def __init__(self, inner: Readable, algo: str = "sha256") -> None:
         super().__init__(inner)
         self.hash = hashlib.new(algo)
 
@@ -96,7 +112,7 @@ class _Decompressing(PassThrough):
     def pull(self, n: int) -> bytes:
         try:
             return self.inner.read(n)
-        except (OSError, EOFError, zlib.error, _IsalError, zstandard.ZstdError) as exc:
+        except _STREAM_ERRORS as exc:
             raise CorruptLayer(f"{self.what}: compressed stream is corrupt or truncated ({exc})") from exc
 
 
@@ -245,18 +261,18 @@ def open_decompressed(raw: IO[bytes], compression: str, what: str) -> IO[bytes]:
     """A readable stream of the uncompressed tar bytes of a layer."""
     head = b""
     if compression == "detect" or compression not in ("gzip", "zstd", "none"):
-        peek = raw.peek(4) if hasattr(raw, "peek") else b""  # type: ignore[attr-defined]
+        peek = raw.peek(4) if hasattr(raw, "peek") else b""
         head = peek[:4]
         if not head:
-            buffered = io.BufferedReader(raw)  # type: ignore[arg-type]
+            buffered = io.BufferedReader(cast(io.RawIOBase, raw))
             head = buffered.peek(4)[:4]
             raw = buffered
         compression = (
             "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC) else "none"
         )
     if compression == "gzip":
-        inner: IO[bytes] = (_fast_gzip.GzipFile(fileobj=raw, mode="rb") if _fast_gzip
-                            else gzip.GzipFile(fileobj=raw, mode="rb"))
+        inner = cast(IO[bytes], _fast_gzip.GzipFile(fileobj=raw, mode="rb") if _fast_gzip
+                     else gzip.GzipFile(fileobj=raw, mode="rb"))
     elif compression == "zstd":
         inner = io.BufferedReader(_ZstdStream(raw), READ_SIZE)
     else:

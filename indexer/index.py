@@ -55,6 +55,7 @@ from indexer.decompress import (
     ExpansionGuard,
     HashingReader,
     PassThrough,
+    Readable,
     ReadAhead,
     layer_limits,
     open_decompressed,
@@ -101,7 +102,7 @@ class _Tracked(PassThrough):
     """A layer's stored byte stream: counts bytes onto a progress bar and stops when the
     index is aborted."""
 
-    def __init__(self, inner: io.RawIOBase | io.BufferedIOBase | Any, bar: ProgressBar,
+    def __init__(self, inner: Readable, bar: ProgressBar,
                  abort: threading.Event) -> None:
         super().__init__(inner)
         self.bar = bar

@@ -87,6 +87,11 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+# tarfile's own classes for a header that is damaged or cut short (not in its type stubs)
+_HEADER_ERRORS: tuple[type[BaseException], ...] = (
+    tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
+
+
 class _BadHeader(tarfile.TarError):
     """A header that is not one (bad checksum, garbage) or is cut short, after the first."""
 
@@ -101,14 +106,14 @@ class _StrictTarInfo(tarfile.TarInfo):
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
         try:
             return super().fromtarfile(tarfile_)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+        except _HEADER_ERRORS as exc:
             raise _BadHeader(f"bad header at byte {tarfile_.offset}: {exc}") from None
 
 
 def _check_end(tar: tarfile.TarFile) -> None:
     """After the first end-of-archive (zero) block: the next block is zeros too, or the
     stream ends (as Go's archive/tar requires: a zero block then data is not an end)."""
-    after = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    after = tar.fileobj.read(tarfile.BLOCKSIZE) if tar.fileobj is not None else b""
     if after.strip(b"\0"):
         raise _BadHeader(f"a zero block followed by data at byte {tar.offset}")
 

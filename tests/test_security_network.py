@@ -24,7 +24,7 @@ import pytest
 from casfs.errors import StoreError, TransientStoreError
 from casfs.store import Store
 from casfs.store.s3 import S3Backend, frame_bound, read_limit
-from casfs.store.s3http import ResponseTooLarge
+from casfs.errors import ResponseTooLarge
 from casfs.store.url import open_store
 
 GIB = 1 << 30

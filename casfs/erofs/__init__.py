@@ -9,8 +9,9 @@ Layout: docs/format.md, "EROFS image". Modules: format (on-disk structures), che
 (what can be represented), writer (the build).
 """
 
-from casfs.erofs.checks import ErofsError, ErofsUnsupported, kernel_mode_obstacle
+from casfs.erofs.checks import kernel_mode_obstacle
 from casfs.erofs.writer import EROFS_LAYOUT_VERSION, ErofsInfo, build_erofs, render_erofs
+from casfs.errors import ErofsError, ErofsUnsupported
 
 __all__ = [
     "EROFS_LAYOUT_VERSION",

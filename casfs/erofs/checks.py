@@ -13,7 +13,7 @@ import os
 import stat
 
 from casfs.erofs import format as fmt
-from casfs.errors import ManifestError, MountError
+from casfs.errors import ManifestError
 from casfs.manifest.layout import INODE, XATTR, section_offsets
 from casfs.manifest.reader import Manifest
 
@@ -23,14 +23,6 @@ MAX_OBJECT_PATH = 400  # longest redirect (object path) the writer accepts
 # judging whether a file's own xattrs fit, before object paths are known.
 OVERLAY_XATTR_ALLOWANCE = 20 + ((4 + 16 + MAX_OBJECT_PATH + 3) & ~3)
 _POSIX_ACL_XATTR_VERSION = 2
-
-
-class ErofsError(MountError):
-    """The EROFS image for kernel serving cannot be written."""
-
-
-class ErofsUnsupported(ErofsError):
-    """The image holds something EROFS served through overlayfs cannot represent faithfully."""
 
 
 def xattr_key(name: bytes) -> tuple[int, bytes] | None:

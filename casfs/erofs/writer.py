@@ -45,14 +45,13 @@ from casfs.erofs.checks import (
     MAX_OBJECT_PATH,
     MAX_SYMLINK,
     OVERLAY_XATTR_ALLOWANCE,
-    ErofsUnsupported,
     device_reason,
     encode_rdev,
     xattr_budget,
     xattr_key,
     xattr_reason,
 )
-from casfs.errors import ManifestError
+from casfs.errors import ErofsUnsupported, ManifestError
 from casfs.manifest.layout import DIRENT, INODE, XATTR, section_offsets
 from casfs.manifest.reader import ROOT_INO, Manifest
 

@@ -30,9 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from casfs.errors import CasfsError
+from casfs.errors import CasfsError, CreateFailed, RunError
 from casfs.run.runtime import (
-    CreateFailed,
     Runtime,
     Session,
     find_runtime,
@@ -40,7 +39,7 @@ from casfs.run.runtime import (
     restore_signals,
 )
 from casfs.run.spec import CommandError, Options, SpecError, build_spec, parse_volume
-from casfs.run.state import Container, RunError, State, alive, is_mounted_path, umount_path
+from casfs.run.state import Container, State, alive, is_mounted_path, umount_path
 
 EXIT_RUN_FAILED = 125
 EXIT_CANNOT_INVOKE = 126

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from casfs.run.state import RunError
+from casfs.errors import CreateFailed, RunError
 
 RUNTIMES = ("crun", "runc")
 RUNTIME_ENV = "CASFS_RUNTIME"
@@ -276,10 +276,6 @@ class Session:
             size = struct.pack("HHHH", 24, 80, 0, 0)
         with contextlib.suppress(OSError):
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
-
-
-class CreateFailed(RunError):
-    """The runtime could not create the container."""
 
 
 def _read_log(path: Path) -> str:

@@ -42,19 +42,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from casfs.errors import CasfsError
+from casfs.errors import RunError
 from casfs.locations import ensure_private_dir
 from casfs.mounts import is_mounted
 
 STATE_ENV = "CASFS_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/lib/casfs"
 RECORD = "container.json"
-
-
-class RunError(CasfsError):
-    """`casfs run` failed before or around the container (exit 125)."""
-
-    exit_code = 125
 
 
 def default_state_dir() -> str:

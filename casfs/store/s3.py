@@ -248,7 +248,7 @@ class S3Backend:
         is read only up to offset+length, keeping the range."""
         if length <= 0:
             return b""
-        from casfs.store.s3http import RangeNotSatisfiable
+        from casfs.errors import RangeNotSatisfiable
 
         http = self._http
         reply = http.request("GET", self._key(key), limit=length, range_start=offset,

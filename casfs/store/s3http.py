@@ -29,8 +29,14 @@ from xml.etree import ElementTree
 
 import urllib3
 
-from casfs.errors import ObjectNotFound, StoreError, StoreUnreachable, TransientStoreError
-from casfs.store.backend import ObjectTooLarge
+from casfs.errors import (
+    ObjectNotFound,
+    RangeNotSatisfiable,
+    ResponseTooLarge,
+    StoreError,
+    StoreUnreachable,
+    TransientStoreError,
+)
 from casfs.store.sigv4 import S3Settings, Signer, query_string
 
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
@@ -47,15 +53,6 @@ LISTING_LIMIT = 16 << 20
 come to about 1.5 MB; a page past this is a ResponseTooLarge."""
 READ_PIECE = 1 << 20
 """Bodies of no declared length are read in pieces of this size."""
-
-
-class RangeNotSatisfiable(StoreError):
-    """A ranged GET started at or past the object's end."""
-
-
-class ResponseTooLarge(ObjectTooLarge):
-    """The store answered with a body longer than the object asked for can be (the
-    backend contract's ObjectTooLarge: permanent, never retried)."""
 
 
 @dataclass(frozen=True)
