@@ -29,9 +29,10 @@ from casfs.process import release_free_memory
 from casfs.store import Store
 from casfs.vfs import ImageFS
 from prefetch.heuristics import Heuristics
+from prefetch.policy import OFF, StreamPolicy
 from prefetch.recorder import Recorder, save_trace
 from prefetch.replay import Prefetcher
-from prefetch.stream import OFF, BackgroundStream, PolicyError, StreamPolicy
+from prefetch.stream import BackgroundStream
 from prefetch.waits import ReadWaits
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def _policy(background: StreamPolicy | str | None) -> StreamPolicy:
         if isinstance(background, str):
             return StreamPolicy.from_settings({"background_fetch": background})
         return background if background is not None else StreamPolicy.from_settings()
-    except PolicyError as exc:
+    except ValueError as exc:
         log.warning("background fetch: %s; using the default", exc)
         return StreamPolicy()
 

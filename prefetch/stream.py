@@ -13,7 +13,7 @@ boot on the node finds it there):
    bytes whole, of bigger ones what the dynamic loader reads (prefetch.elf);
 3. **rest**: everything else.
 
-Policy (StreamPolicy, per mount): `off`; `likely`: the code and libraries of each
+Policy (prefetch.policy.StreamPolicy, per mount): `off`; `likely`: the code and libraries of each
 package the boot enters (the top-level package of a file read: `site-packages/torch`, a
 package of the standard library, the standard library's own directory), from the
 moment it enters it, the most recently entered first; `all`: those first too, then the
@@ -53,111 +53,16 @@ from casfs.packindex import PackIndex
 from casfs.ranges import PackedChunk, PackLocation, PackRange, ranges_of
 from casfs.store.content import stored_bound
 from prefetch.elf import parse_headers
+from prefetch.policy import ALL, OFF, StreamPolicy
 
 log = logging.getLogger(__name__)
 
-OFF, LIKELY, ALL, AUTO = "off", "likely", "all", "auto"
-MODES = (OFF, LIKELY, ALL, AUTO)
-DEFAULT_FOR_IMAGES = LIKELY  # measured: docs/benchmarks.md, "First boot"
-DEFAULT_FOR_TREES = OFF
-ENV_MODE = "CASFS_BACKGROUND_FETCH"
-ENV_CAP = "CASFS_BACKGROUND_CAP"
-ENV_RATE = "CASFS_BACKGROUND_RATE"
-ENV_IDLE_CPUS = "CASFS_BACKGROUND_IDLE_CPUS"
-IDLE_CPUS = 1.0  # the stream starts a request only while this many CPUs are idle
 ROOM_SHARE = 0.85  # as replay: stop once the cache holds this share of its cap
 CODE, LIBRARIES, REST = 0, 1, 2
 TIER_NAMES = ("code", "libraries", "rest")
 PYCACHE = b"__pycache__"
 METADATA_DIRS = (b".dist-info", b".egg-info")
 SITE_DIRS = (b"site-packages", b"dist-packages")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-class PolicyError(ValueError):
-    """A background-fetch setting that does not parse."""
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """'512M', '2G', '1.5T', '4096' -> bytes (powers of 1024); None/'' -> None."""
-    if text is None or isinstance(text, int):
-        return text
-    t = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
-    if not t:
-        return None
-    num, unit = (t[:-1], t[-1]) if t[-1] in _UNITS else (t, "")
-    try:
-        value = int(float(num) * _UNITS[unit])
-    except ValueError:
-        raise PolicyError(f"bad size {text!r}: use e.g. 512M, 10G") from None
-    if value < 0:
-        raise PolicyError(f"bad size {text!r}: negative")
-    return value
-
-
-@dataclass(frozen=True)
-class StreamPolicy:
-    """What a mount's background stream may do (docs/operations.md, prefetch knobs).
-
-    mode: off | likely | all | auto. cap: bytes the mount may fetch in all before the
-    stream stops (None: the image's stored size). rate: bytes per second of the
-    stream's own requests (None: no limit). idle_cpus: a request starts only while at
-    least this many of the node's CPUs are idle (0: whatever the load; a node setting,
-    from CASFS_BACKGROUND_IDLE_CPUS)."""
-
-    mode: str = AUTO
-    cap: int | None = None
-    rate: int | None = None
-    idle_cpus: float = IDLE_CPUS
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise PolicyError(f"background fetch {self.mode!r}: one of {', '.join(MODES)}")
-        if self.rate is not None and self.rate <= 0:
-            raise PolicyError("a background fetch rate must be positive")
-        if not 0 <= self.idle_cpus <= 4096:
-            raise PolicyError(f"idle CPUs {self.idle_cpus!r}: between 0 and the node's CPUs")
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any] | None = None,
-                      env: Mapping[str, str] | None = None) -> StreamPolicy:
-        """A policy from a mount's settings (keys `background_fetch`, `background_cap`,
-        `background_rate`: MountConfig fields, or its `extra`), each unset one from the
-        node's environment (CASFS_BACKGROUND_FETCH, _CAP, _RATE), else the default."""
-        settings = settings or {}
-        env = os.environ if env is None else env
-
-        def pick(key: str, var: str) -> Any:
-            value = settings.get(key)
-            return env.get(var) or None if value is None or value == "" else value
-
-        mode = pick("background_fetch", ENV_MODE)
-        idle = pick("background_idle_cpus", ENV_IDLE_CPUS)
-        try:
-            idle_cpus = IDLE_CPUS if idle is None else float(idle)
-        except ValueError:
-            raise PolicyError(f"idle CPUs {idle!r}: a number") from None
-        return cls(mode=str(mode).strip().lower() if mode is not None else AUTO,
-                   cap=parse_bytes(pick("background_cap", ENV_CAP)),
-                   rate=parse_bytes(pick("background_rate", ENV_RATE)), idle_cpus=idle_cpus)
-
-    def mode_for(self, meta: Mapping[str, Any]) -> str:
-        """The mode for an image with this manifest meta (`auto` resolved)."""
-        if self.mode != AUTO:
-            return self.mode
-        return DEFAULT_FOR_TREES if is_tree(meta) else DEFAULT_FOR_IMAGES
-
-
-def is_tree(meta: Mapping[str, Any]) -> bool:
-    """Whether a manifest was indexed from a directory (`casfs index tree:`) rather
-    than from an OCI image: image manifests name their image and its platform."""
-    kind = str(meta.get("kind") or meta.get("source_kind") or "")
-    if kind == "tree" or meta.get("casfs") == "tree" or "tree" in meta:
-        return True
-    source = str(meta.get("source") or meta.get("image") or "")
-    if source.startswith("tree:"):
-        return True
-    return not meta.get("image") and not meta.get("platform")
 
 
 # -- planning -------------------------------------------------------------------------------

@@ -32,22 +32,16 @@ from casfs.metrics import MountMetrics
 from casfs.packindex import PackIndex
 from casfs.ranges import ranges_of
 from casfs.store import Store, open_store
+from prefetch.policy import ALL, LIKELY, OFF, StreamPolicy, is_tree, parse_bytes
 from prefetch.stream import (
-    ALL,
     CODE,
     LIBRARIES,
-    LIKELY,
-    OFF,
     REST,
     BackgroundStream,
     IdleCpu,
-    PolicyError,
-    StreamPolicy,
     build_plan,
     depth_below,
-    is_tree,
     package_root,
-    parse_bytes,
 )
 from tests.mounthelp import mounted, wait_stats
 from tests.test_elf import DYN_OFF, make_elf
@@ -149,7 +143,7 @@ def test_policy_from_settings_and_environment() -> None:
     assert parse_bytes(None) is None and parse_bytes("") is None
     for bad in ({"background_fetch": "sometimes"}, {"background_cap": "lots"},
                 {"background_rate": "0"}):
-        with pytest.raises(PolicyError):
+        with pytest.raises(ValueError):
             StreamPolicy.from_settings(bad, env={})
 
 
@@ -171,7 +165,7 @@ def test_idle_cpus(tmp_path: Path) -> None:
     assert IdleCpu(str(tmp_path / "missing")).idle_cpus() is None
     assert StreamPolicy.from_settings({}, env={}).idle_cpus == 1.0
     assert StreamPolicy.from_settings({}, env={"CASFS_BACKGROUND_IDLE_CPUS": "0"}).idle_cpus == 0
-    with pytest.raises(PolicyError):
+    with pytest.raises(ValueError):
         StreamPolicy.from_settings({"background_idle_cpus": "many"}, env={})
 
 
@@ -198,12 +192,22 @@ def test_stream_waits_for_an_idle_cpu(image: Image, tmp_path: Path) -> None:
     rig.cache.close()
 
 
-def test_default_mode_images_and_trees(image: Image) -> None:
+def test_default_mode_images_and_trees(image: Image, tmp_path: Path) -> None:
+    """auto: `likely` for an image, `off` for a directory indexed as a tree (its meta
+    says so: `casfs index tree:`), whatever is asked for otherwise."""
+    from indexer.index import index_image
+
     meta = image.manifest().meta
     assert not is_tree(meta)
     assert StreamPolicy().mode_for(meta) == LIKELY
-    for tree in ({"casfs": "tree", "layers": []}, {"kind": "tree"}, {"source": "tree:/w"},
-                 {"casfs": "manifest", "layers": [{"digest": "x"}]}):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(rnd(300_000, 50))
+    (weights / "config.json").write_bytes(b"{}")
+    store = open_store(f"file://{tmp_path}/store", create=True)
+    tree_meta = Manifest(store.get_manifest(index_image(f"tree:{weights}", store).digest)).meta
+    for tree in (tree_meta, {"casfs": "manifest", "source": "tree", "layers": []},
+                 {"layers": [{"digest": "x", "media_type": "application/vnd.casfs.tree.v1"}]}):
         assert is_tree(tree), tree
         assert StreamPolicy().mode_for(tree) == OFF
         assert StreamPolicy(ALL).mode_for(tree) == ALL  # asked for: streamed
