@@ -15,7 +15,7 @@ task group: the mount keeps serving, without prefetch if need be.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -38,13 +38,15 @@ from prefetch.waits import ReadWaits
 log = logging.getLogger(__name__)
 
 
-def _policy(background: StreamPolicy | str | None) -> StreamPolicy:
+def _policy(background: StreamPolicy | Mapping[str, Any] | str | None) -> StreamPolicy:
     """The stream's policy; a bad setting is logged and the default used (the mount
     goes on: the CLI checks its flags before it gets here)."""
     try:
+        if isinstance(background, StreamPolicy):
+            return background
         if isinstance(background, str):
             return StreamPolicy.from_settings({"background_fetch": background})
-        return background if background is not None else StreamPolicy.from_settings()
+        return StreamPolicy.from_settings(background)
     except ValueError as exc:
         log.warning("background fetch: %s; using the default", exc)
         return StreamPolicy()
@@ -54,13 +56,15 @@ class PrefetchSession:
     """Recording (`record`), replay, first-boot guessing and the background stream
     (`prefetch`; the stream as `background` says) for one mount.
 
-    background: the stream's policy (a StreamPolicy, or just its mode: off, likely, all,
-    auto); None takes it from the node's environment (CASFS_BACKGROUND_FETCH, _CAP,
-    _RATE), else `auto`."""
+    background: the stream's policy: a StreamPolicy; or a mount's settings (a mapping
+    with keys `background_fetch`, `background_cap`, `background_rate`,
+    `background_idle_cpus`: MountConfig's fields or its `extra`), each unset one from
+    this process's environment (CASFS_BACKGROUND_FETCH, _CAP, _RATE, _IDLE_CPUS), else
+    the default; or just a mode (off, likely, all, auto); None: the environment alone."""
 
     def __init__(self, manifest: Manifest, store: Store, fetcher: Fetcher, *,
                  prefetch: bool = True, record: bool = True, trace_idle: float = 10.0,
-                 background: StreamPolicy | str | None = None) -> None:
+                 background: StreamPolicy | Mapping[str, Any] | str | None = None) -> None:
         self.manifest = manifest
         self.store = store
         self.fetcher = fetcher

@@ -147,6 +147,23 @@ def test_policy_from_settings_and_environment() -> None:
             StreamPolicy.from_settings(bad, env={})
 
 
+def test_session_takes_a_policy_settings_or_a_mode(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """What the daemons pass PrefetchSession(background=...): a MountConfig's settings
+    (its fields or `extra`), a mode, a policy; a bad setting is logged, the default used."""
+    from prefetch.session import _policy
+
+    monkeypatch.setenv("CASFS_BACKGROUND_RATE", "1M")
+    assert _policy({"background_fetch": "all", "background_cap": "1G"}) == \
+        StreamPolicy(ALL, 1 << 30, 1 << 20)
+    assert _policy("off") == StreamPolicy(OFF, None, 1 << 20)
+    assert _policy(None).mode == "auto"
+    assert _policy(StreamPolicy(LIKELY)) == StreamPolicy(LIKELY)
+    with caplog.at_level("WARNING"):
+        assert _policy({"background_fetch": "sometimes"}) == StreamPolicy()
+    assert "background fetch 'sometimes'" in caplog.text
+
+
 def test_idle_cpus(tmp_path: Path) -> None:
     """IdleCpu reads the node's idle time from /proc/stat between two looks."""
     stat_file = tmp_path / "stat"
