@@ -544,14 +544,21 @@ def test_client_path_and_ld_preload_reach_no_daemon_and_no_helper(
     pid = None
     with contextlib.ExitStack() as stack:
         if mode == "fuse":  # FUSE daemons come from the node agent, started cleanly
-            stack.enter_context(agent_running(cache))
+            agent = stack.enter_context(agent_running(cache))
         try:
             pid = mount()
+            if mode == "fuse":
+                # An agent holding the connection would replace a killed daemon
+                # (failover): without one, the daemon's death leaves a stale mount.
+                os.kill(agent, signal.SIGKILL)
+                assert wait_gone(agent, 10)
             # The daemon dies (killed): the next mount finds a stale mount to clear,
             # which the daemon (FUSE) or the node view (kernel) does with a system helper.
             os.kill(pid, signal.SIGKILL)
             assert wait_gone(pid, 10)
             assert mounts_at(mnt) == 1  # stale, to be cleared
+            if mode == "fuse":
+                stack.enter_context(agent_running(cache))  # a new agent for the next mount
             pid = mount()
             assert mounts_at(mnt) == 1, "the stale mount was not cleared"
             assert read_file(mnt / "hello") == b"hi"

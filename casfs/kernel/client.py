@@ -101,6 +101,7 @@ def ensure_service(cache_dir: str, cache_size: int, verbose: bool = False,
 
 def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
            lock: int) -> None:
+    from casfs.cache import ChunkCache
     from casfs.process import (
         FAILED,
         READY,
@@ -111,9 +112,19 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
         reap,
     )
 
+    # A cache directory the view could not use (a full disk, a foreign format) fails
+    # here, with its own one-line error and exit status, not as "the view did not start".
+    ChunkCache(cache_dir, cache_size).close()
     logfile = log_path(cache_dir)
     read_fd, write_fd = os.pipe()
-    log_fd = open_log(logfile)
+    try:
+        log_fd = open_log(logfile)
+    except OSError as exc:
+        from casfs.errors import CacheError
+
+        os.close(read_fd)
+        os.close(write_fd)
+        raise CacheError(f"cannot write the node view's log {logfile}: {exc.strerror}") from exc
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
