@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from casfs.errors import StoreError, TransientStoreError
+from casfs.errors import ResponseTooLarge, StoreError, TransientStoreError
 from casfs.store import Store
 from casfs.store.s3 import S3Backend, frame_bound, read_limit
-from casfs.errors import ResponseTooLarge
 from casfs.store.url import open_store
 
 GIB = 1 << 30
