@@ -217,6 +217,21 @@ def parse_size(text: str) -> int:
         raise UsageError(f"bad size {text!r}: use e.g. 512M, 10G") from None
 
 
+def _background_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The mount's background-fetch policy (flags, else CASFS_BACKGROUND_* here), checked
+    before anything forks and resolved here: the daemon an agent starts does not see this
+    shell's environment."""
+    from prefetch.policy import StreamPolicy
+
+    try:
+        policy = StreamPolicy.from_settings({"background_fetch": args.background_fetch,
+                                             "background_cap": args.background_cap,
+                                             "background_rate": args.background_rate})
+    except ValueError as exc:
+        raise UsageError(f"background fetch: {exc}") from None
+    return policy.settings()
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from casfs.locations import (
         default_cache_dir,
@@ -234,7 +249,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         foreground=args.foreground, metrics_port=args.metrics_port,
         allow_suid=args.suid, allow_dev=args.dev,
         prefetch=not args.no_prefetch, trace=not args.no_trace, trace_idle=args.trace_idle,
-        readahead_kb=args.readahead_kb,
+        readahead_kb=args.readahead_kb, extra=_background_settings(args),
     )
     mode, why = _choose_mode(args.mode, metrics_port=args.metrics_port)
     if mode == "kernel":
@@ -574,6 +589,16 @@ def _add_more_commands(add: Callable[..., argparse.ArgumentParser], store_arg: C
     sp.add_argument("--trace-idle", type=float, default=10.0, metavar="SECONDS",
                     help="the boot ends after this long with no new first access and no read "
                     "in flight (default 10)")
+    sp.add_argument("--background-fetch", choices=["auto", "off", "likely", "all"],
+                    help="with no trace for the image, stream into the cache behind the boot: "
+                    "off, likely (what a boot is likely to read), all (the whole image); auto "
+                    "(default, or $CASFS_BACKGROUND_FETCH): likely for images, off for trees")
+    sp.add_argument("--background-cap", metavar="SIZE",
+                    help="bytes the background fetch may bring in all, e.g. 500M (default, or "
+                    "$CASFS_BACKGROUND_CAP: the image's stored size)")
+    sp.add_argument("--background-rate", metavar="RATE",
+                    help="bandwidth cap of the background fetch, e.g. 50M/s (default, or "
+                    "$CASFS_BACKGROUND_RATE: none)")
     sp.add_argument("--readahead-kb", type=int, default=1024, metavar="KB",
                     help="kernel readahead window on the mount (default 1024; as root)")
     sp.add_argument("--mode", choices=["auto", "kernel", "fuse"],

@@ -133,7 +133,8 @@ def serve(cfg: MountConfig, ready: ReadyPipe | None = None, takeover: Takeover |
     fetcher = Fetcher(store, cache, metrics, fetch_concurrency=cfg.fetch_concurrency)
     # A successor does not record: the boot it would see is the rest of one it missed.
     session = PrefetchSession(manifest, store, fetcher, prefetch=cfg.prefetch,
-                              record=cfg.trace and takeover is None, trace_idle=cfg.trace_idle)
+                              record=cfg.trace and takeover is None, trace_idle=cfg.trace_idle,
+                              background=cfg.extra)
     no_open = [False]
     resend_supported = [True]
 

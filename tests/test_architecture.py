@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from casfs.testing.sources import python_files
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("casfs", "indexer", "prefetch", "benchmarks")
 
@@ -74,10 +76,7 @@ def all_modules() -> dict[str, Path]:
     benchmarks' work/ copies of sources, are not part of the house)."""
     out = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            rel = path.relative_to(ROOT / package).parts
-            if any(part in ("work", "results", "__pycache__") for part in rel[:-1]):
-                continue
+        for path in python_files(ROOT / package):
             out[module_name(path)] = path
     return out
 

@@ -42,6 +42,7 @@ from casfs.store.backend import ObjectBackend
 from casfs.store.local import FileBackend
 from casfs.testing import fuzz
 from casfs.testing.doubles import FaultyBackend, MemoryBackend, fail_first, fail_first_per_key
+from casfs.testing.sources import python_files
 
 REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("tests", "benchmarks", "casfs/testing")
@@ -174,10 +175,9 @@ def doubles_in(source: str, path: str) -> list[Double]:
 def scan(root: Path = REPO) -> list[Double]:
     out = []
     for top in SCANNED:
-        for path in sorted((root / top).rglob("*.py")):
-            scratch = {"work", "results", "__pycache__"} & set(path.relative_to(root).parts)
-            if path.name == "test_doubles.py" or scratch:
-                continue  # not the project's code: the benchmarks' copies of sources
+        for path in python_files(root / top):
+            if path.name == "test_doubles.py":
+                continue
             out += doubles_in(path.read_text(), str(path.relative_to(root)))
     return out
 

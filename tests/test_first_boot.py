@@ -15,6 +15,7 @@ which reads still waited.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -32,6 +33,7 @@ from casfs.metrics import MountMetrics
 from casfs.packindex import PackIndex
 from casfs.ranges import ranges_of
 from casfs.store import Store, open_store
+from casfs.testing.mounting import cli
 from prefetch.policy import ALL, LIKELY, OFF, StreamPolicy, is_tree, parse_bytes
 from prefetch.stream import (
     CODE,
@@ -727,10 +729,24 @@ def test_stream_stops_when_the_boot_ends_and_reads_wait(mode: str, image: Image,
 
 
 def test_stream_stops_at_its_cap_on_a_mount(mode: str, image: Image, tmp_path: Path) -> None:
+    """The flags, not the environment (which says otherwise), set the policy."""
     with mounted(image.ref, tmp_path / "mnt", image.store_url, tmp_path / "cache",
-                 "--no-trace", env=policy_env(ALL, cap="200K"), mode=mode) as mnt:
+                 "--no-trace", "--background-fetch", "all", "--background-cap", "200K",
+                 env=policy_env(OFF, cap="10M"), mode=mode) as mnt:
         read_checked(mnt, image, [FIRST])
         st = stream_done(mnt)
         stream, mt = st["prefetch"]["stream"], st["metrics"]
         assert stream["stopped"] == "cap" and stream["cap_bytes"] == 200 << 10
         assert 0 < mt["fetched_bytes"] + mt["prefetch_bytes"] <= 200 << 10
+
+
+@pytest.mark.parametrize("flags", [["--background-fetch", "some"], ["--background-cap", "lots"],
+                                   ["--background-rate", "0"]])
+def test_bad_background_flags(flags: list[str], image: Image, tmp_path: Path) -> None:
+    """A bad setting is refused before anything forks: exit 2, a line naming it, no mount."""
+    (tmp_path / "mnt").mkdir()
+    r = cli("mount", image.ref, str(tmp_path / "mnt"), "--store", image.store_url,
+            "--cache-dir", str(tmp_path / "cache"), "--mode", "fuse", "--no-agent", *flags)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "background" in r.stderr.strip().splitlines()[-1], r.stderr  # argparse: usage first
+    assert not os.path.ismount(tmp_path / "mnt")

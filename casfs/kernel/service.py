@@ -118,7 +118,8 @@ class KernelMount:
         self.fetcher = KernelFetcher(store, cache, self.metrics, manifest=manifest,
                                      fetch_concurrency=cfg.fetch_concurrency)
         self.session = PrefetchSession(manifest, store, self.fetcher, prefetch=cfg.prefetch,
-                                       record=cfg.trace and record, trace_idle=cfg.trace_idle)
+                                       record=cfg.trace and record, trace_idle=cfg.trace_idle,
+                                       background=cfg.extra)
         self.fs = ImageFS(manifest, self.fetcher, self.metrics, self.stats,
                           security_xattrs=cfg.allow_suid)
         self.session.attach(self.fs)

@@ -6,6 +6,7 @@
 - proxy: a latency- and fault-injecting TCP proxy (a remote store on one machine)
 - mounting: real mounts made and always taken down (`casfs mount` in the background)
 - doubles: the one in-memory store backend, and a fault-injecting wrapper for any backend
+- sources: the project's own source files, for the tests that read the code
 - faults, hostile, fuzz: the fault scenarios, hostile inputs and fuzz targets that both the
   tests and `python -m benchmarks.faults` run
 """
