@@ -43,7 +43,6 @@ from benchmarks.common import (
     WORK,
     BenchError,
     PageCache,
-    casfs_help,
     casfs_index,
     exit_on_sigterm,
     git_revision,
@@ -222,7 +221,7 @@ def snapshotter(work: Path, store: str, cache: Path, env: dict[str, str]) -> Ite
     sock_dir = Path(tempfile.mkdtemp(prefix="casfs-bench-snap-"))
     sock = sock_dir / "snap.sock"
     log_file = open(work / "snapshotter.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "casfs.snapshotter", "--address", str(sock),
+    proc = subprocess.Popen([sys.executable, "-m", "casfs.cli", "snapshotter", "--address", str(sock),
                              "--root", str(work / "snapshotter"), "--store", store,
                              "--cache-dir", str(cache)], stdout=log_file,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -267,10 +266,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_argv() -> list[str]:
-    """`casfs run` once casfs/cli.py wires it, else `python -m casfs.run run`."""
-    if "usage: casfs run" in casfs_help("run"):
-        return [sys.executable, "-m", "casfs.cli", "run"]
-    return [sys.executable, "-m", "casfs.run", "run"]
+    """`casfs run`."""
+    return [sys.executable, "-m", "casfs.cli", "run"]
 
 
 def main(argv: list[str] | None = None) -> int:

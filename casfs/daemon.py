@@ -62,6 +62,9 @@ from casfs.process import (
     reap,
     sighup,
 )
+from casfs.process import (
+    serve_reporting as serve_process,
+)
 from casfs.vfs import ImageFS
 from prefetch.session import PrefetchSession
 
@@ -397,18 +400,8 @@ def serve_reporting(cfg: MountConfig, ready_fd: int, takeover: Takeover | None =
                     link: socket.socket | None = None) -> int:
     """Serve; an error before "ready" goes back through the pipe as well as the log.
     Returns the daemon's exit status."""
-    pipe = ReadyPipe(ready_fd)
-    try:
-        serve(cfg, pipe, takeover=takeover, link=link)
-    except CasfsError as exc:
-        print(f"casfs: error: {exc}", file=sys.stderr)
-        pipe.fail(str(exc))
-        return exc.exit_code
-    except BaseException as exc:
-        log.exception("the mount daemon failed")
-        pipe.fail(f"the mount daemon failed: {exc!r}")
-        return 1
-    return 0
+    return serve_process(
+        "the mount daemon", ready_fd, lambda pipe: serve(cfg, pipe, takeover=takeover, link=link))
 
 
 def run_foreground(cfg: MountConfig, ready_fd: int | None) -> int:

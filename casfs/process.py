@@ -325,6 +325,29 @@ class ReadyPipe:
             os.close(fd)
 
 
+def serve_reporting(what: str, ready_fd: int | None,
+                    serve: Callable[[ReadyPipe], object]) -> int:
+    """Run a background process's serve(pipe); its exit status. An error before "ready"
+    goes back through the pipe as well as to the log: a casfs error as its one line
+    and exit code, anything else as "<what> failed" (status 1, traceback logged)."""
+    import sys
+
+    from casfs.errors import CasfsError
+
+    pipe = ReadyPipe(ready_fd)
+    try:
+        serve(pipe)
+    except CasfsError as exc:
+        print(f"casfs: error: {exc}", file=sys.stderr)
+        pipe.fail(str(exc))
+        return exc.exit_code
+    except BaseException as exc:
+        logging.getLogger("casfs").exception("%s failed", what)
+        pipe.fail(f"{what} failed: {exc!r}")
+        return 1
+    return 0
+
+
 def read_until(fd: int, deadline: float, done: Callable[[bytes], bool]) -> bytes:
     """What fd gives until done(all read so far), end of file, or the monotonic deadline."""
     buf = b""

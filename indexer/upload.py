@@ -29,11 +29,8 @@ one meanwhile (the index lock).
 
 from __future__ import annotations
 
-import contextlib
-import random
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,7 +38,6 @@ from typing import Any, TypeVar
 import zstandard
 
 from casfs.digest import hash_bytes
-from casfs.errors import TransientStoreError
 from casfs.store import Store
 from casfs.store.backend import ObjectBackend
 from casfs.store.content import MIN_FRAME_SIZE
@@ -87,77 +83,6 @@ class UploadStats:
     new_bytes: int = 0  # uncompressed bytes of the new blobs
 
 
-class StoppableRetry:
-    """A backend wrapper that retries transient errors like casfs.store.retry (full
-    jitter, bounded total time per request), with one fate for every request of the
-    index: the first to give up sets `stop`, and once it is set no request retries
-    (each fails at its next error), and a retry's wait ends at once."""
-
-    def __init__(self, inner: ObjectBackend, stop: threading.Event, *, deadline: float,
-                 base_delay: float = 0.05, max_delay: float = 2.0) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.stop = stop
-        self.deadline = deadline
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.retries = 0
-
-    def _call(self, fn: Callable[[], T]) -> T:
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except TransientStoreError as exc:
-                attempt += 1
-                elapsed = time.monotonic() - start
-                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-                if self.stop.is_set():
-                    raise
-                if elapsed + delay > self.deadline:
-                    self.stop.set()
-                    raise TransientStoreError(
-                        f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)"
-                    ) from exc
-                self.retries += 1
-                if self.stop.wait(delay):
-                    raise
-
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        return self._call(lambda: self.inner.get(key, max_bytes=max_bytes))
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self._call(lambda: self.inner.get_range(key, offset, length))
-
-    def put(self, key: str, data: bytes) -> None:
-        self._call(lambda: self.inner.put(key, data))
-
-    def exists(self, key: str) -> bool:
-        return self._call(lambda: self.inner.exists(key))
-
-    def size(self, key: str) -> int | None:
-        size = getattr(self.inner, "size", None)
-        if size is None:
-            return -1 if self._call(lambda: self.inner.exists(key)) else None
-        return self._call(lambda: size(key))
-
-    def delete(self, key: str) -> None:
-        self._call(lambda: self.inner.delete(key))
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return iter(self._call(lambda: list(self.inner.list(prefix))))
-
-    def list_info(self, prefix: str) -> Iterator[tuple[str, int, float]]:
-        return iter(self._call(lambda: list(self.inner.list_info(prefix))))
-
-    def sync(self) -> None:
-        self.inner.sync()
-
-    def deferred_syncs(self) -> contextlib.AbstractContextManager[None]:
-        return self.inner.deferred_syncs()
-
-
 def stoppable_store(store: Store, stop: threading.Event) -> Store:
     """The same store for one index, its requests sharing the fate `stop` stands for
     (see the module docstring). A store without retries (a local directory: its errors
@@ -167,7 +92,7 @@ def stoppable_store(store: Store, stop: threading.Event) -> Store:
     if isinstance(backend, RetryingBackend):
         deadline = backend.deadline
         backend = backend.inner
-    view = Store(StoppableRetry(backend, stop, deadline=deadline))
+    view = Store(RetryingBackend(backend, deadline=deadline, stop=stop))
     view.url = store.url
     view._marker_checked = store._marker_checked  # noqa: SLF001 - the same store
     return view

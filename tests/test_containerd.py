@@ -6,8 +6,7 @@ containerd is driven over its gRPC API by casfs.snapshotter.containerd, which pu
 containerd's client pull with unpack does when it passes the snapshot labels (CRI's
 `disable_snapshot_annotations = false`): Debian 12 has no crictl or nerdctl, and the
 CRI API's protos are not in any Debian package. The snapshotter runs as
-`python -m casfs.snapshotter` until casfs/cli.py wires `casfs snapshotter`. Nothing here
-skips when CI=true.
+`casfs snapshotter`. Nothing here skips when CI=true.
 """
 
 from __future__ import annotations

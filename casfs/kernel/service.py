@@ -861,23 +861,11 @@ def serve_view(cache_dir: str, cache_size: int, ready_fd: int, link: Any = None,
     """Be the node view (in a forked child); its exit status. An error before "ready"
     also goes to ready_fd. `takeover`: serve a dead view's connection; `link`: a
     connected link to the holder that forked this process."""
-    import sys
+    from casfs.process import raise_open_files_limit, serve_reporting
 
-    from casfs.process import raise_open_files_limit
-
-    pipe = ReadyPipe(ready_fd)
     raise_open_files_limit(8192)
-    try:
-        serve_node(cache_dir, cache_size, pipe, takeover=takeover, link=link, mounts=mounts)
-    except CasfsError as exc:
-        print(f"casfs: error: {exc}", file=sys.stderr)
-        pipe.fail(str(exc))
-        return exc.exit_code
-    except BaseException as exc:
-        log.exception("the node view failed")
-        pipe.fail(f"the node view failed: {exc!r}")
-        return 1
-    return 0
+    return serve_reporting("the node view", ready_fd, lambda pipe: serve_node(
+        cache_dir, cache_size, pipe, takeover=takeover, link=link, mounts=mounts))
 
 
 async def _guarded(what: str, fn: Callable[[], Awaitable[None]]) -> None:

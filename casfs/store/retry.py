@@ -6,6 +6,10 @@ Only `TransientStoreError` is retried; not-found and permanent errors (an
 the last transient error is raised, with the attempt count added to its message.
 Syncing and deferring syncs are the inner backend's: passed through, not retried
 (a failed sync is no transient request: what it owed is the inner backend's to keep).
+
+With a `stop` event, every request through the wrapper shares one fate (an index's,
+indexer.upload): the first to give up sets it, and once it is set no request retries
+(each fails at its next error) and a retry's wait ends at once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -25,7 +30,8 @@ T = TypeVar("T")
 
 
 class RetryingBackend:
-    """Wraps a backend; retries transient errors for up to `deadline` seconds."""
+    """Wraps a backend; retries transient errors for up to `deadline` seconds (per
+    request), all requests sharing the fate of `stop` when one is given."""
 
     def __init__(
         self,
@@ -34,9 +40,11 @@ class RetryingBackend:
         deadline: float = 30.0,
         base_delay: float = 0.05,
         max_delay: float = 2.0,
+        stop: threading.Event | None = None,
     ) -> None:
         self.inner = inner
         self.url = inner.url
+        self.stop = stop
         self.deadline = deadline
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -52,13 +60,20 @@ class RetryingBackend:
                 attempt += 1
                 elapsed = time.monotonic() - start
                 delay = random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+                if self.stop is not None and self.stop.is_set():
+                    raise
                 if elapsed + delay > self.deadline:
+                    if self.stop is not None:
+                        self.stop.set()
                     raise TransientStoreError(
                         f"{exc} (gave up after {attempt} attempts in {elapsed:.1f}s)"
                     ) from exc
                 self.retries += 1
                 log.debug("retrying after transient error: %s", exc)
-                time.sleep(delay)
+                if self.stop is None:
+                    time.sleep(delay)
+                elif self.stop.wait(delay):
+                    raise
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         return self._call(lambda: self.inner.get(key, max_bytes=max_bytes))
