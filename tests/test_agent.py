@@ -10,15 +10,13 @@ import random
 import re
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mounthelp import (  # noqa: E402
+from casfs.testing.ocibuild import file, parent_dirs
+from tests.mounthelp import (
     build_and_index,
     clear_leftovers,
     cli,
@@ -28,8 +26,6 @@ from mounthelp import (  # noqa: E402
     unmount_checked,
     wait_gone,
 )
-
-from casfs.testing.ocibuild import file, parent_dirs  # noqa: E402
 
 DATA = random.Random(11).randbytes(300_000)
 

@@ -10,19 +10,15 @@ import io
 import json
 import re
 import socket
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import file_store, index, run_cli, store_keys  # noqa: E402
-
-from casfs.store import Store  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.ocibuild import Layer, directory, file, hardlink, symlink  # noqa: E402
+from casfs.store import Store
+from casfs.testing import ocibuild as ob
+from casfs.testing.ocibuild import Layer, directory, file, hardlink, symlink
+from tests.treecheck import file_store, index, run_cli, store_keys
 
 GOOD = [directory("etc"), file("etc/os-release", "ID=casfs\n"), file("bin", "x" * 5000)]
 VISIBLE = ("manifests/", "tags/", "layers/")
@@ -93,7 +89,7 @@ def layer_blob(tmp_path: Path, name: str = "bad") -> Path:
     return root / "blobs" / "sha256" / manifest["layers"][-1]["digest"].split(":")[1]
 
 
-def corrupt_layer(members: list, compression: str, damage) -> Layer:  # noqa: ANN001
+def corrupt_layer(members: list, compression: str, damage) -> Layer:
     """A layer whose blob is damaged *before* its digest is taken: the digest matches."""
     layer = Layer.from_members(members, compression)  # type: ignore[arg-type]
     layer._blob = damage(layer.blob)
@@ -201,7 +197,7 @@ GOOD_THEN_MORE = [file("first", "content before the damage " * 50),
     ("gzip", lambda b: gzip.compress(b"this is not a tar archive at all" * 20, mtime=0),
      "tar archive"),
 ])
-def test_corrupt_layer_stream(store: Store, tmp_path: Path, compression: str, damage,  # noqa: ANN001
+def test_corrupt_layer_stream(store: Store, tmp_path: Path, compression: str, damage,
                               match: str) -> None:
     layer = corrupt_layer(GOOD_THEN_MORE, compression, damage)
     ref = layout_with(tmp_path, [GOOD, layer])
@@ -269,7 +265,7 @@ def test_symlink_loop_and_file_as_parent(store: Store, tmp_path: Path) -> None:
     (file("f", "x", gid=2**40), "entry 'f' has an out-of-range gid"),
     (file("f", "x", mtime=2**62), "entry 'f' has an out-of-range mtime"),
 ])
-def test_out_of_range_fields(store: Store, tmp_path: Path, member, match: str) -> None:  # noqa: ANN001
+def test_out_of_range_fields(store: Store, tmp_path: Path, member, match: str) -> None:
     ref = layout_with(tmp_path, [GOOD, [member]])
     fails(store, "index", ref, match=match)
 
@@ -337,3 +333,19 @@ def test_bad_tag_name_refused_before_work(store: Store, tmp_path: Path) -> None:
     blobs = store_keys(store, "blobs/")
     fails(store, "index", ref, "--tag", "bad/tag name", match="invalid tag name")
     assert store_keys(store, "blobs/") == blobs
+
+
+def test_exit_codes_are_documented() -> None:
+    """docs/operations.md's error table lists exactly the exit statuses casfs uses, and
+    every error class's status is one of them."""
+    import inspect
+
+    from casfs import errors
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    table = doc.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert documented == set(errors.EXIT_CODES), (documented, set(errors.EXIT_CODES))
+    used = {cls.exit_code for _, cls in inspect.getmembers(errors, inspect.isclass)
+            if issubclass(cls, errors.CasfsError)}
+    assert used <= set(errors.EXIT_CODES), used - set(errors.EXIT_CODES)

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
 
 from benchmarks import readpath, report  # noqa: E402
 from benchmarks.common import PageCache, cpu_seconds, parse_modes, summarize  # noqa: E402

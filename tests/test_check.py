@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from treecheck import index
 
 from casfs import packindex
 from casfs.check import CHECK_FAILED_EXIT, CheckReport, add_arguments, cmd_check, run_check
@@ -22,6 +21,7 @@ from casfs.store.content import compress
 from casfs.store.keys import blob_key, pack_key, trace_key
 from casfs.testing.ocibuild import file, whiteout, write_oci_layout
 from prefetch.trace import Trace, TraceChunk
+from tests.treecheck import index
 
 RANDOM = random.Random(7).randbytes(3000)  # incompressible: its frame holds it raw
 TRACE_ID = "1795257722000-0a1b2c3d"

@@ -118,7 +118,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         log.close()
         _wait_socket(self.ctd_sock, self.ctd, self.ctd_log, "containerd")
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         from casfs.snapshotter.containerd import Containerd
 
         return Containerd(str(self.ctd_sock))
@@ -297,7 +297,7 @@ def test_lookup_by_a_tag_named_by_the_oci_manifest_digest(registry: dict[str, st
     listed: list[int] = []
 
     class Spy:
-        def __getattr__(self, name: str):  # noqa: ANN204
+        def __getattr__(self, name: str):
             if name == "list_tags":
                 listed.append(1)
             return getattr(store, name)

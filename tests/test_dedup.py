@@ -4,19 +4,15 @@ images and runs, on both backends."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import file_content, index, store_keys  # noqa: E402
-
-from casfs.store import Store, open_store  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.ocibuild import directory, file, whiteout  # noqa: E402
-from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
+from casfs.store import Store, open_store
+from casfs.testing import ocibuild as ob
+from casfs.testing.ocibuild import directory, file, whiteout
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE
+from tests.treecheck import file_content, index, store_keys
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])

@@ -13,7 +13,6 @@ import blake3
 import pytest
 import trio
 import trio.testing
-from treecheck import index, store_keys
 
 from casfs import packindex
 from casfs.gc import collect
@@ -25,6 +24,7 @@ from casfs.testing.ocibuild import file, write_oci_layout
 from indexer.dirpack import PACKED_FILE_MAX
 from tests.fakes import RecordingFetcher
 from tests.mounthelp import Mount, mounted, read_in_subprocess, require_fuse, wait_stats
+from tests.treecheck import index, store_keys
 
 PYC = "usr/lib/pkg/__pycache__"
 SMALL = {f"{PYC}/m{i:02d}.cpython-311.pyc": random.Random(i).randbytes(3000 + 97 * i)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from treecheck import index
 
 from casfs.store import open_store
 from casfs.testing.ocibuild import file, write_oci_layout
 from prefetch.elf import DYN, EHDR, PHDR, parse_headers
 from tests.fakes import RecordingFetcher
+from tests.treecheck import index
 
 MIB = 1 << 20
 RW_OFF, RW_LEN = 9 * MIB + 100, 300_000  # the writable segment

@@ -22,18 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mounthelp import (
-    clear_leftovers,
-    cli,
-    force_cleanup,
-    mount_entry,
-    process_alive,
-    require_fuse,
-    require_mode,
-    start_mount,
-    unmount_checked,
-    wait_gone,
-)
 
 from casfs.testing.failover import (
     Reader,
@@ -44,6 +32,18 @@ from casfs.testing.failover import (
     running_agent,
     stop_agent_of,
     wait_served,
+)
+from tests.mounthelp import (
+    clear_leftovers,
+    cli,
+    force_cleanup,
+    mount_entry,
+    process_alive,
+    require_fuse,
+    require_mode,
+    start_mount,
+    unmount_checked,
+    wait_gone,
 )
 
 pytestmark = pytest.mark.fuse

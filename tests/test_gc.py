@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from treecheck import index, manifest_snapshot, run_cli, store_keys
 
 from casfs.errors import CasfsError, StoreBusy, TransientStoreError
 from casfs.gc import collect, parse_duration
@@ -18,6 +17,7 @@ from casfs.store import Store, open_store
 from casfs.store.locks import gc_lock, index_lock
 from casfs.testing.ocibuild import file, write_oci_layout
 from prefetch.trace import Trace, TraceChunk
+from tests.treecheck import index, manifest_snapshot, run_cli, store_keys
 
 SHARED = bytes(range(256)) * 2000  # two chunks, in both images
 

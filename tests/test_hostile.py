@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from treecheck import run_cli
 
 from casfs.errors import CasfsError, ManifestError
 from casfs.manifest import Manifest
@@ -26,6 +25,7 @@ from casfs.testing.hostile import SEED_TAR as TAR
 from casfs.testing.hostile import exercise as _exercise
 from casfs.testing.ocibuild import Layer, file, write_oci_layout
 from indexer.index import index_image
+from tests.treecheck import run_cli
 
 
 def test_the_good_manifest_validates() -> None:
@@ -49,7 +49,7 @@ def test_the_good_manifest_validates() -> None:
     ("truncated", lambda: GOOD[:-3], "disagrees with its header"),
     ("bad magic", lambda: b"X" + GOOD[1:], "magic"),
 ])
-def test_hostile_manifest_refused(name: str, make, match: str) -> None:  # noqa: ANN001
+def test_hostile_manifest_refused(name: str, make, match: str) -> None:
     with pytest.raises(ManifestError, match=match):
         Manifest(make()).validate()
 

@@ -18,18 +18,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import store_keys  # noqa: E402
-
-from casfs.errors import StoreError, TransientStoreError  # noqa: E402
-from casfs.store import Store  # noqa: E402
-from casfs.store.retry import RetryingBackend  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.doubles import FaultyBackend, MemoryBackend  # noqa: E402
-from casfs.testing.proxy import LatencyProxy  # noqa: E402
-from casfs.testing.seaweed import SeaweedServer, s3_env  # noqa: E402
-from indexer.index import index_image  # noqa: E402
+from casfs.errors import StoreError, TransientStoreError
+from casfs.store import Store
+from casfs.store.retry import RetryingBackend
+from casfs.testing import ocibuild as ob
+from casfs.testing.doubles import FaultyBackend, MemoryBackend
+from casfs.testing.proxy import LatencyProxy
+from casfs.testing.seaweed import SeaweedServer, s3_env
+from indexer.index import index_image
+from tests.treecheck import store_keys
 
 DEADLINE = 2.0
 

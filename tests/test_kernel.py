@@ -15,7 +15,11 @@ from pathlib import Path
 
 import blake3
 import pytest
-from mounthelp import (
+
+from casfs.store import open_store
+from casfs.testing.ocibuild import Member, directory, file
+from indexer.chunking import SMALL_CHUNK as CHUNK
+from tests.mounthelp import (
     build_and_index,
     cli,
     drop_file_cache,
@@ -28,10 +32,6 @@ from mounthelp import (
     wait_gone,
     wait_stats,
 )
-
-from casfs.store import open_store
-from casfs.testing.ocibuild import Member, directory, file
-from indexer.chunking import SMALL_CHUNK as CHUNK
 
 pytestmark = pytest.mark.fuse
 IDLE = "1"  # seconds without a new first access that end a boot

@@ -12,20 +12,14 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reference import CAP, diff_snapshots, needs_umoci, snapshot, umoci_unpack  # noqa: E402
-from treecheck import file_content, file_store, index, manifest_snapshot, run_cli  # noqa: E402
-
-from casfs.errors import ImageError  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.ocibuild import (  # noqa: E402
+from casfs.errors import ImageError
+from casfs.testing import ocibuild as ob
+from casfs.testing.ocibuild import (
     Layer,
     Member,
     directory,
@@ -36,8 +30,10 @@ from casfs.testing.ocibuild import (  # noqa: E402
     symlink,
     whiteout,
 )
-from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
-from indexer.source import host_platform_name  # noqa: E402
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE
+from indexer.source import host_platform_name
+from tests.reference import CAP, diff_snapshots, needs_umoci, snapshot, umoci_unpack
+from tests.treecheck import file_content, file_store, index, manifest_snapshot, run_cli
 
 
 def reference(tmp_path: Path, layers: list[Any], name: str = "ref", **kw: Any) -> dict:

@@ -29,9 +29,22 @@ from typing import Any
 import blake3
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mounthelp import (  # noqa: E402
+from casfs.store.content import blob_key
+from casfs.testing import ocibuild as ob
+from casfs.testing.ocibuild import (
+    Member,
+    directory,
+    file,
+    hardlink,
+    opaque_whiteout,
+    parent_dirs,
+    symlink,
+    whiteout,
+)
+from casfs.testing.proxy import LatencyProxy
+from casfs.testing.seaweed import free_ports
+from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE
+from tests.mounthelp import (
     abort_fuse,
     build_and_index,
     clear_leftovers,
@@ -50,23 +63,7 @@ from mounthelp import (  # noqa: E402
     unmount_checked,
     wait_gone,
 )
-from reference import diff_snapshots, snapshot, umoci_unpack  # noqa: E402
-
-from casfs.store.content import blob_key  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.ocibuild import (  # noqa: E402
-    Member,
-    directory,
-    file,
-    hardlink,
-    opaque_whiteout,
-    parent_dirs,
-    symlink,
-    whiteout,
-)
-from casfs.testing.proxy import LatencyProxy  # noqa: E402
-from casfs.testing.seaweed import free_ports  # noqa: E402
-from indexer.chunking import SMALL_CHUNK as CHUNK_SIZE  # noqa: E402
+from tests.reference import diff_snapshots, snapshot, umoci_unpack
 
 pytestmark = pytest.mark.fuse
 

@@ -19,19 +19,8 @@ from typing import Any
 import pytest
 import zstandard
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reference import (  # noqa: E402
-    CAP,
-    UmociError,
-    diff_snapshots,
-    needs_umoci,
-    snapshot,
-    umoci_unpack,
-)
-
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.ocibuild import (  # noqa: E402
+from casfs.testing import ocibuild as ob
+from casfs.testing.ocibuild import (
     Layer,
     Member,
     directory,
@@ -40,6 +29,14 @@ from casfs.testing.ocibuild import (  # noqa: E402
     opaque_whiteout,
     symlink,
     whiteout,
+)
+from tests.reference import (
+    CAP,
+    UmociError,
+    diff_snapshots,
+    needs_umoci,
+    snapshot,
+    umoci_unpack,
 )
 
 pytestmark = needs_umoci

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,29 +19,18 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import (  # noqa: E402
-    file_content,
-    file_store,
-    index,
-    manifest_snapshot,
-    run_cli,
-    store_keys,
-)
-
-from casfs.errors import (  # noqa: E402
+from casfs.errors import (
     BadImageRef,
     ImageNotFound,
     LayerDigestMismatch,
     RegistryAuthError,
     RegistryError,
 )
-from casfs.manifest import Manifest  # noqa: E402
-from casfs.progress import Progress  # noqa: E402
-from casfs.store import Store  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.registry import (  # noqa: E402
+from casfs.manifest import Manifest
+from casfs.progress import Progress
+from casfs.store import Store
+from casfs.testing import ocibuild as ob
+from casfs.testing.registry import (
     FaultProxy,
     ProxyFault,
     RegistryServer,
@@ -51,15 +39,23 @@ from casfs.testing.registry import (  # noqa: E402
     registry_available,
     skopeo_push,
 )
-from indexer.imageref import parse_image_ref  # noqa: E402
-from indexer.index import index_image  # noqa: E402
-from indexer.registry import (  # noqa: E402
+from indexer.imageref import parse_image_ref
+from indexer.index import index_image
+from indexer.registry import (
     RegistryClient,
     RegistryOptions,
     find_credentials,
     parse_www_authenticate,
 )
-from indexer.source import host_platform_name  # noqa: E402
+from indexer.source import host_platform_name
+from tests.treecheck import (
+    file_content,
+    file_store,
+    index,
+    manifest_snapshot,
+    run_cli,
+    store_keys,
+)
 
 VISIBLE = ("manifests/", "tags/", "layers/")
 FAST = RegistryOptions(tls_verify=False, backoff=0.05, max_backoff=0.2)
@@ -158,7 +154,7 @@ def proxy(registry: RegistryServer) -> Iterator[FaultProxy]:
         yield p
 
 
-def cli_index(ref: str, store: Store, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201
+def cli_index(ref: str, store: Store, *args: str, env: dict[str, str] | None = None):
     return run_cli("index", ref, "--store", store.url, *args, env=env, timeout=120)
 
 
@@ -166,7 +162,7 @@ def visible(store: Store) -> set[str]:
     return set().union(*(store_keys(store, p) for p in VISIBLE))
 
 
-def one_error_line(proc) -> str:  # noqa: ANN001
+def one_error_line(proc) -> str:
     assert proc.returncode != 0, proc.stdout
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
@@ -615,7 +611,7 @@ def test_progress_bars_per_layer(capsys: pytest.CaptureFixture[str]) -> None:
     p = Progress(enabled=True, interval=0)
     bars = [p.bar(f"layer {i}/2", 100) for i in (1, 2)]
 
-    def run(b) -> None:  # noqa: ANN001
+    def run(b) -> None:
         for _ in range(10):
             b.advance(10)
         b.finish("done")

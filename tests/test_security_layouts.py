@@ -20,15 +20,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import file_store, run_cli  # noqa: E402
-
-from casfs.errors import ImageError  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from indexer import source  # noqa: E402
-from indexer.imageref import parse_image_ref  # noqa: E402
-from indexer.oci import MAX_CONFIG, MAX_JSON  # noqa: E402
+from casfs.errors import ImageError
+from casfs.testing import ocibuild as ob
+from indexer import source
+from indexer.imageref import parse_image_ref
+from indexer.oci import MAX_CONFIG, MAX_JSON
+from tests.treecheck import file_store, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [[ob.file("etc/os-release", "ID=casfs\n"), ob.file("bin/tool", b"\x7fELF" + b"x" * 5000)]]

@@ -60,11 +60,11 @@ class _Request(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.requests.append(("GET", self.path, dict(self.headers)))
         self.server.answer(self)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self.server.requests.append(("HEAD", self.path, dict(self.headers)))
         self.reply(404, b"")
 

@@ -53,9 +53,8 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mounthelp import (  # noqa: E402
+from casfs.testing.ocibuild import Member, directory, file
+from tests.mounthelp import (
     STATS_XATTR,
     Mount,
     build_and_index,
@@ -71,8 +70,6 @@ from mounthelp import (  # noqa: E402
     wait_gone,
     wait_stats,
 )
-
-from casfs.testing.ocibuild import Member, directory, file  # noqa: E402
 
 pytestmark = pytest.mark.fuse
 

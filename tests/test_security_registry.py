@@ -16,7 +16,6 @@ import http.server
 import io
 import os
 import ssl
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,13 +23,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from treecheck import file_store  # noqa: E402
-
-from casfs.errors import RegistryAuthError, RegistryError, UsageError  # noqa: E402
-from casfs.testing import ocibuild as ob  # noqa: E402
-from casfs.testing.registry import (  # noqa: E402
+from casfs.errors import RegistryAuthError, RegistryError, UsageError
+from casfs.testing import ocibuild as ob
+from casfs.testing.registry import (
     FaultProxy,
     ProxyFault,
     RegistryServer,
@@ -39,14 +34,15 @@ from casfs.testing.registry import (  # noqa: E402
     self_signed_cert,
     skopeo_push,
 )
-from indexer.index import index_image  # noqa: E402
-from indexer.registry import (  # noqa: E402
+from indexer.index import index_image
+from indexer.registry import (
     PASSWORD_ENV,
     RegistryClient,
     RegistryOptions,
     find_credentials,
     registry_options,
 )
+from tests.treecheck import file_store
 
 USER, PASSWORD = "carol", "pw-of-carol"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -84,7 +80,7 @@ class Recorder:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 owner.seen.append((self.path, self.headers.get("Authorization")))
                 answer(self)
 

@@ -51,12 +51,12 @@ def store(store_url: str) -> Store:
 class CountingBackend:
     """Passes every call through and counts the puts."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.url = inner.url
         self.puts: list[str] = []
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def put(self, key: str, data: bytes) -> None:
@@ -425,13 +425,13 @@ class RecordingBackend:
     """Passes every call through; records puts with whether a deferred block was open,
     and syncs, in one sequence."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.url = inner.url
         self.events: list[tuple[str, str, bool]] = []
         self.open_blocks = 0
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def put(self, key: str, data: bytes) -> None:

@@ -22,7 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounthelp import (
+
+from casfs.testing.failover import (
+    agent_held,
+    failover_image,
+    read_now,
+    running_agent,
+    stop_agent_of,
+    wait_served,
+)
+from tests.mounthelp import (
     CASFS,
     clear_leftovers,
     cli,
@@ -32,15 +41,6 @@ from mounthelp import (
     start_mount,
     unmount_checked,
     wait_gone,
-)
-
-from casfs.testing.failover import (
-    agent_held,
-    failover_image,
-    read_now,
-    running_agent,
-    stop_agent_of,
-    wait_served,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

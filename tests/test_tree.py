@@ -11,23 +11,19 @@ from __future__ import annotations
 import os
 import random
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mounthelp import cli, mounted  # noqa: E402
-from reference import diff_snapshots, snapshot  # noqa: E402
-from treecheck import index, manifest_snapshot, store_keys  # noqa: E402
-
-from casfs.errors import BadImageRef, ImageError  # noqa: E402
-from casfs.store import Store, open_store  # noqa: E402
-from indexer.chunking import MIB, chunk_size_for  # noqa: E402
-from indexer.imageref import parse_image_ref  # noqa: E402
-from indexer.index import index_image  # noqa: E402
-from indexer.tree import MEDIA_TYPE  # noqa: E402
+from casfs.errors import BadImageRef, ImageError
+from casfs.store import Store, open_store
+from indexer.chunking import MIB, chunk_size_for
+from indexer.imageref import parse_image_ref
+from indexer.index import index_image
+from indexer.tree import MEDIA_TYPE
+from tests.mounthelp import cli, mounted
+from tests.reference import diff_snapshots, snapshot
+from tests.treecheck import index, manifest_snapshot, store_keys
 
 T0 = 1_700_000_000
 
