@@ -275,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the small (numpy) image")
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--runs", type=int, default=1, help="runs of each warm-able scenario")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work dir (casfs, snapshotter and containerd logs, caches)")
+    p.add_argument("--skip-plain", action="store_true",
+                   help="leave out containerd's plain pull (its row is then missing)")
     args = p.parse_args(argv)
     exit_on_sigterm()
     if os.geteuid() != 0:
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                         []).append(r)
                         log(f"containerd + casfs: {r}")
                 # containerd plain: full pull and unpack, then run
-                for i in range(args.runs):
+                for i in range(0 if args.skip_plain else args.runs):
                     with containerd(work / f"ctd-plain-{i}") as sock:
                         pages.drop()
                         t0 = time.perf_counter()
@@ -372,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: logs kept under {work}")
         raise
     else:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     finally:
         results["page_cache"] = pages.report()
         results["finished"] = now_iso()
