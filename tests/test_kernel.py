@@ -148,6 +148,40 @@ def test_a_warm_boot_is_served_by_the_kernel_and_still_recorded(
     assert {c.path.lstrip("/") for c in trace.chunks} == set(wanted)
 
 
+def test_opens_through_a_stacked_overlay_are_recorded(
+        tmp_path: Path, image: tuple[str, Path]) -> None:
+    """A container's root is an overlay stacked on the image's mount (casfs run,
+    containerd): the kernel opens the image's files for it internally. Those opens are
+    seen and recorded as the image's own: a boot run in a container leaves a full trace."""
+    ref, store = image
+    cache = tmp_path / "cache"
+    wanted = [*SMALL, "app/multi"]
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:  # brings every file to the node
+        for p in wanted:
+            assert read(m.path(p)) == FILES[p]
+        wait_stats(m, lambda s: s["prefetch"]["trace_saved"] != "", "a saved trace")
+    delete_traces(store)
+    with mounted(ref, tmp_path / "mnt", url(store), cache, "--trace-idle", IDLE,
+                 mode="kernel") as m:
+        top = tmp_path / "container"
+        for d in ("upper", "work", "container"):
+            (tmp_path / d).mkdir()
+        subprocess.run(["mount", "-t", "overlay", "container", "-o",
+                        f"lowerdir={m.mountpoint},upperdir={tmp_path / 'upper'},"
+                        f"workdir={tmp_path / 'work'}", str(top)], check=True)
+        try:
+            for p in wanted:
+                assert read(top / p) == FILES[p]
+            st = wait_stats(m, lambda s: s["prefetch"]["trace_saved"] != "", "a saved trace")
+        finally:
+            subprocess.run(["umount", str(top)], check=True)
+        assert st["metrics"]["reads"] == 0  # all native
+        assert st["kernel"]["native_opens"] == len(wanted), st["kernel"]
+    (trace,) = traces_of(store, ref)
+    assert {c.path.lstrip("/") for c in trace.chunks} == set(wanted)
+
+
 def test_after_a_boot_the_files_it_read_are_fetched_whole(
         tmp_path: Path, image: tuple[str, Path]) -> None:
     """A big file read in part through the view is fetched whole once the boot is over

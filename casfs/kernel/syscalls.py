@@ -32,6 +32,7 @@ FAN_NONBLOCK = 0x2
 FAN_CLASS_NOTIF = 0x0
 FAN_MARK_ADD = 0x1
 FAN_MARK_MOUNT = 0x10
+FAN_MARK_FILESYSTEM = 0x100
 FAN_OPEN = 0x20
 FAN_OPEN_EXEC = 0x1000
 FAN_ONDIR = 0x40000000
@@ -59,14 +60,18 @@ def umount(target: str | bytes, flags: int = 0) -> None:
 
 
 def fanotify_open_watch(path: str | bytes, *, directories: bool = True) -> int:
-    """A fanotify descriptor reporting every open (and exec) on the mount at `path` (and
-    of directories, when asked). Needs CAP_SYS_ADMIN. Blocking reads."""
+    """A fanotify descriptor reporting every open (and exec) of a file (and directory,
+    when asked) of the filesystem mounted at `path`, through whatever mount: a filesystem
+    mark, not a mount mark, because a container's root is an overlay stacked on the
+    image's mount, and the kernel opens the image's files for it internally (a mount mark
+    on the image's mount sees none of those opens; a filesystem mark on its superblock
+    sees them all). Needs CAP_SYS_ADMIN. Blocking reads."""
     fd = _check(_libc.fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC,
                                     os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC),
                 "fanotify_init")
     mask = FAN_OPEN | FAN_OPEN_EXEC | (FAN_ONDIR if directories else 0)
     try:
-        _check(_libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_MOUNT, mask, AT_FDCWD,
+        _check(_libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, AT_FDCWD,
                                    os.fsencode(path)), "fanotify_mark", path)
     except OSError:
         os.close(fd)
