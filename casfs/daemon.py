@@ -366,7 +366,7 @@ def spawn_background(cfg: MountConfig, log_path: Path, verbose: bool = False,
         code = 1
         try:
             os.close(read_fd)
-            detach(log_fd, verbose, log_path)
+            detach(log_fd, verbose, log_path, title=f"casfs daemon {cfg.mountpoint}")
             code = serve_reporting(cfg, write_fd)
         finally:
             logging.shutdown()

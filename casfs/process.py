@@ -149,12 +149,39 @@ def redirect_stdio(log_fd: int | None) -> None:
     os.close(log_fd)
 
 
-def detach(log_fd: int | None, verbose: bool, log_path: Path | None = None) -> None:
+def set_process_title(title: str) -> bool:
+    """Make this process's command line (/proc/<pid>/cmdline, what `ps` shows every user)
+    read `title` instead of the argv it was started with: a process forked from
+    `casfs mount` without an exec would otherwise show `--store <URL>` for its whole
+    life. The argv strings are overwritten in place (as setproctitle does; CPython keeps
+    its own copies), padded with NULs; a title longer than the original is cut to fit.
+    Needs no privilege. False where it cannot be done (no /proc)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: proc(5)
+    except (OSError, IndexError, ValueError):
+        return False
+    size = end - start
+    if size <= 1:
+        return False
+    data = title.encode(errors="replace")[: size - 1]
+    ctypes.memmove(start, data + b"\0" * (size - len(data)), size)
+    return True
+
+
+def detach(log_fd: int | None, verbose: bool, log_path: Path | None = None,
+           title: str | None = None) -> None:
     """In a forked child becoming a background process: its own session, private
     files, stdio on its log (log_fd, opened from log_path, which SIGHUP reopens and
     rotation renames; None: keep stderr, the journal of a supervised agent), default
-    signal dispositions, daemon logging, few malloc arenas."""
+    signal dispositions, daemon logging, few malloc arenas; its command line made
+    `title` when given (set_process_title)."""
     global _log_path
+    if title is not None:
+        set_process_title(title)
     os.setsid()
     os.umask(PRIVATE_UMASK)
     redirect_stdio(log_fd)

@@ -139,7 +139,7 @@ def _spawn(cache_dir: str, cache_size: int, verbose: bool, timeout: float,
             env = daemon_environment(dict(os.environ))
             os.environ.clear()
             os.environ.update(env)
-            detach(log_fd, verbose, logfile)
+            detach(log_fd, verbose, logfile, title=f"casfs view {cache_dir}")
             from casfs.kernel.service import serve_view
 
             code = serve_view(cache_dir, cache_size, write_fd)
