@@ -66,6 +66,7 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 REAPED_KEEP = 256
+CLOSE_FLUSH_SECONDS = 2.0  # a connection closed after its answer gets this long to read it
 
 
 class Conn:
@@ -79,6 +80,7 @@ class Conn:
         self.decoder = Decoder()
         self.out = bytearray()
         self.closed = False
+        self.closing = False  # closed once `out` is sent (close(after_flush=True))
         self.on_close: Callable[[Conn], None] | None = None
         self.held: Held | None = None  # the connection this link belongs to
         self.http = b""
@@ -87,7 +89,7 @@ class Conn:
         agent.register(sock.fileno(), EPOLLIN, self.ready)
 
     def write(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.closing:
             return
         self.out += data
         self.flush()
@@ -102,13 +104,21 @@ class Conn:
                 self.close()
                 return
             del self.out[:sent]
-        if not self.closed:
-            self.agent.modify(self.sock.fileno(), EPOLLIN | (EPOLLOUT if self.out else 0))
+        if self.closed:
+            return
+        if self.closing and not self.out:
+            self.close()
+            return
+        # A closing connection is not read any more (epoll is level-triggered).
+        self.agent.modify(self.sock.fileno(), (0 if self.closing else EPOLLIN)
+                          | (EPOLLOUT if self.out else 0))
 
     def ready(self, events: int) -> None:
         if events & EPOLLOUT:
             self.flush()
-        if self.closed or not events & (EPOLLIN | EPOLLERR):
+        if self.closing and not self.closed and events & EPOLLERR:
+            self.close()
+        if self.closed or self.closing or not events & (EPOLLIN | EPOLLERR):
             return
         try:
             if self.kind.startswith("http"):
@@ -132,11 +142,13 @@ class Conn:
             return
         try:
             self.decoder.feed(data, fds)
-            if len(self.decoder.buf) > MAX_REQUEST:
+            # A client's request is small; a linked process's stats reply may be larger
+            # (the Decoder bounds every message at MAX_MESSAGE).
+            if self.kind == "request" and len(self.decoder.buf) > MAX_REQUEST:
                 raise ValueError("request too large")
             for message, mfds in self.decoder.messages():
                 self.agent.on_message(self, message, mfds)
-                if self.closed:
+                if self.closed or self.closing:
                     break
         except (ValueError, TypeError, KeyError) as exc:
             self.write(f"refused: bad request ({exc})\n".encode())
@@ -146,10 +158,13 @@ class Conn:
         if self.closed:
             return
         if after_flush and self.out:
-            with contextlib.suppress(OSError):
-                self.sock.setblocking(True)
-                self.sock.settimeout(1.0)
-                self.sock.sendall(self.out)
+            # Sent from the loop as the peer reads (never a blocking send: a peer that
+            # does not read would stall the agent); closed when sent, or after 2 s.
+            if not self.closing:
+                self.closing = True
+                self.agent.later(CLOSE_FLUSH_SECONDS, self.close)
+                self.flush()
+            return
         self.closed = True
         self.agent.unregister(self.sock.fileno())
         self.decoder.close()
@@ -248,6 +263,14 @@ class Agent:
         self.unregister(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
+
+    def _pause_accepting(self, fd: int, exc: OSError) -> None:
+        """Out of descriptors: stop watching a listener for a while (epoll is level-
+        triggered: a pending connection it cannot accept would wake the loop at once,
+        forever), then watch it again."""
+        log.warning("accept failed: %s; not accepting for 1 s", exc)
+        self.modify(fd, 0)
+        self.later(1.0, functools.partial(self.modify, fd, EPOLLIN))
 
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self.timers, (time.monotonic() + delay, next(self.timer_ids), fn))
@@ -469,7 +492,10 @@ class Agent:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EMFILE, errno.ENFILE):
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._pause_accepting(self.listener.fileno(), exc)
+                    return
+                if exc.errno == errno.ECONNABORTED:
                     log.warning("accept failed: %s", exc)
                     return
                 raise
@@ -724,14 +750,26 @@ class Agent:
         self.close_fd(held.pidfd)
         held.pidfd = None
         meta = held.meta
+        # What the successor is told comes from the hold message (or an older agent's
+        # handover): parsed before any descriptor is made, as it may not parse.
+        try:
+            init = unb64(str(meta["init"]))
+            env = daemon_environment({str(k): str(v)
+                                      for k, v in dict(meta.get("env") or {}).items()})
+            cfg = MountConfig(**meta["config"]) if held.kind == "fuse" else None
+            cache_size = int(meta.get("cache_size") or 0)
+            mounts = dict(meta.get("mounts") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("%s: cannot start a successor (%r): letting the connection go",
+                      held.key, exc)
+            self._forget(held, close_link=True)
+            return
+        verbose = bool(meta.get("verbose"))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         link_agent, link_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fuse_copy = os.dup(held.fuse_fd)
-        takeover = Takeover(fuse_copy, unb64(str(meta["init"])), reason)
-        env = daemon_environment({str(k): str(v) for k, v in dict(meta.get("env") or {}).items()})
-        verbose = bool(meta.get("verbose"))
-        if held.kind == "fuse":
-            cfg = MountConfig(**meta["config"])
+        takeover = Takeover(fuse_copy, init, reason)
+        if cfg is not None:
             log_file = mount_log_path(self.cache_dir, held.key)  # never a path it was told
 
             def child() -> int:
@@ -743,8 +781,6 @@ class Agent:
                 link_child.setblocking(True)
                 return serve_reporting(cfg, write_fd, takeover=takeover, link=link_child)
         else:
-            cache_size = int(meta.get("cache_size") or 0)
-            mounts = dict(meta.get("mounts") or {})
             log_file = self._view_log()
 
             def child() -> int:
@@ -925,7 +961,10 @@ class Agent:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("metrics accept failed: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._pause_accepting(self.metrics_sock.fileno(), exc)
+                else:
+                    log.warning("metrics accept failed: %s", exc)
                 return
             conn = Conn(self, sock, "http")
             self.conns.add(conn)

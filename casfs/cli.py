@@ -207,14 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_size(text: str) -> int:
-    """'10G', '512M', '1.5T', '4096' -> bytes (powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    """'10G', '512M', '1.5T', '4096' -> bytes (powers of 1024; prefetch.policy's parser,
+    light to import); a UsageError for anything else."""
+    from prefetch.policy import parse_bytes
+
     try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise UsageError(f"bad size {text!r}: use e.g. 512M, 10G") from None
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if size is None:
+        raise UsageError(f"bad size {text!r}: use e.g. 512M, 10G")
+    return size
 
 
 def _background_settings(args: argparse.Namespace) -> dict[str, object]:

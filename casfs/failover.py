@@ -194,6 +194,14 @@ class Decoder:
 # -- the serving side: the link to the holder (in trio) --------------------------------------
 
 
+async def _send_all(sock: Any, data: bytes) -> None:
+    """All of data on a trio socket (one send() writes what the socket buffer takes:
+    a large stats reply would otherwise be cut and break the framing)."""
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
+
+
 class HoldLink:
     """A serving process's link to its holder. `describe()` gives the `hold` message
     (without descriptors), `fuse_fd()` the descriptor to hand, `stats()` what the holder
@@ -214,6 +222,7 @@ class HoldLink:
         self.sock: Any = None  # the trio socket of the current link
         self.held = False  # a holder has this process's descriptor now
         self.released = False
+        self._sending: Any = None  # a trio.Lock, made on the loop
 
     async def run(self) -> None:
         """Link, answer the holder, link again when it goes; until cancelled."""
@@ -266,8 +275,7 @@ class HoldLink:
         data = encode(message, 1)
         sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                             array.array("i", [self.fuse_fd()]))])
-        if sent < len(data):
-            await sock.send(data[sent:])
+        await _send_all(sock, data[sent:])
         self.sock = sock
         self.held = True
         log.info("linked to the holder on %s (failover on)", self.path)
@@ -290,11 +298,16 @@ class HoldLink:
                     await self._send({"op": "pong"})
 
     async def _send(self, message: dict[str, Any]) -> bool:
+        import trio
+
         sock = self.sock
         if sock is None:
             return False
+        if self._sending is None:
+            self._sending = trio.Lock()
         try:
-            await sock.send(encode(message))
+            async with self._sending:  # one message at a time: a send may be partial
+                await _send_all(sock, encode(message))
             return True
         except OSError:
             return False

@@ -164,7 +164,7 @@ def unmount(mountpoint: str, timeout: float = 15.0) -> None:
     if real not in table:
         raise MountError(f"{mountpoint} is not mounted")
     record = find_record(real)
-    if kernel_record(real) is not None:
+    if table.get(real) == "overlay" and record and record.get("mode") == "kernel":
         raise MountError(f"{mountpoint} is a kernel-mode mount: its node view takes it down "
                          "(casfs umount, casfs.kernel.client.unmount)")
     if is_stale(real):

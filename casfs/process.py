@@ -18,6 +18,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -357,8 +358,6 @@ def serve_reporting(what: str, ready_fd: int | None,
     """Run a background process's serve(pipe); its exit status. An error before "ready"
     goes back through the pipe as well as to the log: a casfs error as its one line
     and exit code, anything else as "<what> failed" (status 1, traceback logged)."""
-    import sys
-
     from casfs.errors import CasfsError
 
     pipe = ReadyPipe(ready_fd)

@@ -35,10 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import zstandard
-
 from casfs.digest import hash_bytes
-from casfs.store import Store
+from casfs.store import Store, content
 from casfs.store.backend import ObjectBackend
 from casfs.store.content import MIN_FRAME_SIZE
 from casfs.store.keys import blob_key
@@ -58,15 +56,11 @@ ZSTD_LEVEL = 1
 as fast as level 3 on this machine (about 500 against 350 MB/s of CPU) for about 8% more
 stored bytes (0.296 against 0.275 of the torch image); readers take any zstd frame."""
 
-_local = threading.local()
 
 
 def compress(data: bytes | memoryview) -> bytes:
     """A chunk's stored form: one zstd frame (level ZSTD_LEVEL, its size in the header)."""
-    cctx = getattr(_local, "cctx", None)
-    if cctx is None:  # compressors are not thread-safe: one per thread
-        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    return cctx.compress(data)
+    return content.compress(data, level=ZSTD_LEVEL)
 
 
 class Aborted(Exception):
@@ -113,8 +107,6 @@ class BlobPresence:
         self._asked: dict[str, int] = {}
         self._listed: dict[str, set[str] | None] = {}  # None: too big, or failed
         self._listing: dict[str, threading.Event] = {}
-        self.listings = 0  # listing requests made
-        self.answered = 0  # lookups a listing answered
 
     def lookup(self, digest: str) -> bool | None:
         prefix = digest[:2]
@@ -139,15 +131,7 @@ class BlobPresence:
             listed = self._listed.get(prefix)
             if listed is None:
                 return None
-            self.answered += 1
             return digest in listed
-
-    def add(self, digest: str) -> None:
-        """A blob this index stored."""
-        with self._lock:
-            listed = self._listed.get(digest[:2])
-            if listed:
-                listed.add(digest)
 
     def _list(self, prefix: str, event: threading.Event) -> None:
         found: set[str] | None = set()
@@ -166,7 +150,6 @@ class BlobPresence:
         except Exception:  # noqa: BLE001 - HEADs answer instead
             found = None
         with self._lock:
-            self.listings += 1 + keys // 1000
             self._listed[prefix] = found
         event.set()
 
@@ -253,8 +236,6 @@ class BlobUploader:
             return 0
         packed = packed if packed is not None else compress(data)
         self.store.backend.put(blob_key(digest), packed)
-        if self.presence is not None:
-            self.presence.add(digest)
         return len(packed)
 
     def close(self, cancel: bool = False) -> None:

@@ -49,11 +49,14 @@ class KernelFetcher(Fetcher):
         super().__init__(*args, **kwargs)
         self.manifest = manifest
         self._located: Located | None = None
+        self._locating = trio.Lock()  # the boot's first warms all want the table: build it once
         self.readahead_bytes = 0  # bytes asked to be read ahead (a counter for stats)
 
     async def warm(self, digests: Sequence[str]) -> int:
         if self._located is None:
-            self._located = await trio.to_thread.run_sync(object_ranges, self.manifest)
+            async with self._locating:
+                if self._located is None:
+                    self._located = await trio.to_thread.run_sync(object_ranges, self.manifest)
         n = await trio.to_thread.run_sync(self._read_ahead, list(digests),
                                           limiter=self.disk_limiter)
         self.metrics.warmed_chunks += n

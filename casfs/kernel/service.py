@@ -264,11 +264,16 @@ class KernelMount:
             "prefetch": self.session.stats(),
         }
 
-    def full_stats(self) -> dict[str, Any]:
-        """What `casfs stats` shows, and the node metrics."""
+    def shown_stats(self) -> dict[str, Any]:
+        """What `casfs stats` shows of this mount."""
         out = self.stats()
         out["metrics"] = self.metrics.as_dict()
         out["cache"] = self.fetcher.cache_stats()
+        return out
+
+    def full_stats(self) -> dict[str, Any]:
+        """What `casfs stats` shows, and what the node metrics need besides."""
+        out = self.shown_stats()
         out["fuse_ops"] = self.times.as_dict()
         return out
 
@@ -704,9 +709,7 @@ class NodeView:
             km = self.mounts.get(os.path.realpath(str(request["mountpoint"])))
             if km is None:
                 raise MountError(f"{request['mountpoint']} is not a kernel-mode mount")
-            out = km.stats()
-            out["metrics"] = km.metrics.as_dict()
-            out["cache"] = km.fetcher.cache_stats()
+            out = km.shown_stats()
             out["view"] = self.view_stats()
             return "ok " + json.dumps(out)
         raise CasfsError(f"unknown request {op!r}")

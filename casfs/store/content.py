@@ -67,11 +67,14 @@ MAX_STORED_BLOB_SIZE = stored_bound(MAX_BLOB_SIZE)
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    # Compressor objects are not thread-safe; one per thread.
-    c = getattr(_local, "cctx", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # Compressor objects are not thread-safe; one per thread (and level).
+    made: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if made is None:
+        made = _local.cctx = {}
+    c = made.get(level)
     if c is None:
-        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        c = made[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c
 
 
@@ -82,8 +85,9 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def compress(data: bytes | memoryview) -> bytes:
-    return _compressor().compress(data)
+def compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
+    """One zstd frame with its size in the header (readers take any level)."""
+    return _compressor(level).compress(data)
 
 
 def decompress(data: bytes, limit: int, what: str) -> bytes:
